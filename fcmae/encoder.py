@@ -1,0 +1,186 @@
+"""The ConvNeXt V2 encoder of FCMAE, run on the visible patches only.
+
+Parameters carry timm's names and shapes (`timm.create_model('convnextv2_*', num_classes=0, conv_mlp=False)`
+without `head.*`), so a checkpoint of this encoder is a timm checkpoint. Two backends compute the same function:
+
+  "sparse"  the visible patches in the compact (P, k, k, C) layout of `fcmae.sparse`: every op but the
+            depthwise conv touches visible sites only.
+  "dense"   the masked-dense reference: full (N, H, W, C) maps, re-masked wherever an op could let a removed
+            site leak into a visible one (before each depthwise conv and each GRN) and at the output.
+
+With an all-visible mask both equal timm's `forward_features`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm, calculate_drop_path_rates
+from timm.models.convnext import ConvNeXtBlock
+from torch import Tensor, nn
+
+from .masking import apply_keep, check_mask, grid_size
+from .sparse import VisiblePatches, strided_conv
+
+__all__ = ["SparseConvNeXtV2", "Block", "BACKENDS"]
+
+BACKENDS = ("sparse", "dense")
+STEM_STRIDE = 4
+
+
+def _conv_nhwc(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """Apply an nn.Conv2d to a channels-last (N, H, W, C) tensor; returns (N, H', W', C')."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class Block(ConvNeXtBlock):
+    """timm's ConvNeXt V2 block (dwconv 7x7 -> LN -> Linear -> GELU -> GRN -> Linear -> DropPath -> + x),
+    with the two masked forwards. `forward` stays timm's dense NCHW forward."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0):
+        super().__init__(dim, use_grn=True, ls_init_value=None, conv_mlp=False, drop_path=drop_path)
+
+    @property
+    def drop_prob(self) -> float:
+        return getattr(self.drop_path, "drop_prob", 0.0)
+
+    def forward_sparse(self, x: Tensor, layout: VisiblePatches) -> Tensor:
+        """(P, k, k, C) -> (P, k, k, C)."""
+        mlp = self.mlp
+        shortcut = x
+        x = layout.depthwise_conv(x, self.conv_dw)
+        x = mlp.act(mlp.fc1(self.norm(x)))
+        x = layout.grn(x, mlp.grn.weight, mlp.grn.bias, mlp.grn.eps)
+        x = mlp.fc2(x)
+        return shortcut + layout.drop_path(x, self.drop_prob, self.training)
+
+    def forward_masked(self, x: Tensor, keep: Callable[[Tensor], Tensor]) -> Tensor:
+        """(N, H, W, C) with zeros at removed sites -> (N, H, W, C), same zeros. `keep` zeroes removed sites."""
+        mlp = self.mlp
+        shortcut = x
+        x = keep(_conv_nhwc(x, self.conv_dw))
+        x = keep(mlp.act(mlp.fc1(self.norm(x))))  # GRN sums over sites: removed ones must be 0
+        x = mlp.fc2(mlp.grn(x))
+        return keep(shortcut + self.drop_path(x))
+
+
+class Stage(nn.Module):
+    """Optional downsampling (LayerNorm, then a 2x2 stride-2 conv) followed by `depth` blocks."""
+
+    def __init__(self, in_dim: int, dim: int, drop_path_rates: Sequence[float], downsample: bool):
+        super().__init__()
+        if downsample:
+            self.downsample = nn.Sequential(LayerNorm(in_dim), nn.Conv2d(in_dim, dim, kernel_size=2, stride=2))
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(*[Block(dim, drop_path=rate) for rate in drop_path_rates])
+
+
+class SparseConvNeXtV2(nn.Module):
+    """ConvNeXt V2 encoder that computes only the visible patches of a masked image.
+
+    Args:
+        depths: blocks per stage, e.g. (2, 2, 6, 2).
+        dims: channels per stage, e.g. (40, 80, 160, 320).
+        drop_path_rate: stochastic depth at the last block, rising linearly from 0 at the first (as timm does).
+        backend: "sparse" (default) or "dense" (the masked-dense reference).
+        patch_size: side of a mask patch in pixels; must equal the encoder's total stride (32).
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        dims: Sequence[int] = (40, 80, 160, 320),
+        drop_path_rate: float = 0.0,
+        backend: str = "sparse",
+        patch_size: int = 32,
+    ):
+        super().__init__()
+        if len(depths) != len(dims) or not depths:
+            raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must be non-empty and of equal length")
+        self.total_stride = STEM_STRIDE * 2 ** (len(depths) - 1)
+        if patch_size != self.total_stride:
+            raise ValueError(f"patch_size must equal the encoder's total stride {self.total_stride}, got {patch_size}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.depths, self.dims = tuple(depths), tuple(dims)
+        self.patch_size = patch_size
+        self.backend = backend
+        self.num_features = dims[-1]
+
+        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], kernel_size=STEM_STRIDE, stride=STEM_STRIDE), LayerNorm(dims[0]))
+        rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        self.stages = nn.Sequential(
+            *[Stage(dims[max(i - 1, 0)], dims[i], rates[i], downsample=i > 0) for i in range(len(depths))]
+        )
+        self.apply(init_weights)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
+        self._backend = value
+
+    def forward(self, imgs: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Encode the visible patches.
+
+        Args:
+            imgs: (N, 3, H, W), H and W multiples of 32.
+            mask: (N, L) with 0 = keep, 1 = remove, L = (H / 32) * (W / 32); None keeps every patch.
+        Returns:
+            (N, C_last, H / 32, W / 32) features, exact zeros at removed patches.
+        """
+        grid = self.check_input(imgs)
+        if mask is None:
+            mask = imgs.new_zeros(imgs.shape[0], grid[0] * grid[1])
+        mask = check_mask(mask, imgs.shape[0], grid)
+        if self.backend == "sparse":
+            return self.forward_sparse(imgs, mask, grid)
+        return self.forward_dense(imgs, mask, grid)
+
+    forward_features = forward
+
+    def check_input(self, imgs: Tensor) -> tuple[int, int]:
+        """Validate an image batch and return its patch grid (gh, gw)."""
+        if imgs.ndim != 4 or imgs.shape[1] != 3:
+            raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(imgs.shape)}")
+        return grid_size(tuple(imgs.shape[-2:]), self.patch_size)
+
+    def forward_sparse(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
+        layout = VisiblePatches(mask, grid, side=self.patch_size)
+        x = layout.gather(imgs.permute(0, 2, 3, 1))  # (P, 32, 32, 3): the visible image patches
+        x = self.stem[1](strided_conv(x, self.stem[0]))
+        layout = layout.downsampled(STEM_STRIDE)
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                x = strided_conv(stage.downsample[0](x), stage.downsample[1])
+                layout = layout.downsampled(2)
+            for block in stage.blocks:
+                x = block.forward_sparse(x, layout)
+        return layout.scatter(x).permute(0, 3, 1, 2)
+
+    def forward_dense(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
+        def keep(x: Tensor) -> Tensor:
+            return apply_keep(x, mask, grid)
+
+        x = keep(self.stem[1](_conv_nhwc(imgs.permute(0, 2, 3, 1), self.stem[0])))
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                x = keep(_conv_nhwc(stage.downsample[0](x), stage.downsample[1]))
+            for block in stage.blocks:
+                x = block.forward_masked(x, keep)
+        return x.permute(0, 3, 1, 2)
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm's and the official ConvNeXt V2 init: truncated normal (std 0.02) weights, zero biases."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

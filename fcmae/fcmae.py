@@ -1,0 +1,135 @@
+"""FCMAE: a sparse ConvNeXt V2 encoder, a light decoder, and a normalized-pixel MSE on the removed patches."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .decoder import FCMAEDecoder
+from .encoder import SparseConvNeXtV2, init_weights
+from .masking import check_mask, grid_size, random_mask
+
+__all__ = ["FCMAE"]
+
+
+class FCMAE(nn.Module):
+    """Fully convolutional masked autoencoder (Woo et al., 2023).
+
+    Args:
+        depths, dims: encoder stages (see `fcmae.list_models()` for the named sizes).
+        img_size: nominal input size, an int or (H, W), multiples of 32. It sets the grid of masks drawn without
+            images; any input whose sides are multiples of 32 is accepted.
+        patch_size: mask patch side in pixels; must be 32, the encoder's total stride.
+        mask_ratio: fraction of patches removed, in [0, 1).
+        decoder_depth, decoder_embed_dim: decoder blocks and width.
+        norm_pix_loss: normalize each target patch by its own mean and variance.
+        drop_path_rate: encoder stochastic depth.
+        backend: "sparse" (visible patches only) or "dense" (masked-dense reference); same function.
+        name: the model name, recorded in `config`.
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        dims: Sequence[int] = (40, 80, 160, 320),
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        decoder_depth: int = 1,
+        decoder_embed_dim: int = 512,
+        norm_pix_loss: bool = True,
+        drop_path_rate: float = 0.0,
+        backend: str = "sparse",
+        name: str = "custom",
+    ):
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.grid = grid_size(img_size, patch_size)
+        self.config: dict[str, Any] = dict(
+            name=name, depths=list(depths), dims=list(dims), img_size=list(img_size), patch_size=patch_size,
+            mask_ratio=mask_ratio, decoder_depth=decoder_depth, decoder_embed_dim=decoder_embed_dim,
+            norm_pix_loss=norm_pix_loss, drop_path_rate=drop_path_rate, backend=backend,
+        )  # fmt: skip
+        self.patch_size = patch_size
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+
+        self.encoder = SparseConvNeXtV2(depths, dims, drop_path_rate, backend, patch_size)
+        self.decoder = FCMAEDecoder(dims[-1], decoder_embed_dim, decoder_depth, patch_size)
+        self.decoder.apply(init_weights)
+        nn.init.normal_(self.decoder.mask_token, std=0.02)
+
+    # Patches ------------------------------------------------------------------------------------------------
+
+    def patchify(self, imgs: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, L, p * p * 3), each patch flattened in (p, q, c) order as in MAE."""
+        p = self.patch_size
+        return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
+
+    def unpatchify(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """(N, L, p * p * 3) -> (N, 3, H, W). `grid` is (gh, gw); by default the square grid of L patches."""
+        if grid is None:
+            side = round(x.shape[1] ** 0.5)
+            if side * side != x.shape[1]:
+                raise ValueError(f"{x.shape[1]} patches do not form a square grid; pass grid=(gh, gw)")
+            grid = (side, side)
+        p = self.patch_size
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=grid[0], w=grid[1], p=p, q=p)
+
+    def random_masking(
+        self,
+        batch_size: int,
+        grid: tuple[int, int] | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """(N, L) mask at this model's mask_ratio, 0 is keep, 1 is remove; `grid` defaults to img_size's."""
+        return random_mask(batch_size, grid or self.grid, self.mask_ratio, generator=generator, device=device)
+
+    # The data path ------------------------------------------------------------------------------------------
+
+    def forward_encoder(self, imgs: Tensor, mask: Tensor) -> Tensor:
+        """(N, 3, H, W), (N, L) -> (N, C_last, gh, gw), zeros at removed patches."""
+        return self.encoder(imgs, mask)
+
+    def forward_decoder(self, x: Tensor, mask: Tensor) -> Tensor:
+        """(N, C_last, gh, gw), (N, L) -> (N, L, p * p * 3) predicted pixels."""
+        return self.decoder(x, mask).flatten(2).transpose(1, 2)
+
+    def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        """Mean squared error on removed patches only.
+
+        With norm_pix_loss each target patch is normalized by its own mean and (unbiased) variance, eps 1e-6,
+        exactly as the official code does. The error is averaged over each patch's values, then over removed
+        patches (0 when none is removed).
+        """
+        target = self.patchify(imgs).float()
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = (pred.float() - target).pow(2).mean(dim=-1)  # (N, L) per-patch error
+        return (loss * mask).sum() / mask.sum().clamp_min(1)
+
+    def forward(self, imgs: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """
+        Args:
+            imgs: (N, 3, H, W) normalized images, H and W multiples of 32.
+            mask: (N, L), 0 is keep, 1 is remove; drawn at `mask_ratio` from the global RNG when None.
+        Returns:
+            loss (scalar), pred (N, L, p * p * 3), mask (N, L) float.
+        """
+        grid = self.encoder.check_input(imgs)
+        if mask is None:
+            mask = self.random_masking(imgs.shape[0], grid, device=imgs.device)
+        mask = check_mask(mask, imgs.shape[0], grid)
+        latent = self.forward_encoder(imgs, mask)
+        pred = self.forward_decoder(latent, mask)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+

@@ -1,0 +1,133 @@
+"""The ConvNeXt V2 family: names, stage depths and widths, and `create_model`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .fcmae import FCMAE
+
+__all__ = [
+    "MODEL_SIZES", "list_models", "create_model", "resolve_name", "save_model", "load_model", "read_model_file",
+    "load_state_dict_strict",
+]
+
+# name: (depths, dims), from the ConvNeXt V2 paper; the names are timm's.
+MODEL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "convnextv2_atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "convnextv2_femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "convnextv2_pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "convnextv2_nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "convnextv2_tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "convnextv2_base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "convnextv2_large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "convnextv2_huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+
+
+def list_models() -> list[str]:
+    """The model names `create_model` accepts (short forms such as "atto" work too)."""
+    return list(MODEL_SIZES)
+
+
+def resolve_name(name: str) -> str:
+    """'atto' or 'convnextv2_atto' -> 'convnextv2_atto'; ValueError for an unknown name."""
+    full = name if name.startswith("convnextv2_") else f"convnextv2_{name}"
+    if full not in MODEL_SIZES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_SIZES)}")
+    return full
+
+
+def create_model(name: str = "convnextv2_atto", **overrides: Any) -> FCMAE:
+    """Build an FCMAE model by name.
+
+    Overrides: img_size (224), patch_size (32), mask_ratio (0.6), decoder_depth (1), decoder_embed_dim (512),
+    norm_pix_loss (True), drop_path_rate (0.0), backend ("sparse"), and depths / dims for a custom size.
+    """
+    name = resolve_name(name)
+    valid = [p for p in inspect.signature(FCMAE).parameters if p != "name"]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for create_model; valid: {', '.join(valid)}")
+    depths, dims = MODEL_SIZES[name]
+    kwargs: dict[str, Any] = dict(depths=depths, dims=dims)
+    kwargs.update(overrides)
+    return FCMAE(name=name, **kwargs)
+
+
+# Model files -------------------------------------------------------------------------------------------------
+
+MODEL_FORMAT = "fcmae"
+
+
+def save_model(model: FCMAE, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write the model's weights to a safetensors file, with its config in the metadata (`load_model` reads it).
+
+    The write is atomic: a crash mid-save leaves any earlier file at `path` intact.
+    """
+    path = Path(path)
+    meta = {"format": MODEL_FORMAT, "config": json.dumps(model.config), **(metadata or {})}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    safetensors.torch.save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of a safetensors file; ValueError with a one-line reason if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    return state, metadata
+
+
+def load_model(path: str | os.PathLike, **overrides: Any) -> FCMAE:
+    """Rebuild an FCMAE model from a file written by `save_model` (e.g. pretrain.py's model.safetensors).
+
+    Overrides change settings that keep the weights' shapes: backend, mask_ratio, img_size, norm_pix_loss,
+    drop_path_rate. Anything that does not fit the stored weights fails with the offending keys.
+    """
+    state, metadata = read_model_file(path)
+    if metadata.get("format") != MODEL_FORMAT or "config" not in metadata:
+        raise ValueError(f"{path} is not an fcmae model file (no fcmae config in its metadata); "
+                         "use `python -m fcmae.convert` for official or timm checkpoints")
+    config = json.loads(metadata["config"])
+    name = config.pop("name")
+    config.update(overrides)
+    model = FCMAE(name=name, **config) if name == "custom" else create_model(name, **config)
+    load_state_dict_strict(model, state, source=str(path))
+    return model
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """load_state_dict that reports every missing, unexpected and mis-shaped key in one ValueError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    problems = [f"missing {_listing(missing)}" if missing else "",
+                f"unexpected {_listing(unexpected)}" if unexpected else "",
+                f"shape mismatch {_listing(shapes)}" if shapes else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{len(items)} key(s): " + ", ".join(items[:limit]) + more

@@ -1,0 +1,26 @@
+"""Helpers shared by the tests: small models keep the suite fast on two CPU cores."""
+
+import torch
+from torch import nn
+
+
+# A small custom ConvNeXt V2 (the named sizes are far too slow for unit tests on CPU).
+SMALL = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), decoder_embed_dim=32)
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values for every parameter: GRN gamma/beta and the LayerNorms would otherwise start as constants
+    that hide mistakes (GRN is the identity at init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        for m in module.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.add_(1.0)
+    return module
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
