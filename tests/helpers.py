@@ -24,3 +24,24 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def write_photos(folder, count: int = 12, size: int = 128):
+    """Write `count` real photos (scikit-image's samples, cut into crops) as JPEG and PNG files, some nested."""
+    from pathlib import Path
+
+    from fcmae.data import demo_image_files, load_rgb
+
+    folder = Path(folder)
+    files = demo_image_files()
+    written = []
+    for i in range(count):
+        img = load_rgb(files[i % len(files)])
+        left = (i // len(files)) * 37 % max(img.width - size, 1)
+        crop = img.crop((left, 0, left + min(size, img.width), min(size, img.height)))
+        sub = folder / ("nested/deeper" if i % 3 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"photo_{i:03d}.{'jpg' if i % 2 else 'png'}"
+        crop.save(path)
+        written.append(path)
+    return written

@@ -1,0 +1,233 @@
+"""Training configs: dataclasses read top to bottom, YAML files, and command-line flags that override them.
+
+Precedence: dataclass defaults < `--config FILE` < command-line flags. Every field is a flag spelled with dashes
+(`--mask-ratio`) and a YAML key spelled with underscores (`mask_ratio`). An unknown key or flag fails and lists
+the valid ones. The resolved config is written next to the run's outputs and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from .models import resolve_name
+
+__all__ = ["ConfigError", "TrainConfig", "PretrainConfig", "parse_config", "load_yaml", "save_yaml"]
+
+
+class ConfigError(ValueError):
+    """A bad config value, key or file; the scripts print its one-line message and exit."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by pretrain.py and finetune.py."""
+
+    # Model and data
+    model: str = "convnextv2_atto"
+    data_path: str = ""  # a folder of images, searched recursively ("<path>/train" if it exists)
+    output_dir: str = "output"
+    input_size: list[int] = field(default_factory=lambda: [224])  # one int (square) or H W; multiples of 32
+    batch_size: int = 64  # per process
+    accum_steps: int = 1  # gradient accumulation: effective batch = batch_size * processes * accum_steps
+    num_workers: int = 8
+    # Schedule: a per-step cosine with linear warmup
+    epochs: int = 800
+    max_steps: int = 0  # > 0 overrides epochs
+    warmup_epochs: float = 40.0
+    warmup_steps: int = -1  # >= 0 overrides warmup_epochs
+    # Optimizer: AdamW; lr = blr * effective batch / 256 unless lr is given
+    blr: float = 1.5e-4
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    # Run control
+    seed: int = 0
+    resume: str = ""  # a checkpoint folder, or "auto" for the newest one in output_dir
+    save_every: int = 1000  # steps between training-state checkpoints (and one at the end)
+    keep_last: int = 3  # checkpoints to keep
+    log_every: int = 20  # steps between metrics records
+    log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) from input_size."""
+        size = self.input_size
+        return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+    def validate(self) -> None:
+        """Raise ConfigError for values no run can use."""
+        try:
+            self.model = resolve_name(self.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if len(self.input_size) not in (1, 2) or any(s <= 0 or s % 32 for s in self.input_size):
+            raise ConfigError(f"input_size must be one or two positive multiples of 32, got {self.input_size}")
+        for name in ("batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.max_steps < 0 or self.warmup_epochs < 0:
+            raise ConfigError("num_workers, max_steps and warmup_epochs must be >= 0")
+        for name in ("blr", "min_lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        unknown = sorted(set(self.log_with) - {"tensorboard", "wandb"})
+        if unknown:
+            raise ConfigError(f"unknown tracker(s) {', '.join(unknown)} in log_with; choose tensorboard or wandb")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """FCMAE pretraining (pretrain.py). Defaults are the paper's recipe."""
+
+    mask_ratio: float = 0.6  # fraction of 32x32 patches removed
+    decoder_depth: int = 1
+    decoder_embed_dim: int = 512
+    norm_pix_loss: bool = True
+    backend: str = "sparse"  # encoder backend: "sparse" or the masked-dense reference "dense"
+    init_from: str = ""  # start from a model file's weights (not its training state)
+    vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.decoder_depth < 0 or self.decoder_embed_dim < 1:
+            raise ConfigError("decoder_depth must be >= 0 and decoder_embed_dim >= 1")
+        if self.backend not in ("sparse", "dense"):
+            raise ConfigError(f"unknown backend {self.backend!r}; choose sparse or dense")
+        if self.vis_every < 0:
+            raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
+
+
+Config = TypeVar("Config", bound=TrainConfig)
+
+
+# Files ----------------------------------------------------------------------------------------------------------
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from `path`; ConfigError if it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def save_yaml(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+# Command line ---------------------------------------------------------------------------------------------------
+
+
+def parse_config(cls: type[Config], argv: Sequence[str] | None = None, description: str = "") -> Config:
+    """Build a `cls` config from defaults, an optional `--config FILE`, then command-line flags."""
+    parser = _parser(cls, description)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"unknown argument(s) {' '.join(unknown)}; valid flags: {', '.join(_flags(cls))}")
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(_check_keys(cls, load_yaml(args.config), source=args.config))
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    config = from_dict(cls, values)
+    config.validate()
+    return config
+
+
+def from_dict(cls: type[Config], values: dict[str, Any]) -> Config:
+    """A `cls` config from a mapping of (already checked) keys, with values coerced to the field types."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in _check_keys(cls, values, source="config").items():
+        kwargs[key] = _coerce(key, value, hints[key])
+    return cls(**kwargs)
+
+
+def _check_keys(cls: type[TrainConfig], values: dict[str, Any], source: str) -> dict[str, Any]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(names)}")
+    return values
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check a YAML or flag value against a field type; ints, single values for lists, and None are lifted."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if origin is list:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [_coerce(key, item, args[0]) for item in items]
+        if type(None) in args:  # Optional[X]
+            return None if value is None else _coerce(key, value, next(a for a in args if a is not type(None)))
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if hint in (int, float) and isinstance(value, str):
+            return hint(value)
+        raise TypeError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}") from None
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return _type_name(args[0]) + " or null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _flags(cls: type[TrainConfig]) -> list[str]:
+    return ["--config"] + ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not usage + error
+        raise ConfigError(message)
+
+
+def _parser(cls: type[TrainConfig], description: str) -> argparse.ArgumentParser:
+    """One flag per field. Defaults are None so that only flags actually given override the file."""
+    parser = _Parser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of settings; flags override it")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f"(default: {default})"
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(hint) is list:
+            item = typing.get_args(hint)[0]
+            parser.add_argument(flag, nargs="*" if f.name == "log_with" else "+", type=item, default=None,
+                                help=help_text, metavar=f.name.upper())
+        else:
+            value_type = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+            parser.add_argument(flag, type=value_type, default=None, help=help_text, metavar=f.name.upper())
+    return parser

@@ -1,0 +1,170 @@
+"""Image folders (labeled or not), the embedded demo photos, transforms, and unreadable-file skipping.
+
+Augmentation is a pure function of (seed, epoch, sample index): every sample draws its random crop and flip
+from its own seeded generator. A run therefore sees the same pixels whatever the number of workers or
+processes, and a resumed run continues with exactly the data the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "DataError", "find_images", "find_labeled_images", "demo_image_files", "load_rgb",
+    "ImageFiles", "pretrain_transform", "eval_transform", "pretrain_dataset",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+# Real photos shipped inside scikit-image's wheel: the embedded demo needs no download.
+DEMO_FILES = (
+    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png", "coins.png",
+    "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png", "motorcycle_left.png",
+    "motorcycle_right.png", "retina.jpg", "rocket.jpg",
+)  # fmt: skip
+
+
+class DataError(ValueError):
+    """A data path that cannot be used (missing, empty, or without the expected layout)."""
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """All image files under `root`, recursively, sorted. DataError if there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data path not found or not a folder: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return files
+
+
+def find_labeled_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """ImageFolder layout: one subfolder per class, images anywhere below it. Returns files, labels, classes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data path not found or not a folder: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DataError(f"no image files under the class folders of {root}")
+    return files, labels, classes
+
+
+def demo_image_files() -> list[Path]:
+    """The demo photos inside the installed scikit-image package."""
+    import skimage.data
+
+    folder = Path(skimage.data.__file__).parent
+    files = [folder / name for name in DEMO_FILES if (folder / name).is_file()]
+    if not files:
+        raise DataError(f"scikit-image's sample photos are missing from {folder}; reinstall scikit-image")
+    return files
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image as 8-bit RGB: EXIF rotation applied, grayscale / palette / alpha / CMYK / 16-bit handled."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float grayscale
+            pixels = np.asarray(img, dtype=np.float32)
+            peak = 65535.0 if pixels.max() > 255 else 255.0
+            if img.mode == "F" and pixels.max() <= 1.0:
+                peak = 1.0
+            img = Image.fromarray((pixels / peak * 255).clip(0, 255).astype(np.uint8))
+        return img.convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """Images from a list of files, optionally labeled, with per-sample seeded augmentation.
+
+    An unreadable file is skipped: a warning names it, the next readable file in the list takes its place,
+    and the sample's `skipped` field counts the files passed over (the training loop keeps the running total).
+
+    Each item is a dict: image (3, H, W) float tensor, label (int, -1 when unlabeled), skipped (int).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        transform: Callable[[Image.Image], torch.Tensor],
+        labels: Sequence[int] | None = None,
+        seed: int = 0,
+    ):
+        self.files, self.transform, self.seed = list(files), transform, seed
+        self.labels = list(labels) if labels is not None else [-1] * len(self.files)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the data loader at each epoch: augmentations differ between epochs."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        for skipped in range(len(self.files)):
+            position = (index + skipped) % len(self.files)
+            try:
+                img = load_rgb(self.files[position])
+            except Exception as e:  # PIL raises many types for truncated, corrupt or foreign files
+                warnings.warn(f"skipping unreadable image {self.files[position]}: {e}", stacklevel=2)
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._sample_seed(index))
+                image = self.transform(img)
+            return {"image": image, "label": self.labels[position], "skipped": skipped}
+        raise DataError(f"none of the {len(self.files)} images could be read (first: {self.files[0]})")
+
+    def _sample_seed(self, index: int) -> int:
+        return int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+
+
+def pretrain_transform(size: tuple[int, int]) -> T.Compose:
+    """FCMAE's augmentation: RandomResizedCrop (scale 0.2-1, bicubic), horizontal flip, ImageNet normalization."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])  # fmt: skip
+
+
+def eval_transform(size: tuple[int, int], crop_pct: float = 0.875) -> T.Compose:
+    """Resize the shorter side to max(size) / crop_pct, then center crop `size` (bicubic, ImageNet norm).
+
+    At 224 this is the standard resize-256 / crop-224; other sizes keep the same ratio.
+    """
+    return T.Compose([
+        T.Resize(int(max(size) / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])  # fmt: skip
+
+
+def pretrain_dataset(data_path: str, size: tuple[int, int], seed: int) -> ImageFiles:
+    """Unlabeled images for pretraining: "demo" for the embedded photos, else a folder (its train/ if present)."""
+    if data_path == "demo":
+        files = demo_image_files()
+    elif not data_path:
+        raise DataError("data_path is empty: pass --data-path FOLDER (or --data-path demo for the sample photos)")
+    else:
+        root = Path(data_path)
+        files = find_images(root / "train" if (root / "train").is_dir() else root)
+    return ImageFiles(files, pretrain_transform(size), seed=seed)

@@ -1,0 +1,336 @@
+"""The Accelerate training loop shared by pretrain.py and finetune.py.
+
+`Run` owns everything around a training step: the Accelerator (processes, devices, mixed precision), the
+optimizer's schedule, checkpoints and exact resume, metrics, the progress bar, trackers and clean failure.
+A script supplies the model, optimizer, data loader and a `step_fn(model, batch) -> (loss, images)`.
+
+Exact resume. The position in training is the optimizer step. From it the loop derives the epoch and the
+batches to skip inside it (Accelerate's seedable sampler gives each epoch the same order, and augmentation is
+seeded per sample, see fcmae.data), and the learning rate (a pure function of the step). The global RNG is
+re-seeded from (seed, step, micro-batch, process) before every micro-batch, so masks and drop-path draws do not
+depend on what ran before. Model, optimizer and grad-scaler states come from Accelerate's checkpoint.
+
+Checkpoints live in OUTPUT_DIR/checkpoints/step_XXXXXXXX. Each is written to a hidden temporary folder first
+and renamed when complete, so a crash mid-save never leaves a half-written checkpoint behind or removes the
+previous one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from timm.scheduler import CosineLRScheduler
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import ConfigError, TrainConfig, load_yaml, save_yaml
+
+__all__ = ["Run", "TrainingError", "run_cli", "find_checkpoint", "CHECKPOINT_PREFIX"]
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "trainer_state.json"
+
+StepFn = Callable[[nn.Module, dict], tuple[Tensor, int]]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says what was kept."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
+    """Run a script's main; user errors end with a one-line message and exit status 2 (no traceback).
+
+    Set FCMAE_DEBUG=1 to see the traceback anyway.
+    """
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, TrainingError) as e:
+        if os.environ.get("FCMAE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last saved checkpoint is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+def find_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder under OUTPUT_DIR/checkpoints, or None."""
+    folder = Path(output_dir) / "checkpoints"
+    done = sorted(p for p in folder.glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+class Run:
+    """One training run: build it from a config, `prepare` the objects, then `fit`.
+
+    Args:
+        config: the resolved config; saved to OUTPUT_DIR/config.yaml and into every checkpoint.
+        project: tracker project name.
+    """
+
+    def __init__(self, config: TrainConfig, project: str):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a laptop): DDP over gloo.
+            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+            gradient_accumulation_steps=config.accum_steps,
+            log_with=config.log_with or None,
+            project_dir=str(self.output_dir),
+            # The same shuffled order for every run of an epoch: resume can skip into it.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        )
+        self.is_main = self.accelerator.is_main_process
+        self._check_output_dir()
+        set_seed(config.seed)
+        self.step = 0
+        self.skipped_files = 0
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(config, self.output_dir / "config.yaml")
+            if config.log_with:
+                self.accelerator.init_trackers(project, config=_flat(dataclasses.asdict(config)))
+
+    def print(self, *args: Any) -> None:
+        """Print on the main process only."""
+        self.accelerator.print(*args)
+
+    # Setup ------------------------------------------------------------------------------------------------------
+
+    def _check_output_dir(self) -> None:
+        """Never let a fresh run overwrite (and later prune) another run's checkpoints."""
+        existing = find_checkpoint(self.output_dir)
+        if existing and not self.config.resume:
+            raise ConfigError(
+                f"{self.output_dir} already holds checkpoints (newest {existing.name}); pass --resume auto to "
+                "continue that run, or choose another --output-dir"
+            )
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader):
+        """Wrap model, optimizer and loader for the processes and devices; sets the schedule's length."""
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        config = self.config
+        # Accelerate steps the optimizer at the end of every epoch, after a partial accumulation too.
+        self.steps_per_epoch = math.ceil(len(self.loader) / config.accum_steps)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"the dataset is too small for one batch: {len(loader.dataset)} images, batch size "
+                f"{config.batch_size} x {self.accelerator.num_processes} processes; lower --batch-size"
+            )
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        warmup = config.warmup_steps if config.warmup_steps >= 0 else round(config.warmup_epochs * self.steps_per_epoch)
+        self.warmup_steps = min(warmup, self.total_steps)
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=max(self.total_steps - self.warmup_steps, 1), lr_min=config.min_lr,
+            warmup_t=self.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+        )  # fmt: skip
+        return self.model, self.optimizer, self.loader
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.config.batch_size * self.accelerator.num_processes * self.config.accum_steps
+
+    def base_lr(self) -> float:
+        """lr, or blr * effective batch / 256."""
+        return self.config.lr or self.config.blr * self.effective_batch_size / 256
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # Checkpoints ------------------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Load the checkpoint named by config.resume ("auto": the newest in output_dir, if any)."""
+        resume = self.config.resume
+        if not resume:
+            return
+        path = find_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            self.print(f"--resume auto: no checkpoint in {self.output_dir}/checkpoints yet, starting from scratch")
+            return
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError(f"not a complete training checkpoint: {path} (no {STATE_FILE})")
+        saved = load_yaml(path / "config.yaml")
+        if saved.get("model") != self.config.model:
+            raise ConfigError(f"checkpoint {path} is for model {saved.get('model')}, not {self.config.model}")
+        try:
+            self.accelerator.load_state(str(path))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ConfigError(f"checkpoint {path} does not match this run: {str(e).splitlines()[0]}") from None
+        state = json.loads((path / STATE_FILE).read_text())
+        self.step, self.skipped_files = state["step"], state.get("skipped_files", 0)
+        self.print(f"resumed from {path} at step {self.step}")
+
+    def save_checkpoint(self, on_save: Callable[[Path], None] | None = None) -> Path:
+        """Write the full training state to checkpoints/step_XXXXXXXX atomically and keep the newest keep_last."""
+        folder = self.output_dir / "checkpoints"
+        final = folder / f"{CHECKPOINT_PREFIX}{self.step:08d}"
+        tmp = folder / f".tmp_{final.name}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_yaml(self.config, tmp / "config.yaml")
+            state = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "skipped_files": self.skipped_files}
+            (tmp / STATE_FILE).write_text(json.dumps(state))  # written last: marks the folder complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in sorted(folder.glob(CHECKPOINT_PREFIX + "*"))[: -self.config.keep_last]:
+                shutil.rmtree(old)
+            if on_save is not None:
+                on_save(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    # The loop ---------------------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        step_fn: StepFn,
+        every_step: Callable[[int], None] | None = None,
+        on_epoch_end: Callable[[int], None] | None = None,
+        on_save: Callable[[Path], None] | None = None,
+    ) -> None:
+        """Train from self.step (after resuming) to total_steps.
+
+        step_fn(model, batch) -> (loss, images in the batch). Callbacks: every_step(step) after each optimizer
+        step (e.g. visualization); on_epoch_end(epoch) when an epoch's last step is done, before its checkpoint
+        (e.g. evaluation); on_save(checkpoint folder), on the main process after each checkpoint.
+        """
+        self.resume()
+        self.scheduler.step_update(self.step)
+        epoch, skip = divmod(self.step, self.steps_per_epoch)
+        window = _Window(self.accelerator.device)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
+                   desc="train")
+        with bar:  # closed on errors too, so that a message starts on a fresh line
+            self.model.train()
+            while self.step < self.total_steps:
+                self.loader.set_epoch(epoch)
+                batches = self.loader
+                if skip:  # resumed mid-epoch: the epoch's order, less the batches already trained on
+                    batches = self.accelerator.skip_first_batches(self.loader, skip * self.config.accum_steps)
+                for _ in self._optimizer_steps(batches, step_fn, window):
+                    bar.update(1)
+                    if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                        self._log(window, bar)
+                    if every_step is not None:
+                        every_step(self.step)
+                    if on_epoch_end is not None and self.step % self.steps_per_epoch == 0:
+                        on_epoch_end(epoch)
+                    if self.step % self.config.save_every == 0 or self.step == self.total_steps:
+                        self.save_checkpoint(on_save)
+                    if self.step >= self.total_steps:
+                        break
+                epoch, skip = epoch + 1, 0
+        self.accelerator.end_training()
+
+    def _optimizer_steps(self, batches, step_fn: StepFn, window: "_Window"):
+        """Run the batches of one epoch; yields after each optimizer step (accumulation done by Accelerate)."""
+        micro = 0
+        for batch in batches:
+            self._seed(micro)
+            with self.accelerator.accumulate(self.model):
+                loss, images = step_fn(self.model, batch)
+                self._check_finite(loss)
+                self.accelerator.backward(loss)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window.add(loss.detach(), images, batch.get("skipped"))
+            micro += 1
+            if self.accelerator.sync_gradients:
+                self.step, micro = self.step + 1, 0
+                self.scheduler.step_update(self.step)
+                yield
+
+    def _seed(self, micro: int) -> None:
+        """Seed the global RNG from (seed, step, micro-batch, process): draws do not depend on history."""
+        entropy = [self.config.seed, self.step, micro, self.accelerator.process_index]
+        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+    def _check_finite(self, loss: Tensor) -> None:
+        """Stop, on every process at once, before a non-finite loss reaches the weights or a checkpoint."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() == 0:
+            return
+        last = find_checkpoint(self.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+        raise TrainingError(
+            f"the loss became non-finite ({loss.item()}) at step {self.step + 1}; stopped without saving, {kept}. "
+            "Try a lower --blr, more warmup, or bf16 instead of fp16"
+        )
+
+    def _log(self, window: "_Window", bar: tqdm) -> dict:
+        loss, images, skipped, seconds = window.reduce(self.accelerator)
+        self.skipped_files += skipped
+        record = {
+            "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": round(images / max(seconds, 1e-9), 2),
+            "skipped_files": self.skipped_files,
+        }  # fmt: skip
+        self.write_record(record)
+        if self.is_main:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+        return record
+
+    def write_record(self, record: dict) -> None:
+        """Append a record (with a "step" key) to metrics.jsonl and send it to the trackers."""
+        if self.is_main:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.config.log_with:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+class _Window:
+    """Loss, image and skipped-file sums since the last log record, kept on the device (no per-step sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss*n, n batches, images, skipped
+        self.start = time.perf_counter()
+
+    def add(self, loss: Tensor, images: int, skipped: Tensor | None) -> None:
+        self.sums[0] += loss.double()
+        self.sums[1] += 1
+        self.sums[2] += images
+        if skipped is not None:
+            self.sums[3] += skipped.sum().double()
+
+    def reduce(self, accelerator: Accelerator) -> tuple[float, int, int, float]:
+        """(mean loss, images, skipped files, seconds), summed over processes; then starts a new window."""
+        sums = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
+        seconds = time.perf_counter() - self.start
+        self.reset()
+        return sums[0] / max(sums[1], 1), int(sums[2]), int(sums[3]), seconds
+
+
+def _flat(values: dict[str, Any]) -> dict[str, Any]:
+    """Tracker-friendly config: lists become strings."""
+    return {k: (str(v) if isinstance(v, (list, tuple)) or v is None else v) for k, v in values.items()}
+

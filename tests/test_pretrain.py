@@ -1,0 +1,193 @@
+"""pretrain.py end to end on real photos: learning, exact resume, two processes, bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from accelerate.state import AcceleratorState
+
+import fcmae
+from fcmae.training import Run, run_cli
+from helpers import write_photos
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import pretrain  # noqa: E402
+
+# A small, fast run: atto at 64 px, a narrow decoder, no data-loader workers.
+FAST = ["--model", "atto", "--input-size", "64", "--batch-size", "4", "--decoder-embed-dim", "64",
+        "--num-workers", "0", "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--vis-every", "0"]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    write_photos(tmp_path / "photos", 12, size=96)
+    return tmp_path / "photos"
+
+
+def error_lines(capsys):
+    """The lines the run printed to stderr that are not the progress bar."""
+    return [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("train:")]
+
+
+def run(argv):
+    """pretrain.py's main in this process, as the CLI runs it; returns the exit status."""
+    try:
+        return run_cli(pretrain.main, argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def records(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_real_photos_and_outputs_are_written(photos, tmp_path):
+    out = tmp_path / "run"
+    argv = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--input-size", "96", "--batch-size", "6",
+                   "--max-steps", "40", "--lr", "2e-3", "--log-every", "5", "--save-every", "20", "--vis-every", "20"]
+    assert run(argv) == 0
+    losses = [r["loss"] for r in records(out)]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020", "step_00000040"]
+    assert sorted(p.name for p in (out / "vis").iterdir()) == ["step_00000020.png", "step_00000040.png"]
+    model = fcmae.load_model(out / "model.safetensors")
+    assert model.config["img_size"] == [96, 96] and model.config["decoder_embed_dim"] == 64
+    record = records(out)[-1]
+    assert set(record) == {"step", "epoch", "loss", "lr", "images_per_s", "skipped_files"}
+    assert record["step"] == 40 and record["images_per_s"] > 0 and record["epoch"] == 20.0
+
+
+def test_exact_resume_is_bit_identical(photos, tmp_path, monkeypatch):
+    common = FAST + ["--data-path", str(photos), "--max-steps", "8", "--save-every", "4", "--seed", "3",
+                     "--mask-ratio", "0.5"]
+    assert run(common + ["--output-dir", str(tmp_path / "straight")]) == 0
+
+    interrupted = tmp_path / "interrupted"
+    original_save = Run.save_checkpoint
+
+    def save_then_crash(self, on_save=None):
+        path = original_save(self, on_save)
+        if self.step == 4:
+            raise KeyboardInterrupt  # preempted right after the step-4 checkpoint (mid-epoch: 3 steps per epoch)
+        return path
+
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_crash)
+    assert run(common + ["--output-dir", str(interrupted)]) == 130
+    monkeypatch.setattr(Run, "save_checkpoint", original_save)
+    assert [p.name for p in (interrupted / "checkpoints").iterdir()] == ["step_00000004"]
+    assert run(common + ["--output-dir", str(interrupted), "--resume", "auto"]) == 0
+
+    for name in ["model.safetensors", "checkpoints/step_00000008/model.safetensors"]:
+        a = safetensors.torch.load_file(tmp_path / "straight" / name)
+        b = safetensors.torch.load_file(interrupted / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    opt_a = torch.load(tmp_path / "straight/checkpoints/step_00000008/optimizer.bin", weights_only=True)
+    opt_b = torch.load(interrupted / "checkpoints/step_00000008/optimizer.bin", weights_only=True)
+    assert all(torch.equal(opt_a["state"][i]["exp_avg"], opt_b["state"][i]["exp_avg"]) for i in opt_a["state"])
+    assert [r["loss"] for r in records(tmp_path / "straight")][4:] == [r["loss"] for r in records(interrupted)][4:]
+
+
+def test_checkpoints_are_pruned_and_incomplete_ones_ignored(photos, tmp_path):
+    out = tmp_path / "run"
+    base = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--save-every", "2", "--keep-last", "2"]
+    assert run(base + ["--max-steps", "6"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    config = fcmae.config.load_yaml(out / "checkpoints" / "step_00000006" / "config.yaml")
+    assert config["max_steps"] == 6 and config["keep_last"] == 2
+    # A crash mid-save leaves a temporary folder and a folder without trainer_state.json: both are skipped.
+    (out / "checkpoints" / ".tmp_step_00000008").mkdir()
+    (out / "checkpoints" / "step_00000009").mkdir()
+    assert fcmae.training.find_checkpoint(out).name == "step_00000006"
+    assert run(base + ["--max-steps", "8", "--resume", "auto"]) == 0
+    assert json.loads((out / "checkpoints/step_00000008/trainer_state.json").read_text())["step"] == 8
+
+
+def test_unreadable_files_are_skipped_and_counted(photos, tmp_path, capsys):
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 garbage")
+    (photos / "empty.png").write_bytes(b"")
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "9"]) == 0
+    assert records(out)[-1]["skipped_files"] >= 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(photos, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    forward_loss = fcmae.FCMAE.forward_loss
+    calls = {"n": 0}
+
+    def exploding(self, imgs, pred, mask):
+        calls["n"] += 1
+        loss = forward_loss(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(fcmae.FCMAE, "forward_loss", exploding)
+    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "8",
+                       "--save-every", "2"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "non-finite (nan) at step 5" in err[0] and "step_00000004" in err[0]
+    assert fcmae.training.find_checkpoint(out).name == "step_00000004"
+    saved = safetensors.torch.load_file(out / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_init_from_a_model_file(photos, tmp_path):
+    source = fcmae.create_model("atto", img_size=64, decoder_embed_dim=64)
+    fcmae.save_model(source, tmp_path / "init.safetensors")
+    out = tmp_path / "run"
+    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "1", "--lr", "1e-12",
+                       "--init-from", str(tmp_path / "init.safetensors")]) == 0
+    trained = fcmae.load_model(out / "model.safetensors").state_dict()
+    close = [torch.allclose(trained[k], v, atol=1e-6) for k, v in source.state_dict().items()]
+    assert all(close)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data-path", "/no/such/folder"], "data path not found or not a folder: /no/such/folder"),
+    (["--data-path", "EMPTY"], "no image files"),
+    (["--data-path", "PHOTOS", "--input-size", "100"], "input_size must be one or two positive multiples of 32"),
+    (["--data-path", "PHOTOS", "--mask-ratoi", "0.5"], "unknown argument\\(s\\) --mask-ratoi 0.5; valid flags:"),
+    (["--data-path", "PHOTOS", "--batch-size", "64"], "the dataset is too small for one batch"),
+    (["--data-path", "PHOTOS", "--init-from", "/no/model.safetensors"], "/no/model.safetensors"),
+    (["--data-path", "PHOTOS", "--resume", "/no/checkpoint"], "not a complete training checkpoint"),
+])
+def test_bad_inputs_end_with_one_line(photos, tmp_path, capsys, extra, message):
+    (tmp_path / "empty").mkdir()
+    extra = [{"EMPTY": str(tmp_path / "empty"), "PHOTOS": str(photos)}.get(a, a) for a in extra]
+    assert run(FAST + ["--output-dir", str(tmp_path / "run"), "--max-steps", "1"] + extra) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("error: ") and message.split("\\")[0].split(".*")[0] in err[0], err
+
+
+def test_a_fresh_run_refuses_to_overwrite_checkpoints(photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]) == 0
+    before = sorted((out / "checkpoints").rglob("*"))
+    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert sorted((out / "checkpoints").rglob("*")) == before
+    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2", "--model",
+                       "femto", "--resume", "auto"]) == 2
+    assert "is for model convnextv2_atto, not convnextv2_femto" in capsys.readouterr().err
+
+
+def test_two_processes_on_cpu(photos, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "pretrain.py"),
+           *FAST, "--data-path", str(photos), "--output-dir", str(out), "--max-steps", "3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stdout and "effective batch 8 = 4 x 2 x 1" in result.stdout
+    lines = records(out)
+    assert [r["step"] for r in lines] == [1, 2, 3]  # the main process alone writes metrics
+    assert lines[-1]["images_per_s"] > 0
+    states = sorted(p.name for p in (out / "checkpoints" / "step_00000003").glob("random_states_*"))
+    assert states == ["random_states_0.pkl", "random_states_1.pkl"]

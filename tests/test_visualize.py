@@ -1,0 +1,70 @@
+"""Reconstruction grids and the fcmae.visualize CLI."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fcmae
+from fcmae.visualize import main, reconstruct, reconstruction_grid
+from helpers import SMALL, write_photos
+
+
+class Oracle(fcmae.FCMAE):
+    """Predicts every patch perfectly in the loss's (norm-pix) target space."""
+
+    def forward(self, imgs, mask=None):
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        return torch.zeros(()), target, mask
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_a_perfect_prediction_reconstructs_the_image(norm_pix):
+    model = Oracle(depths=SMALL["depths"], dims=SMALL["dims"], decoder_embed_dim=32, norm_pix_loss=norm_pix)
+    imgs = torch.randn(2, 3, 64, 96)
+    mask = model.random_masking(2, (2, 3))
+    assert torch.allclose(reconstruct(model, imgs, mask), imgs, atol=1e-4)
+
+
+def test_grid_layout_masks_and_pastes():
+    model = Oracle(depths=SMALL["depths"], dims=SMALL["dims"], decoder_embed_dim=32)
+    imgs = torch.randn(3, 3, 64, 64) * 0.5
+    mask = torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 1], [1, 1, 0, 0]])
+    grid = reconstruction_grid(model, imgs, mask)
+    assert grid.shape == (3, 2 + 3 * 66, 2 + 4 * 66) and grid.min() >= 0 and grid.max() <= 1
+    cell = lambda r, c: grid[:, 2 + r * 66 : 66 + r * 66, 2 + c * 66 : 66 + c * 66]  # noqa: E731
+    masked = cell(0, 1)
+    assert torch.allclose(masked[:, :32, :32], torch.full((3, 32, 32), 0.5))  # patch 0 removed: gray
+    assert torch.allclose(masked[:, :32, 32:], cell(0, 0)[:, :32, 32:])  # patch 1 visible: original
+    assert torch.allclose(cell(1, 3), cell(1, 0), atol=1e-4)  # perfect recon pasted = original
+
+
+def test_cli_writes_a_png_from_a_model_file(tmp_path, capsys):
+    model = fcmae.create_model("atto", img_size=64, **SMALL)
+    fcmae.save_model(model, tmp_path / "model.safetensors")
+    write_photos(tmp_path / "images", 3, size=80)
+    (tmp_path / "images" / "broken.png").write_bytes(b"junk")
+    out = tmp_path / "grid.png"
+    assert main(["--checkpoint", str(tmp_path / "model.safetensors"), "--images", str(tmp_path / "images"),
+                 "--out", str(out), "--num-images", "4"]) == 0
+    assert np.asarray(Image.open(out)).shape == (2 + 3 * 66, 2 + 4 * 66, 3)
+    assert "skipping unreadable image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "MISSING"], "no such model file"),
+    (["--images", "NOWHERE"], "data path not found"),
+    (["--input-size", "70"], "not a multiple of the patch size 32"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
+    fcmae.save_model(fcmae.create_model("atto", img_size=64, **SMALL), tmp_path / "m.safetensors")
+    write_photos(tmp_path / "images", 1, size=80)
+    base = {"--checkpoint": str(tmp_path / "m.safetensors"), "--images": str(tmp_path / "images")}
+    subst = {"MISSING": str(tmp_path / "x.safetensors"), "NOWHERE": str(tmp_path / "nowhere")}
+    given = dict(zip(args[::2], [subst.get(a, a) for a in args[1::2]]))
+    argv = [x for k, v in {**base, **given}.items() for x in (k, v)] + ["--out", str(tmp_path / "g.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
