@@ -18,7 +18,9 @@ import yaml
 
 from .models import resolve_name
 
-__all__ = ["ConfigError", "TrainConfig", "PretrainConfig", "parse_config", "load_yaml", "save_yaml"]
+__all__ = [
+    "ConfigError", "TrainConfig", "PretrainConfig", "FinetuneConfig", "parse_config", "load_yaml", "save_yaml",
+]
 
 
 class ConfigError(ValueError):
@@ -106,6 +108,52 @@ class PretrainConfig(TrainConfig):
             raise ConfigError(f"unknown backend {self.backend!r}; choose sparse or dense")
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Fine-tuning and linear probing (finetune.py). Defaults are the paper's ConvNeXt V2-Base recipe."""
+
+    data_path: str = ""  # holds train/ and val/, one subfolder per class (the ImageNet layout)
+    finetune: str = ""  # weights to start from: any checkpoint fcmae.convert reads (converted on the fly)
+    num_classes: int = 0  # 0: the number of class folders in train/
+    batch_size: int = 32
+    epochs: int = 100
+    warmup_epochs: float = 20.0
+    blr: float = 6.25e-4
+    min_lr: float = 1e-6
+    layer_decay: float = 0.6  # lr of layer i = lr * layer_decay ** (last id + 1 - i); 1.0 turns it off
+    layer_decay_type: str = "group"  # "single" (an id per block) or "group" (12 ids, for 3-3-27-3 models)
+    drop_path: float = 0.1
+    smoothing: float = 0.1  # label smoothing (folded into the mixup targets when mixup/cutmix is on)
+    mixup: float = 0.8  # mixup alpha; 0 turns it off
+    cutmix: float = 1.0  # cutmix alpha; 0 turns it off
+    reprob: float = 0.25  # random erasing probability
+    aa: str = "rand-m9-mstd0.5-inc1"  # RandAugment policy ("" for none)
+    model_ema: bool = True
+    model_ema_decay: float = 0.9999
+    model_ema_eval: bool = True  # also evaluate the EMA model (and let it compete for the best weights)
+    eval: bool = False  # only evaluate the weights given by --resume (a model file or a checkpoint folder)
+    linear_probe: bool = False  # freeze the encoder; train BatchNorm (no affine) + a linear head on pooled features
+    save_every: int = 5000
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0 (0: count the class folders), got {self.num_classes}")
+        if self.layer_decay_type not in ("single", "group"):
+            raise ConfigError(f"layer_decay_type must be single or group, got {self.layer_decay_type!r}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        for name in ("drop_path", "smoothing", "reprob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError("mixup and cutmix must be >= 0")
+        if not 0.0 < self.model_ema_decay < 1.0:
+            raise ConfigError(f"model_ema_decay must be in (0, 1), got {self.model_ema_decay}")
+        if self.eval and not self.resume:
+            raise ConfigError("--eval needs --resume FILE: the model file or checkpoint folder to evaluate")
 
 
 Config = TypeVar("Config", bound=TrainConfig)

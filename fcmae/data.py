@@ -7,6 +7,8 @@ processes, and a resumed run continues with exactly the data the uninterrupted r
 
 from __future__ import annotations
 
+import contextlib
+import random
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,7 +22,8 @@ from torchvision import transforms as T
 
 __all__ = [
     "IMAGE_EXTENSIONS", "DataError", "find_images", "find_labeled_images", "demo_image_files", "load_rgb",
-    "ImageFiles", "pretrain_transform", "eval_transform", "pretrain_dataset",
+    "ImageFiles", "pretrain_transform", "eval_transform", "pretrain_dataset", "seeded", "preserved_rng",
+    "write_digits", "resolve_data_path",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -125,14 +128,31 @@ class ImageFiles(Dataset):
             except Exception as e:  # PIL raises many types for truncated, corrupt or foreign files
                 warnings.warn(f"skipping unreadable image {self.files[position]}: {e}", stacklevel=2)
                 continue
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self._sample_seed(index))
+            with preserved_rng():
+                seeded([self.seed, self.epoch, index])
                 image = self.transform(img)
             return {"image": image, "label": self.labels[position], "skipped": skipped}
         raise DataError(f"none of the {len(self.files)} images could be read (first: {self.files[0]})")
 
-    def _sample_seed(self, index: int) -> int:
-        return int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+
+def seeded(entropy: Sequence[int]) -> None:
+    """Seed torch's, numpy's and Python's global RNGs (torchvision, timm's RandAugment and Mixup use all three)."""
+    seed = int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore the CPU RNG states of torch, numpy and Python on exit."""
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
 
 
 def pretrain_transform(size: tuple[int, int]) -> T.Compose:
@@ -158,13 +178,43 @@ def eval_transform(size: tuple[int, int], crop_pct: float = 0.875) -> T.Compose:
     ])  # fmt: skip
 
 
+def resolve_data_path(data_path: str) -> Path:
+    """A data folder; "digits:FOLDER" first writes scikit-learn's digits there (see write_digits)."""
+    if not data_path:
+        raise DataError("data_path is empty: pass --data-path FOLDER (or --data-path demo for the sample photos)")
+    if data_path.startswith("digits:"):
+        return write_digits(data_path.split(":", 1)[1])
+    return Path(data_path)
+
+
 def pretrain_dataset(data_path: str, size: tuple[int, int], seed: int) -> ImageFiles:
     """Unlabeled images for pretraining: "demo" for the embedded photos, else a folder (its train/ if present)."""
     if data_path == "demo":
         files = demo_image_files()
-    elif not data_path:
-        raise DataError("data_path is empty: pass --data-path FOLDER (or --data-path demo for the sample photos)")
     else:
-        root = Path(data_path)
+        root = resolve_data_path(data_path)
         files = find_images(root / "train" if (root / "train").is_dir() else root)
     return ImageFiles(files, pretrain_transform(size), seed=seed)
+
+
+def write_digits(root: str | Path, val_fraction: float = 0.2, seed: int = 0, limit: int | None = None) -> Path:
+    """Write scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes, shipped inside the package) in
+    the ImageNet layout: root/train/<digit>/*.png and root/val/<digit>/*.png (the first `limit` of a seeded
+    shuffle, if given). Nothing is written if root/val exists. Returns root."""
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    if (root / "val").is_dir():
+        return root
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))[:limit]
+    num_val = int(len(order) * val_fraction)
+    tmp = root.with_name(root.name + ".tmp")
+    for rank, index in enumerate(order):
+        split = "val" if rank < num_val else "train"
+        folder = tmp / split / str(digits.target[index])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[index] * (255 / 16)).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+    tmp.replace(root)
+    return root

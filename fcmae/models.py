@@ -16,7 +16,7 @@ from .fcmae import FCMAE
 
 __all__ = [
     "MODEL_SIZES", "list_models", "create_model", "resolve_name", "save_model", "load_model", "read_model_file",
-    "load_state_dict_strict",
+    "load_state_dict_strict", "format_keys",
 ]
 
 # name: (depths, dims), from the ConvNeXt V2 paper; the names are timm's.
@@ -119,15 +119,16 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    problems = [f"missing {_listing(missing)}" if missing else "",
-                f"unexpected {_listing(unexpected)}" if unexpected else "",
-                f"shape mismatch {_listing(shapes)}" if shapes else ""]
+    problems = [f"missing {format_keys(missing)}" if missing else "",
+                f"unexpected {format_keys(unexpected)}" if unexpected else "",
+                f"shape mismatch {format_keys(shapes)}" if shapes else ""]
     problems = [p for p in problems if p]
     if problems:
         raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
     model.load_state_dict(state)
 
 
-def _listing(items: list[str], limit: int = 8) -> str:
+def format_keys(items: list[str], limit: int = 8) -> str:
+    """'3 key(s): a, b, c' with at most `limit` shown: error messages list offending keys this way."""
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return f"{len(items)} key(s): " + ", ".join(items[:limit]) + more

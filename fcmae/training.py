@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
+import safetensors.torch
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, load_yaml, save_yaml
+from .data import seeded
 
 __all__ = ["Run", "TrainingError", "run_cli", "find_checkpoint", "CHECKPOINT_PREFIX"]
 
@@ -80,9 +81,14 @@ class Run:
     Args:
         config: the resolved config; saved to OUTPUT_DIR/config.yaml and into every checkpoint.
         project: tracker project name.
+        step_log: file in OUTPUT_DIR that gets a JSON record every log_every steps.
+
+    Attributes a script may fill before `fit`: `extra_state` (name -> module whose state dict is saved as
+    NAME.safetensors in every checkpoint and restored on resume, e.g. an EMA model) and `info` (JSON values kept
+    in every checkpoint's trainer_state.json and restored on resume, e.g. the best accuracy so far).
     """
 
-    def __init__(self, config: TrainConfig, project: str):
+    def __init__(self, config: TrainConfig, project: str, step_log: str = "metrics.jsonl"):
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.accelerator = Accelerator(
@@ -99,7 +105,9 @@ class Run:
         set_seed(config.seed)
         self.step = 0
         self.skipped_files = 0
-        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.extra_state: dict[str, nn.Module] = {}
+        self.info: dict[str, Any] = {}
+        self.metrics_path = self.output_dir / step_log
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(config, self.output_dir / "config.yaml")
@@ -107,8 +115,9 @@ class Run:
                 self.accelerator.init_trackers(project, config=_flat(dataclasses.asdict(config)))
 
     def print(self, *args: Any) -> None:
-        """Print on the main process only."""
-        self.accelerator.print(*args)
+        """Print on the main process only, above the progress bar if there is one."""
+        if self.is_main:
+            tqdm.write(" ".join(str(a) for a in args))
 
     # Setup ------------------------------------------------------------------------------------------------------
 
@@ -173,8 +182,10 @@ class Run:
             self.accelerator.load_state(str(path))
         except (RuntimeError, KeyError, ValueError) as e:
             raise ConfigError(f"checkpoint {path} does not match this run: {str(e).splitlines()[0]}") from None
+        for name, module in self.extra_state.items():
+            module.load_state_dict(safetensors.torch.load_file(path / f"{name}.safetensors", device="cpu"))
         state = json.loads((path / STATE_FILE).read_text())
-        self.step, self.skipped_files = state["step"], state.get("skipped_files", 0)
+        self.step, self.skipped_files, self.info = state["step"], state["skipped_files"], state["info"]
         self.print(f"resumed from {path} at step {self.step}")
 
     def save_checkpoint(self, on_save: Callable[[Path], None] | None = None) -> Path:
@@ -190,7 +201,11 @@ class Run:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             save_yaml(self.config, tmp / "config.yaml")
-            state = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "skipped_files": self.skipped_files}
+            for name, module in self.extra_state.items():
+                weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+                safetensors.torch.save_file(weights, str(tmp / f"{name}.safetensors"))
+            state = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                     "skipped_files": self.skipped_files, "info": self.info}
             (tmp / STATE_FILE).write_text(json.dumps(state))  # written last: marks the folder complete
             if final.exists():
                 shutil.rmtree(final)
@@ -264,9 +279,8 @@ class Run:
                 yield
 
     def _seed(self, micro: int) -> None:
-        """Seed the global RNG from (seed, step, micro-batch, process): draws do not depend on history."""
-        entropy = [self.config.seed, self.step, micro, self.accelerator.process_index]
-        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        """Seed the global RNGs from (seed, step, micro-batch, process): draws do not depend on history."""
+        seeded([self.config.seed, self.step, micro, self.accelerator.process_index])
 
     def _check_finite(self, loss: Tensor) -> None:
         """Stop, on every process at once, before a non-finite loss reaches the weights or a checkpoint."""
@@ -295,10 +309,10 @@ class Run:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
         return record
 
-    def write_record(self, record: dict) -> None:
-        """Append a record (with a "step" key) to metrics.jsonl and send it to the trackers."""
+    def write_record(self, record: dict, path: Path | None = None) -> None:
+        """Append a record (with a "step" key) to `path` (default: the step log) and send it to the trackers."""
         if self.is_main:
-            with self.metrics_path.open("a") as f:
+            with (path or self.metrics_path).open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.config.log_with:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

@@ -1,0 +1,231 @@
+"""Fine-tune (or linearly probe) a dense timm ConvNeXt V2 on an ImageFolder dataset, with the paper's recipe.
+
+    accelerate launch finetune.py --config configs/finetune/convnextv2_base.yaml --data-path /data/imagenet \
+        --finetune output/pretrain/model.safetensors
+    accelerate launch finetune.py --eval --resume output/finetune/model.safetensors --data-path /data/imagenet
+    python finetune.py                                   # the demo: digits, from the pretrain demo's weights
+
+Config -> data -> timm ConvNeXt V2 (+ recipe) -> the shared Accelerate loop (fcmae.training) + evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import safetensors.torch
+import timm
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fcmae.config import ConfigError, FinetuneConfig, parse_config
+from fcmae.data import DataError, ImageFiles, find_labeled_images, resolve_data_path
+from fcmae.evaluation import evaluate
+from fcmae.layer_decay import param_groups_layer_decay
+from fcmae.linear_probe import attach_probe, fold_probe
+from fcmae.models import read_model_file
+from fcmae.training import Run, run_cli
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
+HEAD_INIT_SCALE = 0.001  # the official fine-tuning init of the new classifier
+
+
+# Data -----------------------------------------------------------------------------------------------------------
+
+
+def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]:
+    """train/ and val/ ImageFolders with the recipe's transforms; checks the class folders agree."""
+    root = resolve_data_path(config.data_path)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root} has no {split}/ folder; expected {root}/train/<class>/... and {root}/val/<class>/...")
+    train_files, train_labels, classes = find_labeled_images(root / "train")
+    val_files, val_labels, val_classes = find_labeled_images(root / "val")
+    if val_classes != classes:
+        extra = sorted(set(val_classes) ^ set(classes))
+        raise DataError(f"train/ and val/ have different class folders (differing: {', '.join(extra[:8])})")
+    if config.num_classes and config.num_classes != len(classes):
+        raise DataError(f"--num-classes {config.num_classes} does not match the {len(classes)} class folders "
+                        f"in {root / 'train'}")
+    train_tf = create_transform(
+        config.image_size, is_training=True, auto_augment=config.aa or None, interpolation="bicubic",
+        re_prob=config.reprob, re_mode="pixel", re_count=1,
+    )  # fmt: skip
+    return (ImageFiles(train_files, train_tf, train_labels, seed=config.seed),
+            ImageFiles(val_files, eval_transform(config), val_labels), classes)
+
+
+def eval_transform(config: FinetuneConfig):
+    """Resize, then center crop with crop_pct 0.875 (256 -> 224, the same ratio at other sizes)."""
+    return create_transform(config.image_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+
+
+# Model ----------------------------------------------------------------------------------------------------------
+
+
+def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
+    """timm's ConvNeXt V2 with a fresh classifier, its encoder from config.finetune if given."""
+    drop_path = 0.0 if config.linear_probe else config.drop_path
+    model = timm.create_model(config.model, num_classes=num_classes, drop_path_rate=drop_path,
+                              head_init_scale=HEAD_INIT_SCALE)
+    if config.finetune:
+        from fcmae.convert import to_timm
+
+        state = to_timm(config.finetune, model=config.model, drop_head=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("head.")]
+        if missing or unexpected:
+            raise ValueError(f"{config.finetune} does not fit {config.model}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    if config.linear_probe:
+        attach_probe(model)
+    return model
+
+
+def load_for_eval(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict]:
+    """The model named by --resume: a model file written by finetune.py (timm layout) or a checkpoint folder."""
+    path = Path(config.resume)
+    file = path / "model.safetensors" if path.is_dir() else path
+    state, metadata = read_model_file(file)
+    model = timm.create_model(config.model, num_classes=num_classes)
+    try:
+        model.load_state_dict(fold_probe(state) if "head.fc.0.running_mean" in state else state)
+    except RuntimeError as e:
+        raise ValueError(f"{file} does not fit {config.model} with {num_classes} classes: "
+                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    return model, metadata
+
+
+def optimizer_for(model: nn.Module, config: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW: on the probe alone, or on the whole model with layer decay (the official layer ids) unless off."""
+    if config.linear_probe:
+        return create_optimizer_v2([p for p in model.parameters() if p.requires_grad], "adamw", lr=lr)
+    if config.layer_decay < 1.0:
+        depths = [len(stage.blocks) for stage in model.stages]
+        groups = param_groups_layer_decay(model, depths, config.weight_decay, config.layer_decay,
+                                          config.layer_decay_type)
+        return create_optimizer_v2(groups, "adamw", lr=lr, weight_decay=config.weight_decay)
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay)
+
+
+# Main -----------------------------------------------------------------------------------------------------------
+
+
+def evaluate_only(config: FinetuneConfig) -> dict:
+    run = Run(config, project="fcmae-finetune-eval", step_log="eval_log.jsonl")
+    _, val_set, classes = datasets(config)
+    model, metadata = load_for_eval(config, len(classes))
+    loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
+    model, loader = run.accelerator.prepare(model, loader)
+    result = evaluate(model, loader, run.accelerator)
+    recorded = f" (recorded when saved: {float(metadata['val_acc1']):.2f})" if "val_acc1" in metadata else ""
+    run.print(f"{config.resume}: val_acc1 {result['acc1']:.2f} val_acc5 {result['acc5']:.2f} on "
+              f"{result['images']} images{recorded}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.split("=")[0] in ("--config", "--data-path") for a in argv):
+        argv = ["--config", str(DEMO_CONFIG), *argv]  # no data given: the demo, with any overrides
+    config = parse_config(FinetuneConfig, argv, description=__doc__)
+    if config.eval:
+        return evaluate_only(config)
+    mixing = config.mixup > 0 or config.cutmix > 0
+    if mixing and config.batch_size % 2:
+        raise ConfigError(f"batch_size must be even with mixup/cutmix (pairs are mixed), got {config.batch_size}")
+
+    run = Run(config, project="fcmae-finetune", step_log="train_log.jsonl")
+    train_set, val_set, classes = datasets(config)
+    model = build_model(config, len(classes))
+    lr = run.base_lr()
+    optimizer = optimizer_for(model, config, lr)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                              num_workers=config.num_workers, pin_memory=torch.cuda.is_available())
+    val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
+    model, optimizer, train_loader = run.prepare(model, optimizer, train_loader)
+    val_loader = run.accelerator.prepare(val_loader)
+    ema = None
+    if config.model_ema:
+        ema = ModelEmaV3(run.unwrapped_model, decay=config.model_ema_decay)
+        run.extra_state["ema"] = ema
+    run.print(
+        f"{config.model}{' (linear probe)' if config.linear_probe else ''}: {len(classes)} classes, "
+        f"{len(train_set)} train / {len(val_set)} val images, {run.accelerator.num_processes} process(es) on "
+        f"{run.accelerator.device}\neffective batch {run.effective_batch_size}; lr {lr:.3e}"
+        f"{' (given)' if config.lr else f' = blr {config.blr:g} x {run.effective_batch_size} / 256'}; "
+        f"{run.total_steps} steps, {run.warmup_steps} warmup, {run.steps_per_epoch} per epoch"
+    )
+
+    mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.smoothing,
+                  num_classes=len(classes)) if mixing else None
+    if mixup is not None:
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif config.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(config.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    epoch_loss = torch.zeros(2, device=run.accelerator.device, dtype=torch.float64)  # sum, batches
+
+    def step_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        images, targets = batch["image"], batch["label"]
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        loss = criterion(model(images), targets)
+        epoch_loss[0] += loss.detach().double()
+        epoch_loss[1] += 1
+        return loss, images.shape[0]
+
+    def update_ema(step: int) -> None:
+        if ema is not None:
+            ema.update(run.unwrapped_model, step=step)
+
+    def end_of_epoch(epoch: int) -> None:
+        sums = run.accelerator.reduce(epoch_loss.clone(), reduction="sum")
+        epoch_loss.zero_()
+        record = {"step": run.step, "epoch": epoch, "train_loss": float(sums[0] / sums[1].clamp_min(1)),
+                  "lr": max(group["lr"] for group in optimizer.param_groups)}
+        candidates = {"raw": (run.unwrapped_model, evaluate(model, val_loader, run.accelerator))}
+        record.update(val_acc1=candidates["raw"][1]["acc1"], val_acc5=candidates["raw"][1]["acc5"])
+        if ema is not None and config.model_ema_eval:
+            candidates["ema"] = (ema.module, evaluate(ema.module, val_loader, run.accelerator))
+            record.update(ema_acc1=candidates["ema"][1]["acc1"], ema_acc5=candidates["ema"][1]["acc5"])
+        run.write_record(record, run.output_dir / "metrics.jsonl")
+        which, (best_model, result) = max(candidates.items(), key=lambda item: item[1][1]["acc1"])
+        run.print(f"epoch {epoch}: train_loss {record['train_loss']:.4f} val_acc1 {record['val_acc1']:.2f}"
+                  + (f" ema_acc1 {record['ema_acc1']:.2f}" if "ema_acc1" in record else ""))
+        if result["acc1"] > run.info.get("best_acc1", -1.0):
+            run.info.update(best_acc1=result["acc1"], best_epoch=epoch, best_weights=which)
+            if run.is_main:
+                save_best(best_model, config, classes, which, epoch, result, run.output_dir / "model.safetensors")
+
+    run.fit(step_fn, every_step=update_ema, on_epoch_end=end_of_epoch)
+    run.print(f"best val_acc1 {run.info.get('best_acc1', float('nan')):.2f} ({run.info.get('best_weights')} "
+              f"weights, epoch {run.info.get('best_epoch')}): {run.output_dir / 'model.safetensors'}")
+    return run.info
+
+
+def save_best(model: nn.Module, config: FinetuneConfig, classes: list[str], which: str, epoch: int,
+              result: dict, path: Path) -> None:
+    """The best weights in timm layout (a probe folds its BatchNorm into the classifier), atomically."""
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    if config.linear_probe:
+        state = fold_probe(state)
+    metadata = {"format": "timm", "model": config.model, "num_classes": str(len(classes)),
+                "classes": json.dumps(classes), "weights": which, "epoch": str(epoch),
+                "val_acc1": f"{result['acc1']:.4f}", "val_acc5": f"{result['acc5']:.4f}",
+                "linear_probe": str(config.linear_probe).lower()}
+    tmp = path.with_name(path.name + ".tmp")
+    safetensors.torch.save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

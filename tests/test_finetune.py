@@ -1,0 +1,176 @@
+"""finetune.py: the recipe pieces, and end to end on real digits from a checkpoint pretrain.py made."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from accelerate.state import AcceleratorState
+
+from fcmae.data import write_digits
+from fcmae.layer_decay import layer_id, param_groups_layer_decay
+from fcmae.linear_probe import attach_probe, fold_probe
+from fcmae.training import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import finetune  # noqa: E402
+import pretrain  # noqa: E402
+
+FAST = ["--model", "atto", "--input-size", "64", "--batch-size", "32", "--num-workers", "0", "--lr", "2e-3",
+        "--warmup-epochs", "0.5", "--layer-decay", "0.9", "--layer-decay-type", "single", "--drop-path", "0",
+        "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "", "--model-ema-decay", "0.99",
+        "--log-every", "5"]
+STATED_ACCURACY = 55.0  # percent top-1 after 3 epochs on the 1438 training digits (chance: 10)
+
+
+def call(main, argv):
+    try:
+        return run_cli(main, argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Digits in the ImageNet layout, FCMAE on them (no labels), then a 3-epoch fine-tune from that checkpoint."""
+    tmp = tmp_path_factory.mktemp("finetune")
+    data = write_digits(tmp / "digits")
+    assert call(pretrain.main, ["--data-path", str(data), "--output-dir", str(tmp / "pre"), "--input-size", "64",
+                                "--batch-size", "32", "--max-steps", "90", "--lr", "1e-3", "--warmup-steps", "10",
+                                "--decoder-embed-dim", "64", "--num-workers", "0", "--vis-every", "0"]) == 0
+    out = tmp / "ft"
+    assert call(finetune.main, FAST + ["--data-path", str(data), "--finetune", str(tmp / "pre/model.safetensors"),
+                                       "--output-dir", str(out), "--epochs", "3"]) == 0
+    return data, tmp / "pre" / "model.safetensors", out
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fine_tuning_reaches_the_stated_accuracy(trained):
+    _, _, out = trained
+    records = metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert set(records[0]) >= {"epoch", "train_loss", "val_acc1", "val_acc5", "lr", "ema_acc1", "ema_acc5"}
+    best = max(max(r["val_acc1"], r["ema_acc1"]) for r in records)
+    assert best >= STATED_ACCURACY, records
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_saved_model_loads_strictly_in_timm_and_eval_reproduces_its_accuracy(trained, capsys):
+    data, _, out = trained
+    state = safetensors.torch.load_file(out / "model.safetensors")
+    with safetensors.safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    model = timm.create_model("convnextv2_atto", num_classes=10)
+    model.load_state_dict(state)  # strict
+    assert meta["weights"] in ("raw", "ema") and json.loads(meta["classes"]) == [str(i) for i in range(10)]
+    capsys.readouterr()
+    result = finetune.main(["--eval", "--resume", str(out / "model.safetensors"), "--data-path", str(data),
+                            "--model", "atto", "--input-size", "64", "--num-workers", "0"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert result["acc1"] == pytest.approx(float(meta["val_acc1"]), abs=1e-3)
+    assert result["images"] == 359
+
+
+def test_two_processes_count_every_validation_image_once(trained, tmp_path):
+    data, _, out = trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
+           "--eval", "--resume", str(out / "model.safetensors"), "--data-path", str(data), "--model", "atto",
+           "--input-size", "64", "--num-workers", "0", "--batch-size", "7", "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with safetensors.safe_open(str(out / "model.safetensors"), "pt") as f:
+        recorded = float(f.metadata()["val_acc1"])
+    line = next(l for l in result.stdout.splitlines() if "val_acc1" in l)
+    assert "on 359 images" in line  # odd, in batches of 7 on 2 processes: the padding duplicates are dropped
+    assert f"val_acc1 {recorded:.2f}" in line
+
+
+def test_linear_probe_trains_only_the_head_and_saves_a_timm_model(trained, tmp_path):
+    data, pretrained, _ = trained
+    out = tmp_path / "probe"
+    assert call(finetune.main, FAST + ["--data-path", str(data), "--finetune", str(pretrained), "--output-dir",
+                                       str(out), "--epochs", "1", "--linear-probe", "--no-model-ema"]) == 0
+    probe = timm.create_model("convnextv2_atto", num_classes=10)
+    probe.load_state_dict(safetensors.torch.load_file(out / "model.safetensors"))
+    start = finetune.build_model(finetune.parse_config(finetune.FinetuneConfig, FAST + [
+        "--data-path", str(data), "--finetune", str(pretrained)]), 10)
+    trained_state, start_state = probe.state_dict(), start.state_dict()
+    assert all(torch.equal(trained_state[k], start_state[k]) for k in start_state if k.startswith("stages."))
+    assert metrics(out)[0]["val_acc1"] > 10.0
+
+
+def test_fold_probe_is_exact():
+    model = attach_probe(timm.create_model("convnextv2_atto", num_classes=5, depths=(1, 1, 1, 1)))
+    bn = model.head.fc[0]
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    plain = timm.create_model("convnextv2_atto", num_classes=5, depths=(1, 1, 1, 1)).eval()
+    plain.load_state_dict(fold_probe(model.state_dict()))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-5)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.fc.1.weight", "head.fc.1.bias"]
+
+
+def test_layer_ids_follow_the_official_release():
+    depths = (2, 2, 6, 2)  # atto, "single": 12 layers, head 13
+    assert layer_id("stem.0.weight", depths) == 1
+    assert layer_id("stages.0.blocks.1.conv_dw.weight", depths) == 2
+    assert layer_id("stages.1.downsample.1.weight", depths) == 3
+    assert layer_id("stages.1.blocks.0.mlp.fc1.weight", depths) == 3
+    assert layer_id("stages.3.blocks.1.mlp.grn.weight", depths) == 12
+    assert layer_id("head.fc.weight", depths) == 13
+    base = (3, 3, 27, 3)  # "group": 12 layers, head 13
+    expected = {"stem.1.bias": 0, "stages.0.blocks.2.norm.weight": 1, "stages.1.downsample.0.weight": 2,
+                "stages.1.blocks.0.conv_dw.weight": 2, "stages.2.downsample.1.weight": 3,
+                "stages.2.blocks.0.mlp.fc2.weight": 3, "stages.2.blocks.26.mlp.fc2.weight": 11,
+                "stages.3.downsample.1.bias": 12, "stages.3.blocks.2.norm.bias": 12, "head.norm.weight": 13}
+    assert {k: layer_id(k, base, "group") for k in expected} == expected
+    model = timm.create_model("convnextv2_atto", num_classes=3)
+    groups = param_groups_layer_decay(model, depths, 0.05, 0.9, "single")
+    scale = {g["layer_id"]: g["lr_scale"] for g in groups}
+    assert scale[13] == 1.0 and scale[1] == pytest.approx(0.9**12)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(model.stages[0].blocks[0].mlp.grn.weight) in no_decay and id(model.stem[0].bias) in no_decay
+    assert id(model.stem[0].weight) not in no_decay
+
+
+@pytest.mark.parametrize("change, message", [
+    ("no-val", "has no val/ folder"),
+    ("classes", "--num-classes 7 does not match the 10 class folders"),
+    ("not-convnext", "not-a-convnext"),
+    ("odd-batch", "batch_size must be even with mixup/cutmix"),
+    ("eval-without-resume", "--eval needs --resume FILE"),
+])
+def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message):
+    data, pretrained, _ = trained
+    argv = FAST + ["--data-path", str(data), "--output-dir", str(tmp_path / "run"), "--epochs", "1"]
+    if change == "no-val":
+        (tmp_path / "only_train" / "train" / "a").mkdir(parents=True)
+        argv += ["--data-path", str(tmp_path / "only_train")]
+    elif change == "classes":
+        argv += ["--num-classes", "7"]
+    elif change == "not-convnext":
+        bad = tmp_path / "not-a-convnext.safetensors"
+        safetensors.torch.save_file({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)},
+                                    str(bad))
+        argv += ["--finetune", str(bad)]
+    elif change == "odd-batch":
+        argv += ["--mixup", "0.8", "--batch-size", "31"]
+    else:
+        argv += ["--eval"]
+    assert call(finetune.main, argv) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("train:")]
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
