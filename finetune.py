@@ -30,7 +30,7 @@ from fcmae.data import DataError, ImageFiles, find_labeled_images, resolve_data_
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
-from fcmae.models import read_model_file
+from fcmae.models import load_state_dict_strict, read_model_file
 from fcmae.training import Run, run_cli
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
@@ -94,12 +94,12 @@ def load_for_eval(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
     path = Path(config.resume)
     file = path / "model.safetensors" if path.is_dir() else path
     state, metadata = read_model_file(file)
+    if metadata.get("model", config.model) != config.model:
+        raise ConfigError(f"{file} holds a {metadata['model']}; pass --model {metadata['model']}")
     model = timm.create_model(config.model, num_classes=num_classes)
-    try:
-        model.load_state_dict(fold_probe(state) if "head.fc.0.running_mean" in state else state)
-    except RuntimeError as e:
-        raise ValueError(f"{file} does not fit {config.model} with {num_classes} classes: "
-                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    if "head.fc.0.running_mean" in state:  # a linear probe's training checkpoint
+        state = fold_probe(state)
+    load_state_dict_strict(model, state, source=f"{file} (for {config.model} with {num_classes} classes)")
     return model, metadata
 
 

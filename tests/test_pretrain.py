@@ -191,3 +191,10 @@ def test_two_processes_on_cpu(photos, tmp_path):
     assert lines[-1]["images_per_s"] > 0
     states = sorted(p.name for p in (out / "checkpoints" / "step_00000003").glob("random_states_*"))
     assert states == ["random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_tensorboard_tracker_writes_events(photos, tmp_path):
+    out = tmp_path / "run"
+    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2",
+                       "--log-with", "tensorboard"]) == 0
+    assert list(out.rglob("events.out.tfevents.*"))
