@@ -174,3 +174,33 @@ def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message
     assert call(finetune.main, argv) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("train:")]
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_exact_resume_restores_weights_optimizer_and_ema(tmp_path, monkeypatch):
+    data = write_digits(tmp_path / "digits", limit=300)  # 240 train images: 7 steps per epoch
+    common = FAST + ["--data-path", str(data), "--epochs", "2", "--save-every", "7", "--seed", "1",
+                     "--mixup", "0.5", "--cutmix", "0.5"]
+    assert call(finetune.main, common + ["--output-dir", str(tmp_path / "straight")]) == 0
+
+    from fcmae.training import Run
+
+    original_save = Run.save_checkpoint
+
+    def save_then_crash(self, on_save=None):
+        path = original_save(self, on_save)
+        if self.step == 7:
+            raise KeyboardInterrupt  # preempted after the first epoch's checkpoint
+        return path
+
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_crash)
+    assert call(finetune.main, common + ["--output-dir", str(tmp_path / "resumed")]) == 130
+    monkeypatch.setattr(Run, "save_checkpoint", original_save)
+    assert call(finetune.main, common + ["--output-dir", str(tmp_path / "resumed"), "--resume", "auto"]) == 0
+
+    for name in ["model.safetensors", "ema.safetensors"]:
+        a = safetensors.torch.load_file(tmp_path / "straight/checkpoints/step_00000014" / name)
+        b = safetensors.torch.load_file(tmp_path / "resumed/checkpoints/step_00000014" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert metrics(tmp_path / "straight")[-1] == metrics(tmp_path / "resumed")[-1]
+    state = json.loads((tmp_path / "resumed/checkpoints/step_00000014/trainer_state.json").read_text())
+    assert state["info"]["best_epoch"] in (0, 1) and "best_acc1" in state["info"]
