@@ -45,7 +45,8 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
     root = resolve_data_path(config.data_path)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise DataError(f"{root} has no {split}/ folder; expected {root}/train/<class>/... and {root}/val/<class>/...")
+            raise DataError(f"{root} has no {split}/ folder; expected {root}/train/<class>/... and "
+                            f"{root}/val/<class>/...")
     train_files, train_labels, classes = find_labeled_images(root / "train")
     val_files, val_labels, val_classes = find_labeled_images(root / "val")
     if val_classes != classes:
@@ -132,10 +133,7 @@ def evaluate_only(config: FinetuneConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.split("=")[0] in ("--config", "--data-path") for a in argv):
-        argv = ["--config", str(DEMO_CONFIG), *argv]  # no data given: the demo, with any overrides
-    config = parse_config(FinetuneConfig, argv, description=__doc__)
+    config = parse_config(FinetuneConfig, argv, description=__doc__, demo=DEMO_CONFIG)
     if config.eval:
         return evaluate_only(config)
     mixing = config.mixup > 0 or config.cutmix > 0
@@ -156,13 +154,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if config.model_ema:
         ema = ModelEmaV3(run.unwrapped_model, decay=config.model_ema_decay)
         run.extra_state["ema"] = ema
-    run.print(
-        f"{config.model}{' (linear probe)' if config.linear_probe else ''}: {len(classes)} classes, "
-        f"{len(train_set)} train / {len(val_set)} val images, {run.accelerator.num_processes} process(es) on "
-        f"{run.accelerator.device}\neffective batch {run.effective_batch_size}; lr {lr:.3e}"
-        f"{' (given)' if config.lr else f' = blr {config.blr:g} x {run.effective_batch_size} / 256'}; "
-        f"{run.total_steps} steps, {run.warmup_steps} warmup, {run.steps_per_epoch} per epoch"
-    )
+    run.print(f"{config.model}{' (linear probe)' if config.linear_probe else ''}: {len(classes)} classes, "
+              f"{len(train_set)} train / {len(val_set)} val images\n{run.describe()}")
 
     mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.smoothing,
                   num_classes=len(classes)) if mixing else None

@@ -44,10 +44,7 @@ def build_model(config: PretrainConfig) -> fcmae.FCMAE:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.split("=")[0] in ("--config", "--data-path") for a in argv):
-        argv = ["--config", str(DEMO_CONFIG), *argv]  # no data given: the embedded demo, with any overrides
-    config = parse_config(PretrainConfig, argv, description=__doc__)
+    config = parse_config(PretrainConfig, argv, description=__doc__, demo=DEMO_CONFIG)
     run = Run(config, project="fcmae-pretrain")
     dataset = pretrain_dataset(config.data_path, config.image_size, config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
@@ -60,15 +57,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     lr = run.base_lr()
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     model, optimizer, loader = run.prepare(model, optimizer, loader)
-    run.print(
-        f"{config.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(dataset)} images, "
-        f"{run.accelerator.num_processes} process(es) on {run.accelerator.device}, "
-        f"mixed precision {run.accelerator.mixed_precision}\n"
-        f"effective batch {run.effective_batch_size} = {config.batch_size} x {run.accelerator.num_processes} x "
-        f"{config.accum_steps}; lr {lr:.3e}"
-        f"{' (given)' if config.lr else f' = blr {config.blr:g} x {run.effective_batch_size} / 256'}; "
-        f"{run.total_steps} steps, {run.warmup_steps} warmup, {run.steps_per_epoch} per epoch"
-    )
+    run.print(f"{config.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+              f"{len(dataset)} images\n{run.describe()}")
 
     # Fixed images for the reconstruction grids: the first few, with their epoch-0 augmentation.
     vis_images = torch.stack([dataset[i]["image"] for i in range(min(VIS_IMAGES, len(dataset)))])

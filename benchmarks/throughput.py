@@ -71,7 +71,9 @@ def step_rate(model_name: str, size: int, batch_size: int, repeats: int) -> floa
     return batch_size / statistics.median(times)
 
 
-def pretrain_rate(model_name: str, data: Path, out: Path, size: int, batch_size: int, workers: int, steps: int) -> float:
+def pretrain_rate(
+    model_name: str, data: Path, out: Path, size: int, batch_size: int, workers: int, steps: int
+) -> float:
     import pretrain
 
     argv = ["--model", model_name, "--data-path", str(data), "--output-dir", str(out), "--input-size", str(size),

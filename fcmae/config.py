@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +184,17 @@ def save_yaml(config: TrainConfig, path: str | Path) -> None:
 # Command line ---------------------------------------------------------------------------------------------------
 
 
-def parse_config(cls: type[Config], argv: Sequence[str] | None = None, description: str = "") -> Config:
-    """Build a `cls` config from defaults, an optional `--config FILE`, then command-line flags."""
+def parse_config(
+    cls: type[Config], argv: Sequence[str] | None = None, description: str = "", demo: str | Path | None = None
+) -> Config:
+    """Build a `cls` config from defaults, an optional `--config FILE`, then command-line flags.
+
+    With `demo`, a command line that names neither --config nor --data-path runs that config file (with any
+    other flags as overrides): a script with no arguments runs its demo.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if demo is not None and not any(a.split("=")[0] in ("--config", "--data-path") for a in argv):
+        argv = ["--config", str(demo), *argv]
     parser = _parser(cls, description)
     args, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
-import torch.nn.functional as F
 from timm.layers import LayerNorm, calculate_drop_path_rates
 from timm.models.convnext import ConvNeXtBlock
 from torch import Tensor, nn
@@ -110,7 +108,9 @@ class SparseConvNeXtV2(nn.Module):
         self.backend = backend
         self.num_features = dims[-1]
 
-        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], kernel_size=STEM_STRIDE, stride=STEM_STRIDE), LayerNorm(dims[0]))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, dims[0], kernel_size=STEM_STRIDE, stride=STEM_STRIDE), LayerNorm(dims[0])
+        )
         rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         self.stages = nn.Sequential(
             *[Stage(dims[max(i - 1, 0)], dims[i], rates[i], downsample=i > 0) for i in range(len(depths))]

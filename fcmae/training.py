@@ -158,6 +158,16 @@ class Run:
         """lr, or blr * effective batch / 256."""
         return self.config.lr or self.config.blr * self.effective_batch_size / 256
 
+    def describe(self) -> str:
+        """Processes, effective batch, lr and schedule length: what a run prints before it starts."""
+        config, acc = self.config, self.accelerator
+        lr = f"{self.base_lr():.3e}"
+        lr += " (given)" if config.lr else f" = blr {config.blr:g} x {self.effective_batch_size} / 256"
+        return (f"{acc.num_processes} process(es) on {acc.device}, mixed precision {acc.mixed_precision}; "
+                f"effective batch {self.effective_batch_size} = {config.batch_size} x {acc.num_processes} x "
+                f"{config.accum_steps}; lr {lr}; {self.total_steps} steps, {self.warmup_steps} warmup, "
+                f"{self.steps_per_epoch} per epoch")
+
     @property
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)

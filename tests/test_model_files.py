@@ -52,5 +52,6 @@ def test_clear_errors_for_bad_files(tmp_path):
 def test_mismatched_weights_list_the_offending_keys(tmp_path):
     path = tmp_path / "m.safetensors"
     fcmae.save_model(fcmae.create_model("atto", **SMALL), path)
-    with pytest.raises(ValueError, match=r"shape mismatch 14 key\(s\): decoder.blocks.0.conv_dw.bias: \(32,\) vs model \(48,\)"):
+    expected = r"shape mismatch 14 key\(s\): decoder.blocks.0.conv_dw.bias: \(32,\) vs model \(48,\)"
+    with pytest.raises(ValueError, match=expected):
         fcmae.load_model(path, decoder_embed_dim=48)
