@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import safetensors.torch
 import timm
 import torch
+from accelerate import Accelerator
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -30,8 +30,8 @@ from fcmae.data import DataError, ImageFiles, find_labeled_images, resolve_data_
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
-from fcmae.models import load_state_dict_strict, read_model_file
-from fcmae.training import Run, run_cli
+from fcmae.models import load_state_dict_strict, read_model_file, write_safetensors
+from fcmae.training import Run, processes_without_gpu, run_cli
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
 HEAD_INIT_SCALE = 0.001  # the official fine-tuning init of the new classifier
@@ -48,6 +48,8 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
             raise DataError(f"{root} has no {split}/ folder; expected {root}/train/<class>/... and "
                             f"{root}/val/<class>/...")
     train_files, train_labels, classes = find_labeled_images(root / "train")
+    if len(classes) < 2:
+        raise DataError(f"{root / 'train'} has {len(classes)} class folder; classification needs at least 2")
     val_files, val_labels, val_classes = find_labeled_images(root / "val")
     if val_classes != classes:
         extra = sorted(set(val_classes) ^ set(classes))
@@ -55,10 +57,14 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
     if config.num_classes and config.num_classes != len(classes):
         raise DataError(f"--num-classes {config.num_classes} does not match the {len(classes)} class folders "
                         f"in {root / 'train'}")
-    train_tf = create_transform(
-        config.image_size, is_training=True, auto_augment=config.aa or None, interpolation="bicubic",
-        re_prob=config.reprob, re_mode="pixel", re_count=1,
-    )  # fmt: skip
+    try:
+        train_tf = create_transform(
+            config.image_size, is_training=True, auto_augment=config.aa or None, interpolation="bicubic",
+            re_prob=config.reprob, re_mode="pixel", re_count=1,
+        )  # fmt: skip
+    except (AssertionError, ValueError, KeyError) as e:  # timm asserts on a policy string it cannot parse
+        raise ConfigError(f"--aa {config.aa!r} is not a timm augmentation policy ({e}); "
+                          "e.g. rand-m9-mstd0.5-inc1, or \"\" for none") from None
     return (ImageFiles(train_files, train_tf, train_labels, seed=config.seed),
             ImageFiles(val_files, eval_transform(config), val_labels), classes)
 
@@ -120,15 +126,16 @@ def optimizer_for(model: nn.Module, config: FinetuneConfig, lr: float) -> torch.
 
 
 def evaluate_only(config: FinetuneConfig) -> dict:
-    run = Run(config, project="fcmae-finetune-eval", step_log="eval_log.jsonl")
+    """Accuracy of the weights named by --resume on val/; prints it and writes nothing."""
+    accelerator = Accelerator(cpu=processes_without_gpu())
     _, val_set, classes = datasets(config)
     model, metadata = load_for_eval(config, len(classes))
     loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
-    model, loader = run.accelerator.prepare(model, loader)
-    result = evaluate(model, loader, run.accelerator)
+    model, loader = accelerator.prepare(model, loader)
+    result = evaluate(model, loader, accelerator)
     recorded = f" (recorded when saved: {float(metadata['val_acc1']):.2f})" if "val_acc1" in metadata else ""
-    run.print(f"{config.resume}: val_acc1 {result['acc1']:.2f} val_acc5 {result['acc5']:.2f} on "
-              f"{result['images']} images{recorded}")
+    accelerator.print(f"{config.resume}: val_acc1 {result['acc1']:.2f} val_acc5 {result['acc5']:.2f} on "
+                      f"{result['images']} images{recorded}")
     return result
 
 
@@ -200,8 +207,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                 save_best(best_model, config, classes, which, epoch, result, run.output_dir / "model.safetensors")
 
     run.fit(step_fn, every_step=update_ema, on_epoch_end=end_of_epoch)
+    best = run.output_dir / "model.safetensors"
+    where = best if best.is_file() else "not rewritten here (no epoch beat the resumed checkpoint's best)"
     run.print(f"best val_acc1 {run.info.get('best_acc1', float('nan')):.2f} ({run.info.get('best_weights')} "
-              f"weights, epoch {run.info.get('best_epoch')}): {run.output_dir / 'model.safetensors'}")
+              f"weights, epoch {run.info.get('best_epoch')}): {where}")
     return run.info
 
 
@@ -215,9 +224,7 @@ def save_best(model: nn.Module, config: FinetuneConfig, classes: list[str], whic
                 "classes": json.dumps(classes), "weights": which, "epoch": str(epoch),
                 "val_acc1": f"{result['acc1']:.4f}", "val_acc5": f"{result['acc5']:.4f}",
                 "linear_probe": str(config.linear_probe).lower()}
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    write_safetensors(state, path, metadata)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,15 @@ class PretrainConfig(TrainConfig):
             raise ConfigError(f"unknown backend {self.backend!r}; choose sparse or dense")
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
+        height, width = self.image_size
+        patches = (height // 32) * (width // 32)
+        kept = int(patches * (1 - self.mask_ratio))
+        if kept == 0 or kept == patches:
+            raise ConfigError(
+                f"mask_ratio {self.mask_ratio} on a {height}x{width} input keeps {kept} of its {patches} patches of "
+                f"32 px: the encoder would see {'nothing' if kept == 0 else 'everything and the loss be 0'}; "
+                "change --input-size or --mask-ratio"
+            )
 
 
 @dataclass
@@ -170,7 +180,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
@@ -239,14 +249,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             if isinstance(value, bool):
                 return value
             raise TypeError
-        if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ValueError
             return float(value)
         if hint is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if hint is int and isinstance(value, str):
+            return int(value)
         if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        if hint in (int, float) and isinstance(value, str):
-            return hint(value)
         raise TypeError
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}") from None
@@ -258,7 +270,7 @@ def _type_name(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if args:
         return _type_name(args[0]) + " or null"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))
 
 
 def _flags(cls: type[TrainConfig]) -> list[str]:

@@ -37,14 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import safetensors.torch
 import timm
 import torch
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from torch import Tensor, nn
 
 from .fcmae import FCMAE
-from .models import MODEL_SIZES, format_keys, load_state_dict_strict, read_model_file, resolve_name, save_model
+from .models import (
+    MODEL_SIZES, format_keys, load_state_dict_strict, read_model_file, resolve_name, save_model, write_safetensors,
+)
 
 __all__ = [
     "LAYOUTS", "TARGETS", "KEY_TABLE", "Conversion", "load_checkpoint", "detect_layout", "convert", "to_timm",
@@ -239,9 +240,12 @@ def _torch_load(path: Path) -> Any:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(\s|$)", str(e))
+        # torch names what it refused on a line of its own, after advice we must not pass on (weights_only=False).
+        refused = re.search(r"(WeightsUnpickler error: [^\n]*|Trying to load unsupported GLOBAL [^\n]*|"
+                            r"Unsupported global: [^\n]*)", str(e))
         if refused:
-            raise ValueError(f"{path} holds Python objects that safe loading refuses ({refused[1]})") from None
+            raise ValueError(f"{path} holds Python objects that safe loading refuses ({refused[1].strip()}); "
+                             "it was not loaded") from None
         raise ValueError(f"{path} is not a PyTorch or safetensors checkpoint ({_first_line(e)})") from None
     except Exception as e:  # torch raises RuntimeError, KeyError, EOFError... for foreign or truncated files
         raise ValueError(f"{path} is not a readable PyTorch or safetensors checkpoint ({_first_line(e)})") from None
@@ -350,6 +354,8 @@ def _infer_encoder(state: StateDict, where: str) -> tuple[tuple[int, ...], tuple
             stage_blocks.setdefault(int(m[1]), set()).update([int(m[2])] if m[2] else [])
     if not stage_blocks:
         raise ValueError(f"{where} has no encoder stages")
+    if max(stage_blocks) != 3:  # timm's ConvNeXt V2 and the FCMAE grid (stride 32) assume four stages
+        raise ValueError(f"{where} has {max(stage_blocks) + 1} encoder stages; ConvNeXt V2 has 4")
     depths, dims = [], []
     for s in range(max(stage_blocks) + 1):
         blocks = stage_blocks.get(s, set())
@@ -543,8 +549,9 @@ def _decoder_shape(found: tuple[int, int] | None, depth: int | None, width: int 
     if found is None:
         return (1 if depth is None else depth), (512 if width is None else width)
     if (depth is not None and depth != found[0]) or (width is not None and width != found[1]):
-        raise ValueError(f"{where} has a decoder of depth {found[0]} and width {found[1]}; the requested decoder "
-                         "depth and width only apply to a fresh decoder")
+        raise ValueError(f"{where} has a decoder of depth {found[0]} and width {found[1]}, not the requested "
+                         f"{depth} and {width}: set --decoder-depth {found[0]} --decoder-embed-dim {found[1]} "
+                         "(the requested sizes only shape a fresh decoder, for inputs without one)")
     return found
 
 
@@ -676,9 +683,6 @@ def to_fcmae(source: Source, model: str | None = None, *, decoder_depth: int | N
 def save_conversion(result: Conversion, path: str | os.PathLike) -> None:
     """Write a Conversion as safetensors: an fcmae model file (`fcmae.save_model`) or timm weights whose metadata
     records the source, its layout, the model name and the timm settings. Atomic, like `save_model`."""
-    path = Path(path)
-    if not path.parent.is_dir():  # safetensors would report this in its own words
-        raise FileNotFoundError(f"no such folder for the output: {path.parent}")
     provenance = {"source": result.source, "layout": result.layout}
     if result.target == "fcmae":
         assert result.model is not None
@@ -687,10 +691,7 @@ def save_conversion(result: Conversion, path: str | os.PathLike) -> None:
     metadata = {"format": "timm", "model": result.name, "timm_model": result.timm_name,
                 "timm_kwargs": json.dumps(result.timm_kwargs), "depths": _csv(result.config["depths"]),
                 "dims": _csv(result.config["dims"]), "conv_mlp": str(result.conv_mlp).lower(), **provenance}
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in result.state.items()}, str(tmp),
-                                metadata=metadata)
-    os.replace(tmp, path)
+    write_safetensors(result.state, path, metadata)
 
 
 # The options that only make sense for one target (argparse dests; None when not given).

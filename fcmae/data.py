@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -59,13 +60,15 @@ def find_labeled_images(root: str | Path) -> tuple[list[Path], list[int], list[s
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
-    files, labels = [], []
+    files, labels, empty = [], [], []
     for label, name in enumerate(classes):
         found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         files += found
         labels += [label] * len(found)
-    if not files:
-        raise DataError(f"no image files under the class folders of {root}")
+        if not found:
+            empty.append(name)
+    if empty:
+        raise DataError(f"class folder(s) without images in {root}: {', '.join(empty[:8])}")
     return files, labels, classes
 
 
@@ -84,11 +87,12 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Open an image as 8-bit RGB: EXIF rotation applied, grayscale / palette / alpha / CMYK / 16-bit handled."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float grayscale
+        if img.mode.startswith("I;16"):  # 16-bit grayscale: the full 0-65535 range maps to 0-255
+            pixels = np.asarray(img, dtype=np.float32) / 257.0
+            img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        elif img.mode in ("I", "F"):  # 32-bit int or float grayscale: no fixed range, so guess it from the data
             pixels = np.asarray(img, dtype=np.float32)
-            peak = 65535.0 if pixels.max() > 255 else 255.0
-            if img.mode == "F" and pixels.max() <= 1.0:
-                peak = 1.0
+            peak = 1.0 if img.mode == "F" and pixels.max() <= 1.0 else 65535.0 if pixels.max() > 255 else 255.0
             img = Image.fromarray((pixels / peak * 255).clip(0, 255).astype(np.uint8))
         return img.convert("RGB")
 
@@ -183,7 +187,10 @@ def resolve_data_path(data_path: str) -> Path:
     if not data_path:
         raise DataError("data_path is empty: pass --data-path FOLDER (or --data-path demo for the sample photos)")
     if data_path.startswith("digits:"):
-        return write_digits(data_path.split(":", 1)[1])
+        folder = data_path.split(":", 1)[1]
+        if not folder:
+            raise DataError("digits: needs a folder to write the digits to, e.g. --data-path digits:output/digits")
+        return write_digits(folder)
     return Path(data_path)
 
 
@@ -206,15 +213,20 @@ def write_digits(root: str | Path, val_fraction: float = 0.2, seed: int = 0, lim
     root = Path(root)
     if (root / "val").is_dir():
         return root
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"{root} exists and is not a digits dataset; name a new or empty folder after digits:")
     digits = load_digits()
     order = np.random.default_rng(seed).permutation(len(digits.target))[:limit]
     num_val = int(len(order) * val_fraction)
     tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted earlier call
     for rank, index in enumerate(order):
         split = "val" if rank < num_val else "train"
         folder = tmp / split / str(digits.target[index])
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (digits.images[index] * (255 / 16)).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+    if root.exists():
+        root.rmdir()  # empty, checked above
     tmp.replace(root)
     return root

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
 from timm.layers import LayerNorm, calculate_drop_path_rates
 from timm.models.convnext import ConvNeXtBlock
 from torch import Tensor, nn
@@ -96,8 +97,8 @@ class SparseConvNeXtV2(nn.Module):
         patch_size: int = 32,
     ):
         super().__init__()
-        if len(depths) != len(dims) or not depths:
-            raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must be non-empty and of equal length")
+        if len(depths) != len(dims) or not depths or min(depths) < 1 or min(dims) < 1:
+            raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must be positive and of equal length")
         self.total_stride = STEM_STRIDE * 2 ** (len(depths) - 1)
         if patch_size != self.total_stride:
             raise ValueError(f"patch_size must equal the encoder's total stride {self.total_stride}, got {patch_size}")
@@ -139,7 +140,7 @@ class SparseConvNeXtV2(nn.Module):
         grid = self.check_input(imgs)
         if mask is None:
             mask = imgs.new_zeros(imgs.shape[0], grid[0] * grid[1])
-        mask = check_mask(mask, imgs.shape[0], grid)
+        mask = check_mask(mask, imgs.shape[0], grid, imgs.device)
         if self.backend == "sparse":
             return self.forward_sparse(imgs, mask, grid)
         return self.forward_dense(imgs, mask, grid)
@@ -148,8 +149,17 @@ class SparseConvNeXtV2(nn.Module):
 
     def check_input(self, imgs: Tensor) -> tuple[int, int]:
         """Validate an image batch and return its patch grid (gh, gw)."""
-        if imgs.ndim != 4 or imgs.shape[1] != 3:
-            raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(imgs.shape)}")
+        if not isinstance(imgs, Tensor) or imgs.ndim != 4 or imgs.shape[1] != 3 or imgs.shape[0] == 0:
+            shape = tuple(imgs.shape) if isinstance(imgs, Tensor) else type(imgs).__name__
+            raise ValueError(f"expected a non-empty batch of images of shape (N, 3, H, W), got {shape}")
+        weights = self.stem[0].weight
+        if not imgs.is_floating_point() or (
+            imgs.dtype != weights.dtype and not torch.is_autocast_enabled(imgs.device.type)
+        ):
+            raise ValueError(f"images are {imgs.dtype} but the weights are {weights.dtype}: convert the images "
+                             "(e.g. imgs.float()), or run under torch.autocast")
+        if imgs.device != weights.device:
+            raise ValueError(f"images are on {imgs.device} but the model is on {weights.device}")
         return grid_size(tuple(imgs.shape[-2:]), self.patch_size)
 
     def forward_sparse(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:

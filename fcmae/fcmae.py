@@ -48,6 +48,8 @@ class FCMAE(nn.Module):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if not isinstance(norm_pix_loss, bool):
+            raise ValueError(f"norm_pix_loss must be True or False, got {norm_pix_loss!r}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.grid = grid_size(img_size, patch_size)
         self.config: dict[str, Any] = dict(
@@ -68,17 +70,22 @@ class FCMAE(nn.Module):
 
     def patchify(self, imgs: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, L, p * p * 3), each patch flattened in (p, q, c) order as in MAE."""
+        self.encoder.check_input(imgs)
         p = self.patch_size
         return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
 
     def unpatchify(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
         """(N, L, p * p * 3) -> (N, 3, H, W). `grid` is (gh, gw); by default the square grid of L patches."""
+        p = self.patch_size
+        if x.ndim != 3 or x.shape[-1] != p * p * 3:
+            raise ValueError(f"expected patches of shape (N, L, {p * p * 3}), got {tuple(x.shape)}")
         if grid is None:
             side = round(x.shape[1] ** 0.5)
             if side * side != x.shape[1]:
                 raise ValueError(f"{x.shape[1]} patches do not form a square grid; pass grid=(gh, gw)")
             grid = (side, side)
-        p = self.patch_size
+        if grid[0] * grid[1] != x.shape[1]:
+            raise ValueError(f"a {grid[0]}x{grid[1]} grid does not hold {x.shape[1]} patches")
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=grid[0], w=grid[1], p=p, q=p)
 
     def random_masking(
@@ -127,7 +134,7 @@ class FCMAE(nn.Module):
         grid = self.encoder.check_input(imgs)
         if mask is None:
             mask = self.random_masking(imgs.shape[0], grid, device=imgs.device)
-        mask = check_mask(mask, imgs.shape[0], grid)
+        mask = check_mask(mask, imgs.shape[0], grid, imgs.device)
         latent = self.forward_encoder(imgs, mask)
         pred = self.forward_decoder(latent, mask)
         loss = self.forward_loss(imgs, pred, mask)

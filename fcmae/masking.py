@@ -7,6 +7,8 @@ ConvNeXt V2 release.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,10 @@ def grid_size(img_size: int | tuple[int, int], patch_size: int = 32) -> tuple[in
 
     Raises ValueError unless H and W are positive multiples of `patch_size`.
     """
-    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in size):
+        raise ValueError(f"image size must be an int or (H, W) ints, got {img_size!r}")
+    h, w = int(size[0]), int(size[1])
     if h <= 0 or w <= 0 or h % patch_size or w % patch_size:
         raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch_size} (e.g. 224 or 256x192)")
     return h // patch_size, w // patch_size
@@ -39,6 +44,10 @@ def random_mask(
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+        raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")
+    if len(grid) != 2 or any(not isinstance(g, numbers.Integral) or g < 1 for g in grid):
+        raise ValueError(f"grid must be two positive ints (gh, gw), got {grid!r}")
     gh, gw = grid
     num_patches = gh * gw
     len_keep = int(num_patches * (1 - mask_ratio))
@@ -50,15 +59,17 @@ def random_mask(
     return mask.scatter_(1, ids_keep, 0.0)  # 0 is keep, 1 is remove
 
 
-def check_mask(mask: Tensor, batch_size: int, grid: tuple[int, int]) -> Tensor:
-    """Validate a user-supplied mask and return it as float (N, L) with values in {0, 1}."""
+def check_mask(mask: Tensor, batch_size: int, grid: tuple[int, int], device: torch.device | None = None) -> Tensor:
+    """Validate a user-supplied mask and return it as float (N, L) with values in {0, 1}, on `device`."""
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a tensor of shape (N, L), got {type(mask).__name__}")
     num_patches = grid[0] * grid[1]
     if mask.shape != (batch_size, num_patches):
         raise ValueError(
             f"mask has shape {tuple(mask.shape)}, expected ({batch_size}, {num_patches}) for a batch of "
             f"{batch_size} images with a {grid[0]}x{grid[1]} patch grid"
         )
-    mask = mask.float()
+    mask = mask.to(device=device, dtype=torch.float32)
     if not torch.all((mask == 0) | (mask == 1)):
         raise ValueError("mask values must be 0 (keep) or 1 (remove)")
     return mask

@@ -16,7 +16,7 @@ from .fcmae import FCMAE
 
 __all__ = [
     "MODEL_SIZES", "list_models", "create_model", "resolve_name", "save_model", "load_model", "read_model_file",
-    "load_state_dict_strict", "format_keys",
+    "load_state_dict_strict", "format_keys", "write_safetensors",
 ]
 
 # name: (depths, dims), from the ConvNeXt V2 paper; the names are timm's.
@@ -39,6 +39,8 @@ def list_models() -> list[str]:
 
 def resolve_name(name: str) -> str:
     """'atto' or 'convnextv2_atto' -> 'convnextv2_atto'; ValueError for an unknown name."""
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string such as 'convnextv2_atto', got {name!r}")
     full = name if name.startswith("convnextv2_") else f"convnextv2_{name}"
     if full not in MODEL_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_SIZES)}")
@@ -72,12 +74,29 @@ def save_model(model: FCMAE, path: str | os.PathLike, metadata: dict[str, str] |
 
     The write is atomic: a crash mid-save leaves any earlier file at `path` intact.
     """
-    path = Path(path)
     meta = {"format": MODEL_FORMAT, "config": json.dumps(model.config), **(metadata or {})}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_safetensors(model.state_dict(), path, meta)
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write tensors to a safetensors file atomically (a temporary file, then a rename).
+
+    A failure (missing folder, a folder at `path`, no permission, full disk) raises OSError with a one-line
+    reason, removes the temporary file and leaves any earlier file at `path` as it was.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.safetensors'}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"no such folder for {path.name}: {path.parent}")
     tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
+                                    metadata=metadata)
+        os.replace(tmp, path)
+    except Exception as e:  # safetensors reports I/O failures as its own error type
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not write {path}: {str(e).strip().splitlines()[0]}") from None
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -104,6 +123,8 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> FCMAE:
     if metadata.get("format") != MODEL_FORMAT or "config" not in metadata:
         raise ValueError(f"{path} is not an fcmae model file (no fcmae config in its metadata); "
                          "use `python -m fcmae.convert` for official or timm checkpoints")
+    if "name" in overrides:
+        raise ValueError("load_model cannot change the model name; it comes from the file")
     config = json.loads(metadata["config"])
     name = config.pop("name")
     config.update(overrides)

@@ -18,6 +18,7 @@ previous one.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -37,8 +38,11 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, load_yaml, save_yaml
 from .data import seeded
+from .models import write_safetensors
 
-__all__ = ["Run", "TrainingError", "run_cli", "find_checkpoint", "CHECKPOINT_PREFIX"]
+__all__ = [
+    "Run", "TrainingError", "run_cli", "find_checkpoint", "processes_without_gpu", "CHECKPOINT_PREFIX",
+]
 
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
@@ -53,19 +57,29 @@ class TrainingError(RuntimeError):
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
     """Run a script's main; user errors end with a one-line message and exit status 2 (no traceback).
 
-    Set FCMAE_DEBUG=1 to see the traceback anyway.
+    User errors are bad values, files and folders (ValueError, OSError: missing, unwritable, a file where a folder
+    should be) and a run that cannot go on (TrainingError). Set FCMAE_DEBUG=1 to see the traceback anyway.
     """
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, TrainingError) as e:
+    except (ValueError, OSError, TrainingError) as e:
         if os.environ.get("FCMAE_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its last line is the error itself
+            message = message.splitlines()[-1]
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
     return 0
+
+
+def processes_without_gpu() -> bool:
+    """Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a laptop): Accelerate must be told
+    to use the CPU, then it runs DDP over gloo."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def find_checkpoint(output_dir: str | Path) -> Path | None:
@@ -92,8 +106,7 @@ class Run:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.accelerator = Accelerator(
-            # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a laptop): DDP over gloo.
-            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+            cpu=processes_without_gpu(),
             gradient_accumulation_steps=config.accum_steps,
             log_with=config.log_with or None,
             project_dir=str(self.output_dir),
@@ -107,12 +120,21 @@ class Run:
         self.skipped_files = 0
         self.extra_state: dict[str, nn.Module] = {}
         self.info: dict[str, Any] = {}
+        self.project = project
         self.metrics_path = self.output_dir / step_log
+        self.logs = [self.metrics_path, self.output_dir / "metrics.jsonl"]  # JSONL files cut back on resume
+
+    def _start(self) -> None:
+        """Write the run's config and open the trackers: only once everything has been checked and loaded."""
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(config, self.output_dir / "config.yaml")
-            if config.log_with:
-                self.accelerator.init_trackers(project, config=_flat(dataclasses.asdict(config)))
+            save_yaml(self.config, self.output_dir / "config.yaml")
+            for log in self.logs:  # records past the step we start from belong to a run that did not survive
+                if log.is_file():
+                    kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+                    log.write_text("".join(line + "\n" for line in kept))
+        if self.config.log_with:
+            self.accelerator.init_trackers(self.project, config=_flat(dataclasses.asdict(self.config)))
 
     def print(self, *args: Any) -> None:
         """Print on the main process only, above the progress bar if there is one."""
@@ -122,13 +144,19 @@ class Run:
     # Setup ------------------------------------------------------------------------------------------------------
 
     def _check_output_dir(self) -> None:
-        """Never let a fresh run overwrite (and later prune) another run's checkpoints."""
-        existing = find_checkpoint(self.output_dir)
+        """A folder we can write to, and never another run's checkpoints to overwrite (and later prune)."""
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ConfigError(f"output_dir {self.output_dir} is a file, not a folder")
+        outputs = ["checkpoints", "model.safetensors", "metrics.jsonl"]
+        existing = [name for name in outputs if (self.output_dir / name).exists()]
         if existing and not self.config.resume:
             raise ConfigError(
-                f"{self.output_dir} already holds checkpoints (newest {existing.name}); pass --resume auto to "
-                "continue that run, or choose another --output-dir"
+                f"{self.output_dir} already holds a run ({', '.join(existing)}); pass --resume auto to continue it, "
+                "or choose another --output-dir"
             )
+        for tracker in self.config.log_with:
+            if importlib.util.find_spec(tracker) is None:
+                raise ConfigError(f"--log-with {tracker} needs the {tracker} package: pip install {tracker}")
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader):
         """Wrap model, optimizer and loader for the processes and devices; sets the schedule's length."""
@@ -183,6 +211,8 @@ class Run:
         if path is None:
             self.print(f"--resume auto: no checkpoint in {self.output_dir}/checkpoints yet, starting from scratch")
             return
+        if not path.exists():
+            raise ConfigError(f"checkpoint not found: {path}")
         if not (path / STATE_FILE).is_file():
             raise ConfigError(f"not a complete training checkpoint: {path} (no {STATE_FILE})")
         saved = load_yaml(path / "config.yaml")
@@ -190,12 +220,19 @@ class Run:
             raise ConfigError(f"checkpoint {path} is for model {saved.get('model')}, not {self.config.model}")
         try:
             self.accelerator.load_state(str(path))
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ConfigError(f"checkpoint {path} does not match this run: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # torch, safetensors and Accelerate each raise their own types for a bad file
+            detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])
+            raise ConfigError(f"checkpoint {path} does not match this run or is damaged: {detail}") from None
         for name, module in self.extra_state.items():
+            if not (path / f"{name}.safetensors").is_file():
+                raise ConfigError(f"checkpoint {path} has no {name} weights: it was saved without them "
+                                  f"(e.g. --no-model-{name}); resume with the settings it was saved with")
             module.load_state_dict(safetensors.torch.load_file(path / f"{name}.safetensors", device="cpu"))
-        state = json.loads((path / STATE_FILE).read_text())
-        self.step, self.skipped_files, self.info = state["step"], state["skipped_files"], state["info"]
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+            self.step, self.skipped_files, self.info = int(state["step"]), state["skipped_files"], state["info"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"checkpoint {path} has a damaged {STATE_FILE} ({e!r})") from None
         self.print(f"resumed from {path} at step {self.step}")
 
     def save_checkpoint(self, on_save: Callable[[Path], None] | None = None) -> Path:
@@ -207,13 +244,18 @@ class Run:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        try:
+            self.accelerator.save_state(str(tmp), safe_serialization=True)
+        except (RuntimeError, OSError) as e:  # torch.save reports a full disk as a RuntimeError
+            previous = find_checkpoint(self.output_dir)
+            reason = str(e).strip().splitlines()[0]
+            raise TrainingError(f"could not write checkpoint {final} ({reason}; disk full?); "
+                                f"the previous checkpoint {previous} is intact") from None
         self.accelerator.wait_for_everyone()
         if self.is_main:
             save_yaml(self.config, tmp / "config.yaml")
             for name, module in self.extra_state.items():
-                weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-                safetensors.torch.save_file(weights, str(tmp / f"{name}.safetensors"))
+                write_safetensors(module.state_dict(), tmp / f"{name}.safetensors", {"format": "pt"})
             state = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                      "skipped_files": self.skipped_files, "info": self.info}
             (tmp / STATE_FILE).write_text(json.dumps(state))  # written last: marks the folder complete
@@ -243,6 +285,7 @@ class Run:
         (e.g. evaluation); on_save(checkpoint folder), on the main process after each checkpoint.
         """
         self.resume()
+        self._start()
         self.scheduler.step_update(self.step)
         epoch, skip = divmod(self.step, self.steps_per_epoch)
         window = _Window(self.accelerator.device)
@@ -311,7 +354,7 @@ class Run:
         self.skipped_files += skipped
         record = {
             "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": round(images / max(seconds, 1e-9), 2),
+            "lr": max(group["lr"] for group in self.optimizer.param_groups), "images_per_s": round(images / max(seconds, 1e-9), 2),
             "skipped_files": self.skipped_files,
         }  # fmt: skip
         self.write_record(record)

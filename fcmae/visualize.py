@@ -21,6 +21,7 @@ from torchvision.utils import make_grid, save_image
 
 from .data import DataError, eval_transform, find_images, load_rgb
 from .fcmae import FCMAE
+from .masking import grid_size
 from .models import load_model
 
 __all__ = ["reconstruct", "reconstruction_grid", "save_reconstructions", "main"]
@@ -89,7 +90,8 @@ def load_images(paths: Sequence[Path], size: tuple[int, int]) -> Tensor:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcmae.visualize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="an fcmae model file (model.safetensors)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="an fcmae model file (model.safetensors), or a run or checkpoint folder holding one")
     parser.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
     parser.add_argument("--out", default="reconstructions.png", help="PNG to write")
     parser.add_argument("--num-images", type=int, default=8)
@@ -98,11 +100,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the mask")
     args = parser.parse_args(argv)
     try:
+        if args.num_images < 1:
+            raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        if args.input_size and len(args.input_size) > 2:
+            raise ValueError(f"--input-size takes one or two values (H [W]), got {len(args.input_size)}")
+        if Path(args.out).is_dir() or Path(args.out).suffix.lower() != ".png":
+            raise ValueError(f"--out must name a .png file, got {args.out}")
+        checkpoint = Path(args.checkpoint)
+        if checkpoint.is_dir():  # a run's output folder, or a training checkpoint folder
+            checkpoint = checkpoint / "model.safetensors"
         overrides = {} if args.mask_ratio is None else {"mask_ratio": args.mask_ratio}
-        model = load_model(args.checkpoint, **overrides).eval()
+        model = load_model(checkpoint, **overrides).eval()
         size = tuple(args.input_size * 2)[:2] if args.input_size else tuple(model.config["img_size"])
+        grid_size(size, model.patch_size)
         source = Path(args.images)
-        paths = [source] if source.is_file() else find_images(source)[: max(args.num_images, 1)]
+        paths = [source] if source.is_file() else find_images(source)[: args.num_images]
         imgs = load_images(paths, size)
         model.encoder.check_input(imgs)
         out = save_reconstructions(model, imgs, args.out, seed=args.seed)

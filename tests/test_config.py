@@ -45,6 +45,9 @@ def test_round_trip_through_saved_yaml(tmp_path):
     (["--backend", "minkowski"], "unknown backend 'minkowski'"),
     (["--log-with", "mlflow"], "unknown tracker\\(s\\) mlflow"),
     (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["--min-lr", "nan"], "min_lr must be a finite number, got nan"),
+    (["--input-size", "32"], "keeps 0 of its 1 patches of 32 px: the encoder would see nothing"),
+    (["--mask-ratio", "0"], "keeps 49 of its 49 patches of 32 px: the encoder would see everything"),
 ])
 def test_bad_flags_fail_with_one_line(argv, message):
     with pytest.raises(ConfigError, match=message) as info:

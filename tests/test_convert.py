@@ -432,7 +432,7 @@ def test_fresh_decoder_takes_the_requested_shape_and_is_reproducible():
     assert any("initialized a fresh one (depth 2, width 24)" in n for n in first.notes)
     again = conv.to_fcmae(encoder_only, decoder_depth=2, decoder_embed_dim=24)
     assert all(torch.equal(again[k], v) for k, v in first.state.items())
-    with pytest.raises(ValueError, match="decoder of depth 1 and width 32; the requested decoder depth"):
+    with pytest.raises(ValueError, match="decoder of depth 1 and width 32, not the requested .*: set --decoder-depth"):
         conv.to_fcmae(custom_model().state_dict(), decoder_embed_dim=64)
 
 
@@ -565,4 +565,4 @@ def test_cli_as_a_process(tmp_path):
     failed = subprocess.run([sys.executable, "-m", "fcmae.convert", str(ckpt), str(tmp_path / "no" / "w.safetensors"),
                              "--to", "timm"], capture_output=True, text=True, env=env)
     assert failed.returncode == 2 and failed.stdout == "" and "Traceback" not in failed.stderr
-    assert failed.stderr == f"error: no such folder for the output: {tmp_path / 'no'}\n"
+    assert failed.stderr == f"error: no such folder for w.safetensors: {tmp_path / 'no'}\n"

@@ -39,6 +39,9 @@ def test_labeled_folders(tmp_path):
     assert classes == ["cat", "dog"] and sorted(labels) == [0, 0, 1, 1, 1] and len(files) == 5
     with pytest.raises(DataError, match="no class subfolders"):
         find_labeled_images(tmp_path / "cat" / "nested" / "deeper")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(DataError, match="class folder\\(s\\) without images in .*: empty_class"):
+        find_labeled_images(tmp_path)
 
 
 def test_load_rgb_handles_real_world_modes(tmp_path):
@@ -57,6 +60,8 @@ def test_load_rgb_handles_real_world_modes(tmp_path):
         assert out.mode == "RGB" and out.size == (50, 40), name
     sixteen = np.asarray(load_rgb(tmp_path / "sixteen.png"))[..., 0]
     assert np.abs(sixteen.astype(int) - rgb[..., 0]).max() <= 1  # scaled, not clipped to white
+    Image.fromarray(np.full((4, 4), 256, dtype=np.uint16)).save(tmp_path / "dark16.png")
+    assert np.asarray(load_rgb(tmp_path / "dark16.png")).max() <= 1  # dark stays dark: one scale for 16 bits
 
 
 def test_exif_rotation_is_applied(tmp_path):

@@ -125,14 +125,22 @@ def test_custom_depths_and_dims_match_timm():
 
 def test_bad_inputs_raise_clear_errors():
     encoder = SparseConvNeXtV2(SMALL["depths"], SMALL["dims"])
-    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"expected a non-empty batch of images of shape \(N, 3, H, W\)"):
         encoder(torch.randn(2, 1, 64, 64))
-    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"expected a non-empty batch of images of shape \(N, 3, H, W\)"):
         encoder(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="not a multiple of the patch size 32"):
         encoder(torch.randn(1, 3, 64, 70))
     with pytest.raises(ValueError, match=r"mask has shape \(1, 4\), expected \(1, 6\)"):
         encoder(torch.randn(1, 3, 64, 96), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"expected a non-empty batch .* got \(0, 3, 64, 64\)"):
+        encoder(torch.randn(0, 3, 64, 64))
+    with pytest.raises(ValueError, match="images are torch.float16 but the weights are torch.float32"):
+        encoder(torch.randn(1, 3, 64, 64).half())
+    with pytest.raises(ValueError, match="images are torch.uint8"):
+        encoder(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="positive and of equal length"):
+        SparseConvNeXtV2(depths=(1, 0, 1, 1))
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         SparseConvNeXtV2(backend="cuda")
     with pytest.raises(ValueError, match="patch_size must equal the encoder's total stride 32"):

@@ -81,7 +81,10 @@ def test_exact_resume_is_bit_identical(photos, tmp_path, monkeypatch):
     assert run(common + ["--output-dir", str(interrupted)]) == 130
     monkeypatch.setattr(Run, "save_checkpoint", original_save)
     assert [p.name for p in (interrupted / "checkpoints").iterdir()] == ["step_00000004"]
+    with (interrupted / "metrics.jsonl").open("a") as f:  # logged after the checkpoint by the crashed run
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
     assert run(common + ["--output-dir", str(interrupted), "--resume", "auto"]) == 0
+    assert [r["step"] for r in records(interrupted)] == list(range(1, 9))  # cut back to the checkpoint, resumed
 
     for name in ["model.safetensors", "checkpoints/step_00000008/model.safetensors"]:
         a = safetensors.torch.load_file(tmp_path / "straight" / name)
@@ -155,7 +158,8 @@ def test_init_from_a_model_file(photos, tmp_path):
     (["--data-path", "PHOTOS", "--mask-ratoi", "0.5"], "unknown argument\\(s\\) --mask-ratoi 0.5; valid flags:"),
     (["--data-path", "PHOTOS", "--batch-size", "64"], "the dataset is too small for one batch"),
     (["--data-path", "PHOTOS", "--init-from", "/no/model.safetensors"], "/no/model.safetensors"),
-    (["--data-path", "PHOTOS", "--resume", "/no/checkpoint"], "not a complete training checkpoint"),
+    (["--data-path", "PHOTOS", "--resume", "/no/checkpoint"], "checkpoint not found: /no/checkpoint"),
+    (["--data-path", "PHOTOS", "--log-with", "wandb"], "--log-with wandb needs the wandb package"),
 ])
 def test_bad_inputs_end_with_one_line(photos, tmp_path, capsys, extra, message):
     (tmp_path / "empty").mkdir()
@@ -170,11 +174,18 @@ def test_a_fresh_run_refuses_to_overwrite_checkpoints(photos, tmp_path, capsys):
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]) == 0
     before = sorted((out / "checkpoints").rglob("*"))
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]) == 2
-    assert "already holds checkpoints" in capsys.readouterr().err
+    assert "already holds a run (checkpoints, model.safetensors, metrics.jsonl)" in capsys.readouterr().err
     assert sorted((out / "checkpoints").rglob("*")) == before
+    config_before = (out / "config.yaml").read_text()
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2", "--model",
                        "femto", "--resume", "auto"]) == 2
     assert "is for model convnextv2_atto, not convnextv2_femto" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == config_before  # a failed start writes nothing
+    partial = tmp_path / "partial"  # a run that died before its first checkpoint
+    partial.mkdir()
+    (partial / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(partial), "--max-steps", "2"]) == 2
+    assert "already holds a run (metrics.jsonl)" in capsys.readouterr().err
 
 
 def test_two_processes_on_cpu(photos, tmp_path):

@@ -57,14 +57,17 @@ def test_cli_writes_a_png_from_a_model_file(tmp_path, capsys):
     (["--checkpoint", "MISSING"], "no such model file"),
     (["--images", "NOWHERE"], "data path not found"),
     (["--input-size", "70"], "not a multiple of the patch size 32"),
+    (["--input-size", "0"], "not a multiple of the patch size 32"),
+    (["--num-images", "0"], "--num-images must be >= 1"),
+    (["--out", "OUTDIR"], "--out must name a .png file"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     fcmae.save_model(fcmae.create_model("atto", img_size=64, **SMALL), tmp_path / "m.safetensors")
     write_photos(tmp_path / "images", 1, size=80)
     base = {"--checkpoint": str(tmp_path / "m.safetensors"), "--images": str(tmp_path / "images")}
-    subst = {"MISSING": str(tmp_path / "x.safetensors"), "NOWHERE": str(tmp_path / "nowhere")}
+    subst = {"MISSING": str(tmp_path / "x.safetensors"), "NOWHERE": str(tmp_path / "nowhere"), "OUTDIR": str(tmp_path)}
     given = dict(zip(args[::2], [subst.get(a, a) for a in args[1::2]]))
-    argv = [x for k, v in {**base, **given}.items() for x in (k, v)] + ["--out", str(tmp_path / "g.png")]
+    argv = [x for k, v in {**base, "--out": str(tmp_path / "g.png"), **given}.items() for x in (k, v)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
