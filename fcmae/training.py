@@ -354,8 +354,8 @@ class Run:
         self.skipped_files += skipped
         record = {
             "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss,
-            "lr": max(group["lr"] for group in self.optimizer.param_groups), "images_per_s": round(images / max(seconds, 1e-9), 2),
-            "skipped_files": self.skipped_files,
+            "lr": max(group["lr"] for group in self.optimizer.param_groups),  # the undecayed group's
+            "images_per_s": round(images / max(seconds, 1e-9), 2), "skipped_files": self.skipped_files,
         }  # fmt: skip
         self.write_record(record)
         if self.is_main:
