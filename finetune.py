@@ -147,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if mixing and config.batch_size % 2:
         raise ConfigError(f"batch_size must be even with mixup/cutmix (pairs are mixed), got {config.batch_size}")
 
+    if config.finetune and not Path(config.finetune).exists():  # before any data is written
+        hint = " (the demo starts from: python pretrain.py --config configs/pretrain/digits.yaml)" if (
+            "digits-pretrain" in config.finetune) else ""
+        raise FileNotFoundError(f"--finetune checkpoint not found: {config.finetune}{hint}")
     run = Run(config, project="fcmae-finetune", step_log="train_log.jsonl")
     train_set, val_set, classes = datasets(config)
     model = build_model(config, len(classes))
