@@ -140,12 +140,15 @@ class SparseConvNeXtV2(nn.Module):
         grid = self.check_input(imgs)
         if mask is None:
             mask = imgs.new_zeros(imgs.shape[0], grid[0] * grid[1])
-        mask = check_mask(mask, imgs.shape[0], grid, imgs.device)
+        return self.encode(imgs, check_mask(mask, imgs.shape[0], grid, imgs.device), grid)
+
+    forward_features = forward
+
+    def encode(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
+        """`forward` for inputs already checked (by check_input and check_mask): the chosen backend."""
         if self.backend == "sparse":
             return self.forward_sparse(imgs, mask, grid)
         return self.forward_dense(imgs, mask, grid)
-
-    forward_features = forward
 
     def check_input(self, imgs: Tensor) -> tuple[int, int]:
         """Validate an image batch and return its patch grid (gh, gw)."""

@@ -70,7 +70,9 @@ class FCMAE(nn.Module):
 
     def patchify(self, imgs: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, L, p * p * 3), each patch flattened in (p, q, c) order as in MAE."""
-        self.encoder.check_input(imgs)
+        if imgs.ndim != 4 or imgs.shape[1] != 3:
+            raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(imgs.shape)}")
+        grid_size(tuple(imgs.shape[-2:]), self.patch_size)
         p = self.patch_size
         return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
 
@@ -135,7 +137,7 @@ class FCMAE(nn.Module):
         if mask is None:
             mask = self.random_masking(imgs.shape[0], grid, device=imgs.device)
         mask = check_mask(mask, imgs.shape[0], grid, imgs.device)
-        latent = self.forward_encoder(imgs, mask)
+        latent = self.encoder.encode(imgs, mask, grid)  # checked above: no second pass over the mask
         pred = self.forward_decoder(latent, mask)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
