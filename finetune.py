@@ -136,6 +136,7 @@ def evaluate_only(config: FinetuneConfig) -> dict:
     recorded = f" (recorded when saved: {float(metadata['val_acc1']):.2f})" if "val_acc1" in metadata else ""
     accelerator.print(f"{config.resume}: val_acc1 {result['acc1']:.2f} val_acc5 {result['acc5']:.2f} on "
                       f"{result['images']} images{recorded}")
+    accelerator.end_training()  # destroys the process group: see fcmae.training.end_process_group
     return result
 
 

@@ -41,7 +41,7 @@ from .data import seeded
 from .models import write_safetensors
 
 __all__ = [
-    "Run", "TrainingError", "run_cli", "find_checkpoint", "processes_without_gpu", "CHECKPOINT_PREFIX",
+    "Run", "TrainingError", "run_cli", "end_process_group", "find_checkpoint", "processes_without_gpu", "CHECKPOINT_PREFIX",
 ]
 
 CHECKPOINT_PREFIX = "step_"
@@ -73,7 +73,20 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print("interrupted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
+    finally:
+        end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Destroy the torch.distributed process group, if one is up.
+
+    A process that exits with a gloo group still alive can abort (SIGABRT) while the interpreter shuts down:
+    gloo's worker threads still hold finished work objects whose tensors need the GIL. Destroying the group
+    first makes the exit clean. Safe to call twice and without a group.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def processes_without_gpu() -> bool:

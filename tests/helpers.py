@@ -45,3 +45,9 @@ def write_photos(folder, count: int = 12, size: int = 128):
         crop.save(path)
         written.append(path)
     return written
+
+
+def launcher_failure(stderr: str) -> str:
+    """What a failed `accelerate launch` printed, minus torchrun's summary (which names no cause)."""
+    cause = stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
+    return cause[-6000:]

@@ -16,6 +16,7 @@ from fcmae.data import write_digits
 from fcmae.layer_decay import layer_id, param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
 from fcmae.training import run_cli
+from helpers import launcher_failure
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -88,7 +89,7 @@ def test_two_processes_count_every_validation_image_once(trained, tmp_path):
            "--eval", "--resume", str(out / "model.safetensors"), "--data-path", str(data), "--model", "atto",
            "--input-size", "64", "--num-workers", "0", "--batch-size", "7", "--output-dir", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, launcher_failure(result.stderr)
     with safetensors.safe_open(str(out / "model.safetensors"), "pt") as f:
         recorded = float(f.metadata()["val_acc1"])
     line = next(l for l in result.stdout.splitlines() if "val_acc1" in l)

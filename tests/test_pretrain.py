@@ -12,8 +12,8 @@ import torch
 from accelerate.state import AcceleratorState
 
 import fcmae
-from fcmae.training import Run, run_cli
-from helpers import write_photos
+from fcmae.training import Run, end_process_group, run_cli
+from helpers import launcher_failure, write_photos
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -195,13 +195,30 @@ def test_two_processes_on_cpu(photos, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "pretrain.py"),
            *FAST, "--data-path", str(photos), "--output-dir", str(out), "--max-steps", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, launcher_failure(result.stderr)
     assert "2 process(es)" in result.stdout and "effective batch 8 = 4 x 2 x 1" in result.stdout
     lines = records(out)
     assert [r["step"] for r in lines] == [1, 2, 3]  # the main process alone writes metrics
     assert lines[-1]["images_per_s"] > 0
     states = sorted(p.name for p in (out / "checkpoints" / "step_00000003").glob("random_states_*"))
     assert states == ["random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_run_cli_ends_the_process_group_on_every_exit(tmp_path):
+    """A gloo group left alive at exit can abort the process (SIGABRT) during interpreter shutdown."""
+
+    def start_group_then(error: Exception | None):
+        def main(argv):
+            store = torch.distributed.FileStore(str(tmp_path / f"store{id(error)}"), 1)
+            torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+            if error is not None:
+                raise error
+        return main
+
+    for error, status in [(None, 0), (ValueError("bad value"), 2)]:
+        assert run_cli(start_group_then(error), []) == status
+        assert not torch.distributed.is_initialized()
+    end_process_group()  # and it is a no-op without a group
 
 
 def test_tensorboard_tracker_writes_events(photos, tmp_path):
