@@ -43,6 +43,8 @@ HEAD_INIT_SCALE = 0.001  # the official fine-tuning init of the new classifier
 def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]:
     """train/ and val/ ImageFolders with the recipe's transforms; checks the class folders agree."""
     root = resolve_data_path(config.data_path)
+    if not root.is_dir():
+        raise DataError(f"data path not found or not a folder: {root}")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DataError(f"{root} has no {split}/ folder; expected {root}/train/<class>/... and "

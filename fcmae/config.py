@@ -76,9 +76,7 @@ class TrainConfig:
         for name in ("batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.max_steps < 0 or self.warmup_epochs < 0:
-            raise ConfigError("num_workers, max_steps and warmup_epochs must be >= 0")
-        for name in ("blr", "min_lr", "weight_decay"):
+        for name in ("num_workers", "max_steps", "warmup_epochs", "blr", "min_lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:

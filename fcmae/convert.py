@@ -240,13 +240,14 @@ def _torch_load(path: Path) -> Any:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch names what it refused on a line of its own, after advice we must not pass on (weights_only=False).
-        refused = re.search(r"(WeightsUnpickler error: [^\n]*|Trying to load unsupported GLOBAL [^\n]*|"
-                            r"Unsupported global: [^\n]*)", str(e))
-        if refused:
-            raise ValueError(f"{path} holds Python objects that safe loading refuses ({refused[1].strip()}); "
+        # torch's message is advice (which we must not pass on: weights_only=False) around the actual reason.
+        reason = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Please use|Check the documentation|$)", str(e),
+                           re.DOTALL)
+        reason_text = " ".join(reason[1].split()).rstrip(".") if reason else ""
+        if reason_text and not reason_text.startswith("Unsupported operand"):  # operand: not a pickle at all
+            raise ValueError(f"{path} holds Python objects that safe loading refuses ({reason_text}); "
                              "it was not loaded") from None
-        raise ValueError(f"{path} is not a PyTorch or safetensors checkpoint ({_first_line(e)})") from None
+        raise ValueError(f"{path} is not a PyTorch or safetensors checkpoint") from None
     except Exception as e:  # torch raises RuntimeError, KeyError, EOFError... for foreign or truncated files
         raise ValueError(f"{path} is not a readable PyTorch or safetensors checkpoint ({_first_line(e)})") from None
 
@@ -698,6 +699,17 @@ def save_conversion(result: Conversion, path: str | os.PathLike) -> None:
 _TARGET_OPTIONS = {"timm": ("conv_mlp", "drop_head"), "fcmae": ("decoder_depth", "decoder_embed_dim")}
 
 
+def _check_output(source: str, output: str) -> None:
+    """The output is a .safetensors file (timm and fcmae.load_model pick the reader by suffix), and never the input
+    itself: converting a model file onto itself would replace it, decoder and all, with the converted weights."""
+    out, src = Path(output), Path(source)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"the output must be a .safetensors file, got {output}")
+    read = src / "model.safetensors" if src.is_dir() else src
+    if out.exists() and read.exists() and out.samefile(read):
+        raise ValueError(f"the output {output} is the input file; write the conversion to a new file")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fcmae-convert",
@@ -729,6 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         misplaced = [f"--{o.replace('_', '-')}" for o in _TARGET_OPTIONS[other] if getattr(args, o) is not None]
         if misplaced:
             raise ValueError(f"{', '.join(misplaced)} only apply to --to {other}")
+        _check_output(args.input, args.output)
         result = convert(args.input, args.to, args.model, conv_mlp=args.conv_mlp, decoder_depth=args.decoder_depth,
                          decoder_embed_dim=args.decoder_embed_dim, strict=args.strict, drop_head=bool(args.drop_head))
         save_conversion(result, args.output)

@@ -501,6 +501,9 @@ def test_unreadable_inputs(tmp_path):
     (tmp_path / "notes.pt").write_text("hello, not a checkpoint")
     with pytest.raises(ValueError, match="notes.pt is not a readable PyTorch or safetensors checkpoint"):
         conv.load_checkpoint(tmp_path / "notes.pt")
+    (tmp_path / "README.md").write_text("# A project\n\nNot a checkpoint either.\n")
+    with pytest.raises(ValueError, match=r"README.md is not a PyTorch or safetensors checkpoint$"):
+        conv.load_checkpoint(tmp_path / "README.md")  # torch's advice to pass weights_only=False is not repeated
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="list.pt is not a checkpoint: it holds a list"):
         conv.load_checkpoint(tmp_path / "list.pt")
@@ -508,8 +511,9 @@ def test_unreadable_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"nothing.pt holds no model weights \(keys: epoch, lr\)"):
         conv.load_checkpoint(tmp_path / "nothing.pt")
     torch.save({"model": me_checkpoint(), "args": fractions.Fraction(1, 3)}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match=r"evil.pt holds Python objects that safe loading refuses \(.*Fraction"):
+    with pytest.raises(ValueError, match=r"evil.pt holds Python objects that safe loading refuses \(.*Fraction") as e:
         conv.load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only" not in str(e.value) and "safe_globals" not in str(e.value)
     safetensors.torch.save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(ValueError, match="foreign.safetensors: no ConvNeXt V2 encoder weights found"):
         conv.to_timm(tmp_path / "foreign.safetensors")
@@ -539,6 +543,14 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     (tmp_path / "notes.pt").write_text("hello")
     out = tmp_path / "out.safetensors"
     assert "not a readable PyTorch" in one_line_error(capsys, [tmp_path / "notes.pt", out, "--to", "timm"])
+    model_file = tmp_path / "model.safetensors"
+    fcmae.save_model(custom_model(), model_file)
+    kept = model_file.read_bytes()
+    for onto_itself in (model_file, tmp_path):  # the file, or the folder it is read from
+        assert "is the input file" in one_line_error(capsys, [onto_itself, model_file, "--to", "timm"])
+    assert model_file.read_bytes() == kept
+    assert "must be a .safetensors file, got" in one_line_error(capsys, [model_file, tmp_path / "w.pth", "--to",
+                                                                         "timm"])
     ckpt = save_official(tmp_path / "ckpt.pth", me_checkpoint(), wrapped=True, args=argparse.Namespace(model="x"))
     assert "does not fit" in one_line_error(capsys, [ckpt, out, "--to", "timm", "--model", "atto"])
     assert "--conv-mlp only apply to --to timm" in one_line_error(capsys, [ckpt, out, "--to", "fcmae",

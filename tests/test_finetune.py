@@ -150,6 +150,7 @@ def test_layer_ids_follow_the_official_release():
 
 @pytest.mark.parametrize("change, message", [
     ("no-val", "has no val/ folder"),
+    ("no-data", "data path not found or not a folder: "),
     ("classes", "--num-classes 7 does not match the 10 class folders"),
     ("not-convnext", "not-a-convnext"),
     ("odd-batch", "batch_size must be even with mixup/cutmix"),
@@ -161,6 +162,8 @@ def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message
     if change == "no-val":
         (tmp_path / "only_train" / "train" / "a").mkdir(parents=True)
         argv += ["--data-path", str(tmp_path / "only_train")]
+    elif change == "no-data":
+        argv += ["--data-path", str(tmp_path / "nowhere")]
     elif change == "classes":
         argv += ["--num-classes", "7"]
     elif change == "not-convnext":
