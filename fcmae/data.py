@@ -8,6 +8,7 @@ processes, and a resumed run continues with exactly the data the uninterrupted r
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import warnings
@@ -41,12 +42,36 @@ class DataError(ValueError):
     """A data path that cannot be used (missing, empty, or without the expected layout)."""
 
 
+def _image_files(root: Path) -> list[Path]:
+    """Image files under `root`, recursively, sorted.
+
+    Follows symlinked folders, as torchvision's ImageFolder does (dataset subsets are often class folders linked
+    in), but never a link back to a folder on the way down or above it, so a link loop cannot hang the scan.
+    Hidden files and folders (names starting with ".": .ipynb_checkpoints, macOS ._* files) are left out.
+    """
+
+    def loops(target: str, chain: frozenset[str]) -> bool:
+        return any(c == target or c.startswith(target.rstrip(os.sep) + os.sep) for c in chain)
+
+    top = os.fspath(root)
+    chains = {top: frozenset()}  # folder -> the real folders on the way down to it from root
+    files = []
+    for folder, subfolders, names in os.walk(top, followlinks=True):
+        chain = chains.pop(folder) | {os.path.realpath(folder)}
+        subfolders[:] = [d for d in subfolders
+                         if not d.startswith(".") and not loops(os.path.realpath(os.path.join(folder, d)), chain)]
+        chains.update((os.path.join(folder, d), chain) for d in subfolders)
+        files += [Path(folder, n) for n in names
+                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in files if p.is_file())
+
+
 def find_images(root: str | Path) -> list[Path]:
-    """All image files under `root`, recursively, sorted. DataError if there is none."""
+    """All image files under `root`, recursively (see `_image_files`), sorted. DataError if there is none."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data path not found or not a folder: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = _image_files(root)
     if not files:
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     return files
@@ -62,7 +87,7 @@ def find_labeled_images(root: str | Path) -> tuple[list[Path], list[int], list[s
         raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
     files, labels, empty = [], [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        found = _image_files(root / name)
         files += found
         labels += [label] * len(found)
         if not found:

@@ -20,6 +20,22 @@ def test_find_images_is_recursive_and_uses_train_subfolder(tmp_path):
     assert len(pretrain_dataset(str(tmp_path), (64, 64), seed=0)) == 5  # <path>/train wins
 
 
+def test_symlinked_folders_are_followed_once_and_hidden_entries_skipped(tmp_path):
+    write_photos(tmp_path / "elsewhere" / "cat", 3)
+    data = tmp_path / "data"
+    write_photos(data / "dog", 2)
+    (data / "cat").symlink_to(tmp_path / "elsewhere" / "cat", target_is_directory=True)  # a linked-in class
+    (data / "dog" / "loop").symlink_to(data, target_is_directory=True)  # link loops must not hang the scan
+    (tmp_path / "b").mkdir()  # and a cycle through a folder outside: dog/nested -> b -> dog/nested
+    (data / "dog" / "nested" / "to_b").symlink_to(tmp_path / "b", target_is_directory=True)
+    (tmp_path / "b" / "to_nested").symlink_to(data / "dog" / "nested", target_is_directory=True)
+    write_photos(data / "dog" / ".ipynb_checkpoints", 2)
+    (data / "dog" / "._macos_resource_fork.png").write_bytes(b"\x00\x05\x16\x07")
+    files, labels, classes = find_labeled_images(data)
+    assert classes == ["cat", "dog"] and sorted(labels) == [0, 0, 0, 1, 1] and len(files) == 5
+    assert len(find_images(data)) == 5
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda p: None, "data path not found"),
     (lambda p: p.mkdir(), "no image files"),
