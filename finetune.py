@@ -18,7 +18,8 @@ from typing import Sequence
 import timm
 import torch
 from accelerate import Accelerator
-from timm.data import Mixup, create_transform
+from PIL import Image
+from timm.data import Mixup, auto_augment, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
@@ -67,8 +68,30 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
     except (AssertionError, ValueError, KeyError) as e:  # timm asserts on a policy string it cannot parse
         raise ConfigError(f"--aa {config.aa!r} is not a timm augmentation policy ({e}); "
                           "e.g. rand-m9-mstd0.5-inc1, or \"\" for none") from None
+    for op in _augment_ops(train_tf):
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize
     return (ImageFiles(train_files, train_tf, train_labels, seed=config.seed),
             ImageFiles(val_files, eval_transform(config), val_labels), classes)
+
+
+def _augment_ops(transform) -> list[auto_augment.AugmentOp]:
+    """The ops of the RandAugment / AutoAugment / AugMix policies inside a timm transform."""
+    ops = []
+    for t in getattr(transform, "transforms", []):
+        ops += getattr(t, "ops", None) or [op for sub_policy in getattr(t, "policy", []) for op in sub_policy]
+    return ops
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with 0 bits giving a black image as in Pillow < 13.
+
+    Pillow 13 refuses 0 bits, and timm's PosterizeIncreasing asks for 0 at magnitude 10, which the recipe's
+    rand-m9-mstd0.5 draws every few batches.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def eval_transform(config: FinetuneConfig):

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
 import torch
 from accelerate.state import AcceleratorState
+from PIL import Image
 
 from fcmae.data import write_digits
 from fcmae.layer_decay import layer_id, param_groups_layer_decay
@@ -208,3 +210,19 @@ def test_exact_resume_restores_weights_optimizer_and_ema(tmp_path, monkeypatch):
     assert metrics(tmp_path / "straight")[-1] == metrics(tmp_path / "resumed")[-1]
     state = json.loads((tmp_path / "resumed/checkpoints/step_00000014/trainer_state.json").read_text())
     assert state["info"]["best_epoch"] in (0, 1) and "best_acc1" in state["info"]
+
+
+def test_the_recipe_augmentation_survives_its_strongest_posterize(trained):
+    """rand-m9-mstd0.5 reaches magnitude 10, where timm's PosterizeIncreasing keeps 0 bits (Pillow 13 refuses)."""
+    data, _, _ = trained
+    config = finetune.parse_config(finetune.FinetuneConfig, ["--data-path", str(data), "--input-size", "64"])
+    assert config.aa == "rand-m9-mstd0.5-inc1"  # the default recipe
+    train_set, _, _ = finetune.datasets(config)
+    ops = [op for op in finetune._augment_ops(train_set.transform) if op.name == "PosterizeIncreasing"]
+    assert ops
+    op = ops[0]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    img = Image.open(train_set.files[0]).convert("RGB")
+    assert np.asarray(op(img)).max() == 0  # all bits dropped: black, as in Pillow < 13
+    op.magnitude = 0
+    assert np.asarray(op(img)).max() > 0
