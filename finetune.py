@@ -153,7 +153,8 @@ def optimizer_for(model: nn.Module, config: FinetuneConfig, lr: float) -> torch.
 def evaluate_only(config: FinetuneConfig) -> dict:
     """Accuracy of the weights named by --resume on val/; prints it and writes nothing."""
     accelerator = Accelerator(cpu=processes_without_gpu())
-    _, val_set, classes = datasets(config)
+    with accelerator.main_process_first():
+        _, val_set, classes = datasets(config)
     model, metadata = load_for_eval(config, len(classes))
     loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
     model, loader = accelerator.prepare(model, loader)
@@ -178,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             "digits-pretrain" in config.finetune) else ""
         raise FileNotFoundError(f"--finetune checkpoint not found: {config.finetune}{hint}")
     run = Run(config, project="fcmae-finetune", step_log="train_log.jsonl")
-    train_set, val_set, classes = datasets(config)
+    with run.accelerator.main_process_first():  # "digits:FOLDER" is written once, by the main process
+        train_set, val_set, classes = datasets(config)
     model = build_model(config, len(classes))
     lr = run.base_lr()
     optimizer = optimizer_for(model, config, lr)

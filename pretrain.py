@@ -46,7 +46,8 @@ def build_model(config: PretrainConfig) -> fcmae.FCMAE:
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(PretrainConfig, argv, description=__doc__, demo=DEMO_CONFIG)
     run = Run(config, project="fcmae-pretrain")
-    dataset = pretrain_dataset(config.data_path, config.image_size, config.seed)
+    with run.accelerator.main_process_first():  # "digits:FOLDER" is written once, by the main process
+        dataset = pretrain_dataset(config.data_path, config.image_size, config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=False)  # fresh workers each epoch see the epoch's seed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .models import resolve_name
 
 __all__ = [
     "ConfigError", "TrainConfig", "PretrainConfig", "FinetuneConfig", "parse_config", "load_yaml", "save_yaml",
+    "OneLineArgumentParser",
 ]
 
 
@@ -76,11 +78,20 @@ class TrainConfig:
         for name in ("batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "max_steps", "warmup_epochs", "blr", "min_lr", "weight_decay"):
+        for name in ("num_workers", "max_steps", "warmup_epochs", "min_lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        for name in ("blr", "lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty: pass --output-dir FOLDER")
+        for name in ("data_path", "output_dir", "resume", "init_from", "finetune"):  # a "~" no shell expanded:
+            value = getattr(self, name, "")  # from a YAML file, or written --data-path=~/photos
+            if value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
         unknown = sorted(set(self.log_with) - {"tensorboard", "wandb"})
         if unknown:
             raise ConfigError(f"unknown tracker(s) {', '.join(unknown)} in log_with; choose tensorboard or wandb")
@@ -275,14 +286,16 @@ def _flags(cls: type[TrainConfig]) -> list[str]:
     return ["--config"] + ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, not usage + error
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise ConfigError (printed as one `error:` line), not usage + error."""
+
+    def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(message)
 
 
 def _parser(cls: type[TrainConfig], description: str) -> argparse.ArgumentParser:
     """One flag per field. Defaults are None so that only flags actually given override the file."""
-    parser = _Parser(description=description, allow_abbrev=False)
+    parser = OneLineArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of settings; flags override it")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

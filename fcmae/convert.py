@@ -42,6 +42,7 @@ import torch
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from torch import Tensor, nn
 
+from .config import OneLineArgumentParser
 from .fcmae import FCMAE
 from .models import (
     MODEL_SIZES, format_keys, load_state_dict_strict, read_model_file, resolve_name, save_model, write_safetensors,
@@ -550,8 +551,9 @@ def _decoder_shape(found: tuple[int, int] | None, depth: int | None, width: int 
     if found is None:
         return (1 if depth is None else depth), (512 if width is None else width)
     if (depth is not None and depth != found[0]) or (width is not None and width != found[1]):
+        asked = " and ".join(f"{name} {value}" for name, value in (("depth", depth), ("width", width)) if value)
         raise ValueError(f"{where} has a decoder of depth {found[0]} and width {found[1]}, not the requested "
-                         f"{depth} and {width}: set --decoder-depth {found[0]} --decoder-embed-dim {found[1]} "
+                         f"{asked}: set --decoder-depth {found[0]} --decoder-embed-dim {found[1]} "
                          "(the requested sizes only shape a fresh decoder, for inputs without one)")
     return found
 
@@ -699,19 +701,22 @@ def save_conversion(result: Conversion, path: str | os.PathLike) -> None:
 _TARGET_OPTIONS = {"timm": ("conv_mlp", "drop_head"), "fcmae": ("decoder_depth", "decoder_embed_dim")}
 
 
-def _check_output(source: str, output: str) -> None:
+def _check_output(source: str, output: str, overwrite: bool) -> None:
     """The output is a .safetensors file (timm and fcmae.load_model pick the reader by suffix), and never the input
-    itself: converting a model file onto itself would replace it, decoder and all, with the converted weights."""
+    itself: converting a model file onto itself would replace it, decoder and all, with the converted weights.
+    Another existing file is replaced only with --overwrite (it may be a run's model.safetensors)."""
     out, src = Path(output), Path(source)
     if out.suffix != ".safetensors":
         raise ValueError(f"the output must be a .safetensors file, got {output}")
     read = src / "model.safetensors" if src.is_dir() else src
     if out.exists() and read.exists() and out.samefile(read):
         raise ValueError(f"the output {output} is the input file; write the conversion to a new file")
+    if out.is_file() and not overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it, or choose another output file")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="fcmae-convert",
         description="Convert ConvNeXt V2 / FCMAE checkpoints (this project's, official MinkowskiEngine or dense, "
                     "timm) to timm weights or a full FCMAE model file.",
@@ -728,6 +733,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoder-embed-dim", type=int, help="--to fcmae: width of a fresh decoder (default 512)")
     parser.add_argument("--no-strict", dest="strict", action="store_false",
                         help="allow a partial decoder or head, drop a classifier head for --to fcmae; reports skips")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     parser.add_argument("--drop-head", action="store_true", default=None,
                         help="--to timm: leave out the input's classifier head")
     return parser
@@ -735,13 +741,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 with a one-line `error:` on stderr for a bad input)."""
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         other = "fcmae" if args.to == "timm" else "timm"
         misplaced = [f"--{o.replace('_', '-')}" for o in _TARGET_OPTIONS[other] if getattr(args, o) is not None]
         if misplaced:
-            raise ValueError(f"{', '.join(misplaced)} only apply to --to {other}")
-        _check_output(args.input, args.output)
+            verb = "apply" if len(misplaced) > 1 else "applies"
+            raise ValueError(f"{', '.join(misplaced)} {verb} only to --to {other}")
+        _check_output(args.input, args.output, args.overwrite)
         result = convert(args.input, args.to, args.model, conv_mlp=args.conv_mlp, decoder_depth=args.decoder_depth,
                          decoder_embed_dim=args.decoder_embed_dim, strict=args.strict, drop_head=bool(args.drop_head))
         save_conversion(result, args.output)

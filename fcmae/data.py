@@ -215,8 +215,8 @@ def resolve_data_path(data_path: str) -> Path:
         folder = data_path.split(":", 1)[1]
         if not folder:
             raise DataError("digits: needs a folder to write the digits to, e.g. --data-path digits:output/digits")
-        return write_digits(folder)
-    return Path(data_path)
+        return write_digits(Path(folder).expanduser())
+    return Path(data_path).expanduser()  # "~/photos" from a YAML file or --data-path=~/photos, which no shell expands
 
 
 def pretrain_dataset(data_path: str, size: tuple[int, int], seed: int) -> ImageFiles:

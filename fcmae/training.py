@@ -41,7 +41,8 @@ from .data import seeded
 from .models import write_safetensors
 
 __all__ = [
-    "Run", "TrainingError", "run_cli", "end_process_group", "find_checkpoint", "processes_without_gpu", "CHECKPOINT_PREFIX",
+    "Run", "TrainingError", "run_cli", "end_process_group", "find_checkpoint", "processes_without_gpu",
+    "CHECKPOINT_PREFIX",
 ]
 
 CHECKPOINT_PREFIX = "step_"
@@ -95,6 +96,20 @@ def processes_without_gpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def _checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint folder's name (step_00000120 -> 120); -1 for a foreign name."""
+    digits = path.name[len(CHECKPOINT_PREFIX):]
+    return int(digits) if digits.isdigit() else -1
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics record; inf for a line a crash cut short or garbled (it is dropped on resume)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def find_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder under OUTPUT_DIR/checkpoints, or None."""
     folder = Path(output_dir) / "checkpoints"
@@ -144,10 +159,24 @@ class Run:
             save_yaml(self.config, self.output_dir / "config.yaml")
             for log in self.logs:  # records past the step we start from belong to a run that did not survive
                 if log.is_file():
-                    kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+                    kept = [line for line in log.read_text().splitlines() if _record_step(line) <= self.step]
                     log.write_text("".join(line + "\n" for line in kept))
+            self._set_aside_later_checkpoints()
         if self.config.log_with:
             self.accelerator.init_trackers(self.project, config=_flat(dataclasses.asdict(self.config)))
+
+    def _set_aside_later_checkpoints(self) -> None:
+        """Resuming from an older checkpoint abandons the later ones. Rename them (abandoned_step_XXXXXXXX) rather
+        than delete them: --resume auto and pruning then only see this run's line, and nothing saved is lost."""
+        folder = self.output_dir / "checkpoints"
+        for path in sorted(folder.glob(CHECKPOINT_PREFIX + "*")):
+            if _checkpoint_step(path) > self.step:
+                target = folder / f"abandoned_{path.name}"
+                n = 1
+                while target.exists():
+                    target, n = folder / f"abandoned_{path.name}.{n}", n + 1
+                os.replace(path, target)
+                self.print(f"set aside {path.name} (later than the step resumed from) as {target.name}")
 
     def print(self, *args: Any) -> None:
         """Print on the main process only, above the progress bar if there is one."""
@@ -166,6 +195,14 @@ class Run:
             raise ConfigError(
                 f"{self.output_dir} already holds a run ({', '.join(existing)}); pass --resume auto to continue it, "
                 "or choose another --output-dir"
+            )
+        resume = self.config.resume
+        if existing and resume and resume != "auto" and (
+                Path(resume).resolve().parent != (self.output_dir / "checkpoints").resolve()):
+            raise ConfigError(
+                f"--resume {resume} is not one of {self.output_dir}'s checkpoints, and {self.output_dir} already "
+                f"holds a run ({', '.join(existing)}); continue it in its own output dir, or choose an empty "
+                "--output-dir"
             )
         for tracker in self.config.log_with:
             if importlib.util.find_spec(tracker) is None:
@@ -294,8 +331,9 @@ class Run:
         """Train from self.step (after resuming) to total_steps.
 
         step_fn(model, batch) -> (loss, images in the batch). Callbacks: every_step(step) after each optimizer
-        step (e.g. visualization); on_epoch_end(epoch) when an epoch's last step is done, before its checkpoint
-        (e.g. evaluation); on_save(checkpoint folder), on the main process after each checkpoint.
+        step (e.g. visualization); on_epoch_end(epoch) when an epoch's last step is done, and at the run's last
+        step if that ends an epoch early (--max-steps), before the checkpoint (e.g. evaluation); on_save(checkpoint
+        folder), on the main process after each checkpoint.
         """
         self.resume()
         self._start()
@@ -317,7 +355,8 @@ class Run:
                         self._log(window, bar)
                     if every_step is not None:
                         every_step(self.step)
-                    if on_epoch_end is not None and self.step % self.steps_per_epoch == 0:
+                    if on_epoch_end is not None and (self.step % self.steps_per_epoch == 0
+                                                     or self.step == self.total_steps):  # a --max-steps run's last
                         on_epoch_end(epoch)
                     if self.step % self.config.save_every == 0 or self.step == self.total_steps:
                         self.save_checkpoint(on_save)

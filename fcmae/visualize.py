@@ -9,7 +9,6 @@ normalized by its own mean and variance, so the prediction is mapped back with t
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from .config import OneLineArgumentParser
 from .data import DataError, eval_transform, find_images, load_rgb
 from .fcmae import FCMAE
 from .masking import grid_size
@@ -89,7 +89,7 @@ def load_images(paths: Sequence[Path], size: tuple[int, int]) -> Tensor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fcmae.visualize", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m fcmae.visualize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="an fcmae model file (model.safetensors), or a run or checkpoint folder holding one")
     parser.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
@@ -98,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, nargs="+", default=None, help="H [W]; default: the model's")
     parser.add_argument("--mask-ratio", type=float, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mask")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.num_images < 1:
             raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
         if args.input_size and len(args.input_size) > 2:

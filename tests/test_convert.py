@@ -551,11 +551,19 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert model_file.read_bytes() == kept
     assert "must be a .safetensors file, got" in one_line_error(capsys, [model_file, tmp_path / "w.pth", "--to",
                                                                          "timm"])
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(kept)
+    assert "other.safetensors exists; pass --overwrite" in one_line_error(capsys, [model_file, other, "--to", "timm"])
+    assert other.read_bytes() == kept
+    assert conv.main([str(model_file), str(other), "--to", "timm", "--overwrite"]) == 0
+    assert other.read_bytes() != kept
+    capsys.readouterr()
+    assert "argument --to: invalid choice: 'onnx'" in one_line_error(capsys, [model_file, out, "--to", "onnx"])
     ckpt = save_official(tmp_path / "ckpt.pth", me_checkpoint(), wrapped=True, args=argparse.Namespace(model="x"))
     assert "does not fit" in one_line_error(capsys, [ckpt, out, "--to", "timm", "--model", "atto"])
-    assert "--conv-mlp only apply to --to timm" in one_line_error(capsys, [ckpt, out, "--to", "fcmae",
+    assert "--conv-mlp applies only to --to timm" in one_line_error(capsys, [ckpt, out, "--to", "fcmae",
                                                                            "--no-conv-mlp"])
-    assert "--decoder-depth only apply to --to fcmae" in one_line_error(capsys, [ckpt, out, "--to", "timm",
+    assert "--decoder-depth applies only to --to fcmae" in one_line_error(capsys, [ckpt, out, "--to", "timm",
                                                                                  "--decoder-depth", "2"])
     state = me_checkpoint()
     del state["proj.bias"]

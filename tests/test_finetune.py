@@ -226,3 +226,12 @@ def test_the_recipe_augmentation_survives_its_strongest_posterize(trained):
     assert np.asarray(op(img)).max() == 0  # all bits dropped: black, as in Pillow < 13
     op.magnitude = 0
     assert np.asarray(op(img)).max() > 0
+
+
+def test_a_max_steps_run_evaluates_and_saves_at_its_last_step(trained, tmp_path):
+    data, pretrained, _ = trained
+    out = tmp_path / "short"
+    assert call(finetune.main, FAST + ["--data-path", str(data), "--finetune", str(pretrained), "--output-dir",
+                                       str(out), "--max-steps", "3", "--no-model-ema"]) == 0
+    assert [(r["step"], r["epoch"]) for r in metrics(out)] == [(3, 0)]  # mid-epoch: 44 steps per epoch
+    assert (out / "model.safetensors").is_file()

@@ -82,7 +82,7 @@ def test_exact_resume_is_bit_identical(photos, tmp_path, monkeypatch):
     monkeypatch.setattr(Run, "save_checkpoint", original_save)
     assert [p.name for p in (interrupted / "checkpoints").iterdir()] == ["step_00000004"]
     with (interrupted / "metrics.jsonl").open("a") as f:  # logged after the checkpoint by the crashed run
-        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n\n" + '{"step": 6, "lo')  # and a line cut short
     assert run(common + ["--output-dir", str(interrupted), "--resume", "auto"]) == 0
     assert [r["step"] for r in records(interrupted)] == list(range(1, 9))  # cut back to the checkpoint, resumed
 
@@ -109,6 +109,28 @@ def test_checkpoints_are_pruned_and_incomplete_ones_ignored(photos, tmp_path):
     assert fcmae.training.find_checkpoint(out).name == "step_00000006"
     assert run(base + ["--max-steps", "8", "--resume", "auto"]) == 0
     assert json.loads((out / "checkpoints/step_00000008/trainer_state.json").read_text())["step"] == 8
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--save-every", "2", "--keep-last", "2"]
+    assert run(base + ["--max-steps", "6"]) == 0
+    older = out / "checkpoints" / "step_00000004"
+    assert run(base + ["--max-steps", "5", "--resume", str(older)]) == 0
+    assert "set aside step_00000006 (later than the step resumed from) as abandoned_step_00000006" in (
+        capsys.readouterr().out)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["abandoned_step_00000006", "step_00000004", "step_00000005"]  # kept, pruned: this line only
+    assert fcmae.training.find_checkpoint(out).name == "step_00000005"
+    assert [r["step"] for r in records(out)][-2:] == [4, 5]
+
+    other = tmp_path / "other"  # another run's checkpoint cannot take over a folder holding a run
+    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(other), "--max-steps", "2"]) == 0
+    before = (other / "model.safetensors").read_bytes()
+    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(other), "--max-steps", "6", "--resume",
+                       str(older)]) == 2
+    assert "is not one of" in capsys.readouterr().err
+    assert (other / "model.safetensors").read_bytes() == before
 
 
 def test_unreadable_files_are_skipped_and_counted(photos, tmp_path, capsys):

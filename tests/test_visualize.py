@@ -60,6 +60,7 @@ def test_cli_writes_a_png_from_a_model_file(tmp_path, capsys):
     (["--input-size", "0"], "not a multiple of the patch size 32"),
     (["--num-images", "0"], "--num-images must be >= 1"),
     (["--out", "OUTDIR"], "--out must name a .png file"),
+    (["--num-images", "x"], "argument --num-images: invalid int value: 'x'"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     fcmae.save_model(fcmae.create_model("atto", img_size=64, **SMALL), tmp_path / "m.safetensors")
