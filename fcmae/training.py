@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -222,10 +223,16 @@ class Run:
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         warmup = config.warmup_steps if config.warmup_steps >= 0 else round(config.warmup_epochs * self.steps_per_epoch)
         self.warmup_steps = min(warmup, self.total_steps)
-        self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=max(self.total_steps - self.warmup_steps, 1), lr_min=config.min_lr,
-            warmup_t=self.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
-        )  # fmt: skip
+        cosine_log = logging.getLogger("timm.scheduler.cosine_lr")
+        level = cosine_log.level
+        cosine_log.setLevel(logging.ERROR)  # its "no effect" warning for runs that are all warmup (short demos)
+        try:
+            self.scheduler = CosineLRScheduler(
+                self.optimizer, t_initial=max(self.total_steps - self.warmup_steps, 1), lr_min=config.min_lr,
+                warmup_t=self.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+            )  # fmt: skip
+        finally:
+            cosine_log.setLevel(level)
         return self.model, self.optimizer, self.loader
 
     @property

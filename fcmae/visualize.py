@@ -18,11 +18,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from .config import OneLineArgumentParser
+from .config import OneLineArgumentParser, load_yaml
 from .data import DataError, eval_transform, find_images, load_rgb
 from .fcmae import FCMAE
 from .masking import grid_size
-from .models import load_model
+from .models import create_model, load_model, load_state_dict_strict, read_model_file
 
 __all__ = ["reconstruct", "reconstruction_grid", "save_reconstructions", "main"]
 
@@ -88,6 +88,30 @@ def load_images(paths: Sequence[Path], size: tuple[int, int]) -> Tensor:
     return torch.stack(images)
 
 
+def load_any_model(checkpoint: Path, **overrides) -> FCMAE:
+    """An fcmae model file, a run folder (its model.safetensors), or a training checkpoint folder.
+
+    A checkpoint folder's model.safetensors is Accelerate's: bare weights, no model config. The config comes from
+    the run's config.yaml saved beside it.
+    """
+    if not checkpoint.is_dir():
+        return load_model(checkpoint, **overrides)
+    weights, run_config = checkpoint / "model.safetensors", checkpoint / "config.yaml"
+    if not (checkpoint / "trainer_state.json").is_file() or not run_config.is_file():
+        return load_model(weights, **overrides)
+    config = load_yaml(run_config)
+    if "mask_ratio" not in config:
+        raise ValueError(f"{checkpoint} is a fine-tuning checkpoint, not an FCMAE pretraining one")
+    size = config["input_size"]
+    settings = {"img_size": (size[0], size[-1]), "mask_ratio": config["mask_ratio"],
+                "decoder_depth": config["decoder_depth"], "decoder_embed_dim": config["decoder_embed_dim"],
+                "norm_pix_loss": config["norm_pix_loss"], **overrides}
+    model = create_model(config["model"], **settings)
+    state, _ = read_model_file(weights)
+    load_state_dict_strict(model, state, source=str(weights))
+    return model
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="python -m fcmae.visualize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
@@ -106,11 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--input-size takes one or two values (H [W]), got {len(args.input_size)}")
         if Path(args.out).is_dir() or Path(args.out).suffix.lower() != ".png":
             raise ValueError(f"--out must name a .png file, got {args.out}")
-        checkpoint = Path(args.checkpoint)
-        if checkpoint.is_dir():  # a run's output folder, or a training checkpoint folder
-            checkpoint = checkpoint / "model.safetensors"
         overrides = {} if args.mask_ratio is None else {"mask_ratio": args.mask_ratio}
-        model = load_model(checkpoint, **overrides).eval()
+        model = load_any_model(Path(args.checkpoint), **overrides).eval()
         size = tuple(args.input_size * 2)[:2] if args.input_size else tuple(model.config["img_size"])
         grid_size(size, model.patch_size)
         source = Path(args.images)

@@ -55,3 +55,14 @@ def test_mismatched_weights_list_the_offending_keys(tmp_path):
     expected = r"shape mismatch 14 key\(s\): decoder.blocks.0.conv_dw.bias: \(32,\) vs model \(48,\)"
     with pytest.raises(ValueError, match=expected):
         fcmae.load_model(path, decoder_embed_dim=48)
+
+
+def test_submodules_are_reachable_after_a_plain_import():
+    import importlib
+    import subprocess
+    import sys
+
+    code = "import fcmae; print(fcmae.convert.to_timm.__name__, fcmae.visualize.reconstruction_grid.__name__)"
+    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["to_timm", "reconstruction_grid"], result.stderr
+    assert importlib.import_module("fcmae").training.Run is not None

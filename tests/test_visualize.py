@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
 import fcmae
-from fcmae.visualize import main, reconstruct, reconstruction_grid
+from fcmae.visualize import load_any_model, main, reconstruct, reconstruction_grid
 from helpers import SMALL, write_photos
 
 
@@ -72,3 +73,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_a_training_checkpoint_folder_loads_with_its_run_config(tmp_path):
+    """Accelerate's model.safetensors in a checkpoint folder is bare weights; config.yaml beside it says the rest."""
+    model = fcmae.create_model("atto", img_size=(64, 96), mask_ratio=0.5, decoder_depth=1, decoder_embed_dim=32,
+                               norm_pix_loss=False)
+    folder = tmp_path / "checkpoints" / "step_00000002"
+    folder.mkdir(parents=True)
+    safetensors.torch.save_file(model.state_dict(), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "trainer_state.json").write_text('{"step": 2}')
+    (folder / "config.yaml").write_text("model: convnextv2_atto\ninput_size: [64, 96]\nmask_ratio: 0.5\n"
+                                        "decoder_depth: 1\ndecoder_embed_dim: 32\nnorm_pix_loss: false\n")
+    loaded = load_any_model(folder)
+    assert loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert load_any_model(folder, mask_ratio=0.75).mask_ratio == 0.75
