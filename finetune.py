@@ -72,7 +72,7 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
         if op.aug_fn is auto_augment.posterize:
             op.aug_fn = posterize
     return (ImageFiles(train_files, train_tf, train_labels, seed=config.seed),
-            ImageFiles(val_files, eval_transform(config), val_labels), classes)
+            ImageFiles(val_files, eval_transform(config), val_labels, substitute=False), classes)
 
 
 def _augment_ops(transform) -> list[auto_augment.AugmentOp]:

@@ -125,10 +125,13 @@ def load_rgb(path: str | Path) -> Image.Image:
 class ImageFiles(Dataset):
     """Images from a list of files, optionally labeled, with per-sample seeded augmentation.
 
-    An unreadable file is skipped: a warning names it, the next readable file in the list takes its place,
-    and the sample's `skipped` field counts the files passed over (the training loop keeps the running total).
+    An unreadable file is skipped and a warning names it. For training, the next readable file in the list
+    takes its place, and the sample's `skipped` field counts the files passed over (the training loop keeps the
+    running total). For evaluation (`substitute=False`) nothing takes its place, since that would count another
+    image twice: the item is a black image marked `readable` False, which evaluation leaves out.
 
-    Each item is a dict: image (3, H, W) float tensor, label (int, -1 when unlabeled), skipped (int).
+    Each item is a dict: image (3, H, W) float tensor, label (int, -1 when unlabeled), skipped (int), readable
+    (bool).
     """
 
     def __init__(
@@ -137,8 +140,9 @@ class ImageFiles(Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         labels: Sequence[int] | None = None,
         seed: int = 0,
+        substitute: bool = True,
     ):
-        self.files, self.transform, self.seed = list(files), transform, seed
+        self.files, self.transform, self.seed, self.substitute = list(files), transform, seed, substitute
         self.labels = list(labels) if labels is not None else [-1] * len(self.files)
         self.epoch = 0
 
@@ -156,11 +160,14 @@ class ImageFiles(Dataset):
                 img = load_rgb(self.files[position])
             except Exception as e:  # PIL raises many types for truncated, corrupt or foreign files
                 warnings.warn(f"skipping unreadable image {self.files[position]}: {e}", stacklevel=2)
-                continue
+                if self.substitute:
+                    continue
+                return {"image": self.transform(Image.new("RGB", (32, 32))), "label": self.labels[index],
+                        "skipped": 1, "readable": False}
             with preserved_rng():
                 seeded([self.seed, self.epoch, index])
                 image = self.transform(img)
-            return {"image": image, "label": self.labels[position], "skipped": skipped}
+            return {"image": image, "label": self.labels[position], "skipped": skipped, "readable": True}
         raise DataError(f"none of the {len(self.files)} images could be read (first: {self.files[0]})")
 
 

@@ -14,7 +14,8 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator) -> dict[str, fl
     """Accuracies in percent and the image count, over the whole (sharded) loader.
 
     Accelerate pads the last batches so that every process gets one; `gather_for_metrics` drops those
-    duplicates, so each image of the dataset is counted once whatever the number of processes.
+    duplicates, so each image of the dataset is counted once whatever the number of processes. Unreadable files
+    (`readable` False, see fcmae.data.ImageFiles) are left out of every count.
     """
     was_training = model.training
     model.eval()
@@ -26,7 +27,9 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator) -> dict[str, fl
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         losses = nn.functional.cross_entropy(logits.float(), batch["label"], reduction="none")
-        top, labels, losses = accelerator.gather_for_metrics((top, batch["label"], losses))
+        top, labels, losses, readable = accelerator.gather_for_metrics(
+            (top, batch["label"], losses, batch["readable"]))
+        top, labels, losses = top[readable], labels[readable], losses[readable]  # unreadable files: left out
         hits = top == labels[:, None]
         correct1 += int(hits[:, 0].sum())
         correct5 += int(hits.any(dim=1).sum())

@@ -120,3 +120,27 @@ def test_eval_transform_center_crops_with_the_crop_ratio():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
     assert eval_transform((224, 224))(img).shape == (3, 224, 224)
     assert eval_transform((64, 96))(img).shape == (3, 64, 96)
+
+
+def test_evaluation_leaves_unreadable_files_out_instead_of_counting_another_twice(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from fcmae.evaluation import evaluate
+
+    files = write_photos(tmp_path, 4)
+    (tmp_path / "text.jpg").write_text("not an image")
+    order = [files[0], tmp_path / "text.jpg", files[1], files[2], files[3]]
+    labels = [0, 0, 1, 1, 1]  # the bad file is a class-0 image; substituting the next one would add a class 1
+    dataset = ImageFiles(order, pretrain_transform((64, 64)), labels, substitute=False)
+
+    class SaysOne(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0]]).expand(len(x), 2)
+
+    with pytest.warns(UserWarning, match="skipping unreadable image .*text.jpg"):
+        result = evaluate(SaysOne(), DataLoader(dataset, batch_size=2), Accelerator(cpu=True))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert result["images"] == 4 and result["acc1"] == 75.0  # 3 of the 4 readable images are class 1
