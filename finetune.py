@@ -126,6 +126,9 @@ def load_for_eval(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
     path = Path(config.resume)
     file = path / "model.safetensors" if path.is_dir() else path
     state, metadata = read_model_file(file)
+    if any(key.startswith(("encoder.", "decoder.")) for key in state):
+        raise ConfigError(f"{file} is an FCMAE pretraining model, not a classifier: fine-tune it with "
+                          f"--finetune {config.resume}, then evaluate the result")
     if metadata.get("model", config.model) != config.model:
         raise ConfigError(f"{file} holds a {metadata['model']}; pass --model {metadata['model']}")
     model = timm.create_model(config.model, num_classes=num_classes)

@@ -38,7 +38,7 @@ def build_model(config: PretrainConfig) -> fcmae.FCMAE:
         from fcmae.convert import to_fcmae
 
         state = to_fcmae(config.init_from, model=config.model, decoder_depth=config.decoder_depth,
-                         decoder_embed_dim=config.decoder_embed_dim)
+                         decoder_embed_dim=config.decoder_embed_dim, drop_head=True)  # a fine-tuned model's head
         fcmae.models.load_state_dict_strict(model, state, source=config.init_from)
     return model
 

@@ -495,7 +495,8 @@ def convert(
         strict: when False, a partial decoder is completed with fresh weights, a partial classifier head is
             written as it is, and a classifier head is dropped for the "fcmae" target; each is listed in `notes`.
             Keys that fit nothing and shape mismatches fail either way.
-        drop_head: "timm" target: leave out the input's classifier head (e.g. to fine-tune with other classes).
+        drop_head: leave out the input's classifier head (e.g. to fine-tune with other classes, or to pretrain
+            further from a fine-tuned model).
     Returns:
         a Conversion; `.state` holds the converted weights.
     Raises:
@@ -538,7 +539,8 @@ def convert(
         out, use_conv_mlp = _finish_timm(state, origin, config, head, conv_mlp, strict, drop_head, where, notes)
         result = Conversion(out, to, layout, name, config, where, conv_mlp=use_conv_mlp, notes=notes)
     else:
-        fcmae_model = _finish_fcmae(state, origin, config, head, found_decoder is not None, strict, where, notes)
+        fcmae_model = _finish_fcmae(state, origin, config, head, found_decoder is not None, strict, drop_head,
+                                    where, notes)
         result = Conversion(fcmae_model.state_dict(), to, layout, name, fcmae_model.config, where, model=fcmae_model,
                             notes=notes)
     for note in notes:
@@ -610,14 +612,14 @@ def _finish_timm(state: StateDict, origin: dict[str, str], config: dict[str, Any
 
 
 def _finish_fcmae(state: StateDict, origin: dict[str, str], config: dict[str, Any], head: list[str],
-                  has_decoder: bool, strict: bool, where: str, notes: list[str]) -> FCMAE:
+                  has_decoder: bool, strict: bool, drop_head: bool, where: str, notes: list[str]) -> FCMAE:
     """A full FCMAE model: the input's encoder and decoder, a fresh decoder where the input has none.
     Appends to `notes`."""
-    if head and strict:
+    if head and strict and not drop_head:
         raise ValueError(f"{where} has a classifier head ({format_keys([origin[k] for k in head])}) that an FCMAE "
-                         "model has no place for; convert non-strictly to drop it")
+                         "model has no place for; pass --drop-head to leave it out")
     if head:
-        notes.append(f"non-strict: dropped the classifier head ({format_keys([origin[k] for k in head])})")
+        notes.append(f"dropped the classifier head ({format_keys([origin[k] for k in head])})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = FCMAE(**config)
@@ -671,13 +673,13 @@ def to_timm(source: Source, model: str | None = None, *, conv_mlp: bool | None =
 
 
 def to_fcmae(source: Source, model: str | None = None, *, decoder_depth: int | None = None,
-             decoder_embed_dim: int | None = None, strict: bool = True) -> StateDict:
+             decoder_embed_dim: int | None = None, strict: bool = True, drop_head: bool = False) -> StateDict:
     """The full FCMAE state dict (encoder, decoder, mask token), with a fresh decoder if the input has none.
 
     See `convert` for the arguments; `convert(...).model` is the model itself.
     """
     return convert(source, "fcmae", model, decoder_depth=decoder_depth, decoder_embed_dim=decoder_embed_dim,
-                   strict=strict).state
+                   strict=strict, drop_head=drop_head).state
 
 
 # Writing and the CLI ----------------------------------------------------------------------------------------
@@ -698,7 +700,7 @@ def save_conversion(result: Conversion, path: str | os.PathLike) -> None:
 
 
 # The options that only make sense for one target (argparse dests; None when not given).
-_TARGET_OPTIONS = {"timm": ("conv_mlp", "drop_head"), "fcmae": ("decoder_depth", "decoder_embed_dim")}
+_TARGET_OPTIONS = {"timm": ("conv_mlp",), "fcmae": ("decoder_depth", "decoder_embed_dim")}
 
 
 def _check_output(source: str, output: str, overwrite: bool) -> None:
@@ -735,7 +737,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="allow a partial decoder or head, drop a classifier head for --to fcmae; reports skips")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     parser.add_argument("--drop-head", action="store_true", default=None,
-                        help="--to timm: leave out the input's classifier head")
+                        help="leave out the input's classifier head")
     return parser
 
 

@@ -157,6 +157,7 @@ def test_layer_ids_follow_the_official_release():
     ("not-convnext", "not-a-convnext"),
     ("odd-batch", "batch_size must be even with mixup/cutmix"),
     ("eval-without-resume", "--eval needs --resume FILE"),
+    ("eval-pretrained", "is an FCMAE pretraining model, not a classifier: fine-tune it with --finetune"),
 ])
 def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message):
     data, pretrained, _ = trained
@@ -173,6 +174,8 @@ def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message
         safetensors.torch.save_file({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)},
                                     str(bad))
         argv += ["--finetune", str(bad)]
+    elif change == "eval-pretrained":
+        argv += ["--eval", "--resume", str(pretrained)]
     elif change == "odd-batch":
         argv += ["--mixup", "0.8", "--batch-size", "31"]
     else:

@@ -172,6 +172,17 @@ def test_init_from_a_model_file(photos, tmp_path):
     close = [torch.allclose(trained[k], v, atol=1e-6) for k, v in source.state_dict().items()]
     assert all(close)
 
+    import timm  # a fine-tuned classifier: its head is left out, its encoder kept
+    classifier = timm.create_model("convnextv2_atto", num_classes=5)
+    safetensors.torch.save_file(classifier.state_dict(), str(tmp_path / "classifier.safetensors"))
+    out = tmp_path / "from_classifier"
+    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "1", "--lr", "1e-12",
+                       "--init-from", str(tmp_path / "classifier.safetensors")]) == 0
+    encoder = fcmae.load_model(out / "model.safetensors").encoder.state_dict()
+    kept = [torch.allclose(encoder[k], v.reshape(encoder[k].shape), atol=1e-6)  # timm's atto MLP: 1x1 convs
+            for k, v in classifier.state_dict().items() if k in encoder]
+    assert len(kept) == len(encoder) and all(kept)
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--data-path", "/no/such/folder"], "data path not found or not a folder: /no/such/folder"),
