@@ -29,11 +29,7 @@ VIS_IMAGES = 8
 
 def build_model(config: PretrainConfig) -> fcmae.FCMAE:
     """A fresh FCMAE model, or one whose weights come from config.init_from (not its training state)."""
-    settings = dict(
-        img_size=config.image_size, mask_ratio=config.mask_ratio, decoder_depth=config.decoder_depth,
-        decoder_embed_dim=config.decoder_embed_dim, norm_pix_loss=config.norm_pix_loss, backend=config.backend,
-    )  # fmt: skip
-    model = fcmae.create_model(config.model, **settings)
+    model = fcmae.create_model(config.model, **config.model_settings())
     if config.init_from:
         from fcmae.convert import to_fcmae
 

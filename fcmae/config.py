@@ -109,6 +109,12 @@ class PretrainConfig(TrainConfig):
     init_from: str = ""  # start from a model file's weights (not its training state)
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
 
+    def model_settings(self) -> dict[str, Any]:
+        """The `fcmae.create_model` overrides this config asks for (with `model` as the name)."""
+        return {"img_size": self.image_size, "mask_ratio": self.mask_ratio, "decoder_depth": self.decoder_depth,
+                "decoder_embed_dim": self.decoder_embed_dim, "norm_pix_loss": self.norm_pix_loss,
+                "backend": self.backend}
+
     def validate(self) -> None:
         super().validate()
         if not 0.0 <= self.mask_ratio < 1.0:

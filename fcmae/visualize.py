@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from .config import OneLineArgumentParser, load_yaml
+from .config import OneLineArgumentParser, PretrainConfig, from_dict, load_yaml
 from .data import DataError, eval_transform, find_images, load_rgb
 from .fcmae import FCMAE
 from .masking import grid_size
@@ -99,14 +99,11 @@ def load_any_model(checkpoint: Path, **overrides) -> FCMAE:
     weights, run_config = checkpoint / "model.safetensors", checkpoint / "config.yaml"
     if not (checkpoint / "trainer_state.json").is_file() or not run_config.is_file():
         return load_model(weights, **overrides)
-    config = load_yaml(run_config)
-    if "mask_ratio" not in config:
+    saved = load_yaml(run_config)
+    if "mask_ratio" not in saved:
         raise ValueError(f"{checkpoint} is a fine-tuning checkpoint, not an FCMAE pretraining one")
-    size = config["input_size"]
-    settings = {"img_size": (size[0], size[-1]), "mask_ratio": config["mask_ratio"],
-                "decoder_depth": config["decoder_depth"], "decoder_embed_dim": config["decoder_embed_dim"],
-                "norm_pix_loss": config["norm_pix_loss"], **overrides}
-    model = create_model(config["model"], **settings)
+    config = from_dict(PretrainConfig, saved)
+    model = create_model(config.model, **{**config.model_settings(), **overrides})
     state, _ = read_model_file(weights)
     load_state_dict_strict(model, state, source=str(weights))
     return model
