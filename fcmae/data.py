@@ -99,7 +99,10 @@ def find_labeled_images(root: str | Path) -> tuple[list[Path], list[int], list[s
 
 def demo_image_files() -> list[Path]:
     """The demo photos inside the installed scikit-image package."""
-    import skimage.data
+    try:
+        import skimage.data
+    except ImportError:
+        raise DataError("the demo photos come with scikit-image: pip install 'fcmae[demo]'") from None
 
     folder = Path(skimage.data.__file__).parent
     files = [folder / name for name in DEMO_FILES if (folder / name).is_file()]
@@ -240,7 +243,10 @@ def write_digits(root: str | Path, val_fraction: float = 0.2, seed: int = 0, lim
     """Write scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes, shipped inside the package) in
     the ImageNet layout: root/train/<digit>/*.png and root/val/<digit>/*.png (the first `limit` of a seeded
     shuffle, if given). Nothing is written if root/val exists. Returns root."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the digits come with scikit-learn: pip install 'fcmae[demo]'") from None
 
     root = Path(root)
     if (root / "val").is_dir():
