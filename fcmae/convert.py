@@ -20,7 +20,8 @@ against the model its shapes describe, then handed out as timm weights (`to_timm
 (`to_fcmae`). Nothing is dropped silently: what is left out or freshly initialized is listed in `Conversion.notes`
 (and logged), and whatever does not fit fails with the offending keys.
 
-CLI:  python -m fcmae.convert INPUT OUTPUT --to {timm,fcmae} [--model NAME] [--no-strict] ...
+CLI:  python -m fcmae.convert INPUT OUTPUT --to {timm,fcmae,transformers,official} [--model NAME] [--no-strict] ...
+      (--to transformers, --to official and --to timm into a folder are written by `fcmae.exports`)
 """
 
 from __future__ import annotations
@@ -699,17 +700,20 @@ def save_conversion(result: Conversion, path: str | os.PathLike) -> None:
     write_safetensors(result.state, path, metadata)
 
 
-# The options that only make sense for one target (argparse dests; None when not given).
-_TARGET_OPTIONS = {"timm": ("conv_mlp",), "fcmae": ("decoder_depth", "decoder_embed_dim")}
+# The options that only make sense for one target (argparse dest -> target; None when not given).
+_TARGET_OPTIONS = {"conv_mlp": "timm", "decoder_depth": "fcmae", "decoder_embed_dim": "fcmae"}
+CLI_TARGETS = (*TARGETS, "transformers", "official")
 
 
-def _check_output(source: str, output: str, overwrite: bool) -> None:
-    """The output is a .safetensors file (timm and fcmae.load_model pick the reader by suffix), and never the input
-    itself: converting a model file onto itself would replace it, decoder and all, with the converted weights.
-    Another existing file is replaced only with --overwrite (it may be a run's model.safetensors)."""
+def _check_output(source: str, output: str, overwrite: bool, suffixes: tuple[str, ...] = (".safetensors",)) -> None:
+    """The output is a .safetensors file (timm and fcmae.load_model pick the reader by suffix; an export may allow
+    other `suffixes`), and never the input itself: converting a model file onto itself would replace it, decoder and
+    all, with the converted weights. Another existing file is replaced only with --overwrite (it may be a run's
+    model.safetensors)."""
     out, src = Path(output), Path(source)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"the output must be a .safetensors file, got {output}")
+    if out.suffix not in suffixes:
+        folder = " (or, for --to timm, a folder)" if suffixes == (".safetensors",) else ""
+        raise ValueError(f"the output must be a {' or '.join(suffixes)} file{folder}, got {output}")
     read = src / "model.safetensors" if src.is_dir() else src
     if out.exists() and read.exists() and out.samefile(read):
         raise ValueError(f"the output {output} is the input file; write the conversion to a new file")
@@ -721,13 +725,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="fcmae-convert",
         description="Convert ConvNeXt V2 / FCMAE checkpoints (this project's, official MinkowskiEngine or dense, "
-                    "timm) to timm weights or a full FCMAE model file.",
+                    "timm) to timm weights or a Hub-ready timm folder, a full FCMAE model file, a Hugging Face "
+                    "transformers folder, or the official dense layout.",
     )
     parser.add_argument("input", help="model.safetensors, a training-state folder, an official .pt/.pth, or timm "
                                       "weights")
-    parser.add_argument("output", help="the safetensors file to write")
-    parser.add_argument("--to", required=True, choices=TARGETS, help="timm: encoder weights for timm.create_model; "
-                                                                      "fcmae: a model file for fcmae.load_model")
+    parser.add_argument("output", help="the .safetensors file to write; a folder for --to transformers, and for "
+                                       "--to timm (Hub-ready) when not named .safetensors; .pth or .safetensors for "
+                                       "--to official")
+    parser.add_argument("--to", required=True, choices=CLI_TARGETS,
+                        help="timm: weights (or a folder) for timm.create_model; fcmae: a model file for "
+                             "fcmae.load_model; transformers: a folder for ConvNextV2Model.from_pretrained; official: "
+                             "the official dense layout (downsample_layers.*, stages.*)")
     parser.add_argument("--model", help="model name, e.g. atto or convnextv2_tiny (default: inferred from shapes)")
     parser.add_argument("--conv-mlp", action=argparse.BooleanOptionalAction, default=None,
                         help="--to timm: MLP as 1x1 convs or Linear (default: timm's default for the model)")
@@ -738,6 +747,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     parser.add_argument("--drop-head", action="store_true", default=None,
                         help="leave out the input's classifier head")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this Hugging Face Hub "
+                                                              "model repo (needs huggingface_hub and a login)")
     return parser
 
 
@@ -745,11 +756,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 with a one-line `error:` on stderr for a bad input)."""
     try:
         args = _parser().parse_args(argv)
-        other = "fcmae" if args.to == "timm" else "timm"
-        misplaced = [f"--{o.replace('_', '-')}" for o in _TARGET_OPTIONS[other] if getattr(args, o) is not None]
+        misplaced = [(f"--{o.replace('_', '-')}", t) for o, t in _TARGET_OPTIONS.items()
+                     if t != args.to and getattr(args, o) is not None]
         if misplaced:
             verb = "apply" if len(misplaced) > 1 else "applies"
-            raise ValueError(f"{', '.join(misplaced)} {verb} only to --to {other}")
+            raise ValueError(f"{', '.join(o for o, _ in misplaced)} {verb} only to --to {misplaced[0][1]}")
+        from .exports import cli as exports  # imports this module: loaded on use
+
+        if args.push_to_hub and not exports.writes_folder(args.to, args.output):
+            raise ValueError("--push-to-hub uploads a folder: use --to transformers, or --to timm with a folder as "
+                             "OUTPUT")
+        if exports.is_export(args.to, args.output):
+            print("\n".join(exports.run_export(args, _check_output)))
+            return 0
         _check_output(args.input, args.output, args.overwrite)
         result = convert(args.input, args.to, args.model, conv_mlp=args.conv_mlp, decoder_depth=args.decoder_depth,
                          decoder_embed_dim=args.decoder_embed_dim, strict=args.strict, drop_head=bool(args.drop_head))

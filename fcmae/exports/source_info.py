@@ -1,0 +1,220 @@
+"""What an input of `fcmae-convert` is and what its run recorded, for model cards and preprocessing configs.
+
+A pretraining run folder (pretrain.py's output dir) holds `model.safetensors`, `config.yaml` and `metrics.jsonl`;
+a checkpoint `checkpoints/step_N/` holds `config.yaml` and `trainer_state.json`, with the run's metrics two levels
+up; a fine-tuning run holds the same files, and its `model.safetensors` records the accuracies and class names in
+its metadata, while its config names the pretrained weights it started from (whose run is read as well). An
+official checkpoint records its training arguments inside the file. Nothing here is required: what is missing or
+unreadable is simply not reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..convert import Conversion, load_checkpoint
+
+__all__ = ["SourceInfo", "describe_source", "RUN_CONTROL_KEYS"]
+
+# Config keys that say how a run was driven, not what it learned: left off model cards.
+RUN_CONTROL_KEYS = frozenset({
+    "output_dir", "resume", "save_every", "keep_last", "log_every", "log_with", "num_workers", "vis_every", "eval",
+    # official argparse names
+    "log_dir", "device", "dist_url", "world_size", "rank", "local_rank", "gpu", "pin_mem", "start_epoch",
+    "save_ckpt", "save_ckpt_freq", "save_ckpt_num", "dist_on_itp", "auto_resume", "distributed", "dist_eval",
+    "disable_eval", "enable_wandb", "wandb_ckpt", "project",
+})
+EVAL_CROP_PCT = 0.875  # finetune.py evaluates with resize max(size) / 0.875, then a center crop
+
+
+@dataclass
+class SourceInfo:
+    """What an export's model card and preprocessing config say about the input.
+
+    path:         the input as given.
+    kind:         "pretraining run", "pretraining checkpoint", "fine-tuning run", "official pretraining checkpoint",
+                  "official fine-tuned checkpoint", "timm weights" or "model file".
+    pretrain:     the FCMAE pretraining settings (config.yaml, or an official checkpoint's args); {} if unknown.
+    finetune:     the fine-tuning settings; {} for a model that was not fine-tuned here or is unknown.
+    metrics:      label -> value, what the run(s) recorded, in reading order.
+    class_names:  the classifier's class names, where the file records them.
+    image_size:   (H, W) the model was last trained or evaluated at.
+    official:     the weights come from the official ConvNeXt V2 release (licensed CC-BY-NC 4.0).
+    provenance:   label -> value, what the file's metadata says about where it came from.
+    """
+
+    path: str
+    kind: str
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    image_size: tuple[int, int] = (224, 224)
+    official: bool = False
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """timm's data config of the model: what finetune.py evaluates with (bicubic, crop_pct 0.875, ImageNet
+        mean and std; the pretraining augmentation normalizes the same way)."""
+        return {"input_size": (3, *self.image_size), "interpolation": "bicubic", "crop_pct": EVAL_CROP_PCT,
+                "crop_mode": "center", "mean": tuple(IMAGENET_DEFAULT_MEAN), "std": tuple(IMAGENET_DEFAULT_STD)}
+
+
+def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
+    """Describe the input `path` that `conversion` was made from (see the module docstring)."""
+    path = Path(path)
+    metadata = _file_metadata(path)
+    run_dir, config_file, step = _run_files(path)
+    config = _read_yaml(config_file) if config_file else {}
+    info = SourceInfo(str(path), "model file")
+    size = conversion.config.get("img_size")
+
+    if "finetune" in config:
+        info.kind = "fine-tuning run"
+        info.finetune = _settings(config)
+        info.metrics.update(_finetune_metrics(run_dir, metadata, step))
+        pretrained = Path(str(config["finetune"])) if config.get("finetune") else None
+        if pretrained is not None and pretrained.exists():
+            pre_dir, pre_config, pre_step = _run_files(pretrained)
+            info.pretrain = _settings(_read_yaml(pre_config)) if pre_config else {}
+            info.metrics.update(_pretrain_metrics(pre_dir, pre_step))
+        size = config.get("input_size", size)
+    elif "mask_ratio" in config:
+        info.kind = "pretraining checkpoint" if step is not None else "pretraining run"
+        info.pretrain = _settings(config)
+        info.metrics.update(_pretrain_metrics(run_dir, step))
+        size = config.get("input_size", size)
+    elif "args" in metadata:  # an official checkpoint: its argparse args
+        args = json.loads(metadata["args"])
+        pretraining = "mask_ratio" in args
+        info.kind = f"official {'pretraining' if pretraining else 'fine-tuned'} checkpoint"
+        (info.pretrain if pretraining else info.finetune).update(_settings(args))
+        size = args.get("input_size", size)
+    elif conversion.layout == "timm":
+        info.kind = "timm weights"
+    info.official = conversion.layout.startswith("official") or info.kind.startswith("official")
+
+    if metadata.get("format") == "timm":  # a fine-tuned model file, or our own --to timm output
+        if "classes" in metadata:
+            info.class_names = [str(c) for c in json.loads(metadata["classes"])]
+        for key in ("val_acc1", "val_acc5"):
+            if key in metadata:
+                info.metrics.setdefault(f"{key} of the saved weights", f"{float(metadata[key]):.2f}")
+        if "weights" in metadata:
+            info.provenance["saved weights"] = f"{metadata['weights']} (epoch {metadata.get('epoch', '?')})"
+        for key in ("source", "layout"):
+            if key in metadata:
+                info.provenance[f"converted from ({key})"] = metadata[key]
+    info.image_size = _image_size(size)
+    return info
+
+
+# Files ----------------------------------------------------------------------------------------------------------
+
+
+def _file_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header metadata (cheap), or an official torch file's args (the file is read again)."""
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        return {}
+    try:
+        with safetensors.safe_open(str(file), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # not safetensors: a torch file, read safely for its args
+        try:
+            return load_checkpoint(file)[1]
+        except (ValueError, OSError):
+            return {}
+
+
+def _run_files(path: Path) -> tuple[Path | None, Path | None, int | None]:
+    """(run folder, config.yaml, checkpoint step or None) of a model file, run folder or checkpoint folder."""
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.yaml").is_file():
+        return None, None, None
+    state = folder / "trainer_state.json"
+    if folder.parent.name == "checkpoints" and state.is_file():
+        try:
+            step = int(json.loads(state.read_text())["step"])
+        except (ValueError, KeyError, TypeError, OSError):
+            step = None
+        return folder.parent.parent, folder / "config.yaml", step
+    return folder, folder / "config.yaml", None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _records(run_dir: Path | None, name: str, step: int | None) -> list[dict[str, Any]]:
+    """The JSON records of a run's log, up to `step` (a checkpoint's view of the run); garbled lines skipped."""
+    if run_dir is None or not (run_dir / name).is_file():
+        return []
+    out = []
+    for line in (run_dir / name).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and (step is None or record.get("step", math.inf) <= step):
+            out.append(record)
+    return out
+
+
+# Settings and metrics -------------------------------------------------------------------------------------------
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that describe how the weights were trained (run-control keys and empty values left out)."""
+    return {k: v for k, v in config.items()
+            if k not in RUN_CONTROL_KEYS and v not in (None, "", []) and isinstance(v, (str, int, float, bool, list))}
+
+
+def _pretrain_metrics(run_dir: Path | None, step: int | None) -> dict[str, str]:
+    records = [r for r in _records(run_dir, "metrics.jsonl", step) if "loss" in r]
+    if not records:
+        return {}
+    first, last = records[0], records[-1]
+    return {"pretraining loss": f"{first['loss']:.4f} at step {first.get('step')} -> {last['loss']:.4f} at step "
+                                f"{last.get('step')} (epoch {_num(last.get('epoch'))})"}
+
+
+def _finetune_metrics(run_dir: Path | None, metadata: dict[str, str], step: int | None) -> dict[str, str]:
+    out = {}
+    records = [r for r in _records(run_dir, "metrics.jsonl", step) if "val_acc1" in r]
+    if records:
+        for prefix in ("val", "ema"):
+            scored = [r for r in records if f"{prefix}_acc1" in r]
+            if scored:
+                best = max(scored, key=lambda r: r[f"{prefix}_acc1"])
+                what = "EMA weights" if prefix == "ema" else "raw weights"
+                out[f"best top-1 / top-5, {what}"] = (f"{best[f'{prefix}_acc1']:.2f} / "
+                                                      f"{best.get(f'{prefix}_acc5', math.nan):.2f} "
+                                                      f"(epoch {_num(best.get('epoch'))})")
+        out["epochs recorded"] = str(len(records))
+    return out
+
+
+def _num(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _image_size(size: Any) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (list, tuple)) and size and all(isinstance(s, int) for s in size):
+        return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    return 224, 224

@@ -1,0 +1,395 @@
+"""fcmae.exports through `fcmae-convert`: transformers folders, Hub-ready timm folders, the official layout and feature
+pyramids, from real pretraining and fine-tuning runs, official-layout files and timm files, checked on real photos."""
+
+import json
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from accelerate.state import AcceleratorState
+
+import fcmae
+from fcmae import convert as conv
+from fcmae.data import eval_transform, load_rgb
+from fcmae.training import run_cli
+from helpers import SMALL, randomize_, rel_err, write_photos
+from test_convert import official_state, save_official
+
+transformers = pytest.importorskip("transformers")  # the dev extra installs it
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import finetune  # noqa: E402
+import pretrain  # noqa: E402
+
+SIZE = 64
+
+
+def call(main, argv):
+    try:
+        return run_cli(main, argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A real pretraining run (atto, 64 px, 4 steps, a checkpoint at step 2) and a 2-step fine-tuning run from it on
+    an ImageFolder of photos (3 classes); both on scikit-image's photos."""
+    tmp = tmp_path_factory.mktemp("runs")
+    photos = write_photos(tmp / "photos", 12, size=96)
+    assert call(pretrain.main, ["--model", "atto", "--data-path", str(tmp / "photos"), "--output-dir",
+                                str(tmp / "pre"), "--input-size", str(SIZE), "--batch-size", "4", "--max-steps", "4",
+                                "--save-every", "2", "--decoder-embed-dim", "32", "--num-workers", "0", "--lr", "1e-3",
+                                "--warmup-steps", "1", "--log-every", "1", "--mask-ratio", "0.5"]) == 0
+    for i, photo in enumerate(photos):
+        split = "val" if i % 4 == 3 else "train"
+        folder = tmp / "labeled" / split / ("cat", "dog", "fox")[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        load_rgb(photo).save(folder / f"{i}.png")
+    assert call(finetune.main, ["--model", "atto", "--data-path", str(tmp / "labeled"), "--finetune",
+                                str(tmp / "pre" / "model.safetensors"), "--output-dir", str(tmp / "ft"),
+                                "--input-size", str(SIZE), "--batch-size", "4", "--max-steps", "2", "--num-workers",
+                                "0", "--mixup", "0", "--cutmix", "0", "--aa", "", "--reprob", "0",
+                                "--warmup-steps", "0", "--layer-decay", "0.9", "--layer-decay-type", "single"]) == 0
+    return tmp
+
+
+def images(count: int = 4) -> tuple[list, torch.Tensor]:
+    """Real photos, and the batch finetune.py's evaluation transform makes of them."""
+    from fcmae.data import demo_image_files
+
+    pictures = [load_rgb(f) for f in demo_image_files()[:count]]
+    return pictures, torch.stack([eval_transform((SIZE, SIZE))(p) for p in pictures])
+
+
+def export(capsys, *argv) -> str:
+    assert conv.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def loaded(cls, folder):
+    """from_pretrained, and what it reported: the missing/unexpected/mismatched keys, and the model."""
+    model, info = cls.from_pretrained(str(folder), output_loading_info=True)
+    return model.eval(), {k: sorted(v) for k, v in info.items() if v}
+
+
+def timm_reference(weights: dict, num_classes: int, **kwargs) -> torch.nn.Module:
+    model = timm.create_model("convnextv2_atto", num_classes=num_classes, **kwargs)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.startswith("head.") for k in missing)
+    return model.eval()
+
+
+def check_transformers_equals_timm(folder, reference: torch.nn.Module, imgs: torch.Tensor, num_classes: int):
+    """Every output transformers gives equals timm's: the stage outputs, the last map, the pooled features (the
+    final LayerNorm with eps 1e-6), the logits."""
+    cls = transformers.ConvNextV2ForImageClassification if num_classes else transformers.ConvNextV2Model
+    model, report = loaded(cls, folder)
+    assert report == {}
+    with torch.no_grad():
+        out = model(imgs, output_hidden_states=True)
+        final, stages = reference.forward_intermediates(imgs)
+        pooled = reference.forward_head(final, pre_logits=True)
+        base = out if not num_classes else model.convnextv2(imgs)
+        assert rel_err(base.last_hidden_state, final) <= 1e-5
+        assert rel_err(base.pooler_output, pooled) <= 1e-5
+        assert len(out.hidden_states) == 5  # the embeddings, then the four stages
+        for ours, theirs in zip(out.hidden_states[1:], stages):
+            assert rel_err(ours, theirs) <= 1e-5
+        if num_classes:
+            assert rel_err(out.logits, reference(imgs)) <= 1e-5
+    return model
+
+
+# transformers ---------------------------------------------------------------------------------------------------
+
+
+def test_transformers_from_a_pretraining_run_and_its_checkpoint(runs, tmp_path, capsys):
+    run = runs / "pre"
+    printed = export(capsys, run / "model.safetensors", tmp_path / "hf", "--to", "transformers")
+    assert "wrote a transformers folder" in printed and "no final LayerNorm in the input" in printed
+    folder = tmp_path / "hf"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                        "preprocessor_config.json"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["layer_norm_eps"] == 1e-6 and config["hidden_sizes"] == [40, 80, 160, 320]
+    assert config["depths"] == [2, 2, 6, 2] and config["model_type"] == "convnextv2"
+
+    # Both classes load every key, and nothing else (num_labels 0: the classifier is an Identity).
+    pictures, batch = images()
+    model = fcmae.load_model(run / "model.safetensors").eval()
+    reference = timm_reference(conv.to_timm(run / "model.safetensors"), 0)
+    hf = check_transformers_equals_timm(folder, reference, batch, 0)
+    assert hf.layernorm.eps == 1e-6
+    assert hf.encoder.stages[1].layers[0].grn.weight.shape == (1, 1, 1, 320)
+    classifier, report = loaded(transformers.ConvNextV2ForImageClassification, folder)
+    assert report == {} and isinstance(classifier.classifier, torch.nn.Identity)
+    with torch.no_grad():
+        assert rel_err(hf(batch).last_hidden_state, model.encoder(batch)) <= 1e-5  # = our sparse encoder, all visible
+
+    # The image processor makes (nearly) the batch finetune.py evaluates on: same size, crop, mean and std; only
+    # the resize kernels differ.
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
+    pixels = processor(pictures, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == batch.shape and (pixels - batch).abs().max() < 0.1
+
+    card = (folder / "README.md").read_text()
+    assert "library_name: transformers" in card and "| mask_ratio | 0.5 |" in card
+    assert "pretraining loss" in card and "(pretraining run)" in card
+
+    # The training-state folder of step 2: the checkpoint's own config, and the metrics up to step 2 only.
+    ckpt = run / "checkpoints" / "step_00000002"
+    export(capsys, ckpt, tmp_path / "hf2", "--to", "transformers")
+    card = (tmp_path / "hf2" / "README.md").read_text()
+    assert "(pretraining checkpoint)" in card and "at step 2 (epoch" in card and "at step 4" not in card
+    check_transformers_equals_timm(tmp_path / "hf2", timm_reference(conv.to_timm(ckpt), 0), batch, 0)
+
+
+def test_transformers_from_a_fine_tuned_run_keeps_its_classifier_and_labels(runs, tmp_path, capsys):
+    source = runs / "ft" / "model.safetensors"
+    export(capsys, source, tmp_path / "hf", "--to", "transformers")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "fox"} and config["layer_norm_eps"] == 1e-6
+    reference = timm.create_model("convnextv2_atto", num_classes=3).eval()
+    reference.load_state_dict(safetensors.torch.load_file(str(source)))  # finetune.py's file: strict in timm
+    _, batch = images()
+    check_transformers_equals_timm(tmp_path / "hf", reference, batch, 3)
+    # The base model has no head: the classifier is all it leaves.
+    _, report = loaded(transformers.ConvNextV2Model, tmp_path / "hf")
+    assert report == {"unexpected_keys": ["classifier.bias", "classifier.weight"]}
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "3-class classifier (cat, dog, fox)" in card and "## Fine-tuning settings" in card
+    assert "## Pretraining settings (FCMAE)" in card and "| mask_ratio | 0.5 |" in card  # from the --finetune run
+    assert "best top-1 / top-5, raw weights" in card and "pretraining loss" in card
+
+    export(capsys, source, tmp_path / "bare", "--to", "transformers", "--drop-head")
+    for cls in (transformers.ConvNextV2Model, transformers.ConvNextV2ForImageClassification):
+        assert loaded(cls, tmp_path / "bare")[1] == {}
+
+
+@pytest.mark.parametrize("me", [True, False])
+def test_transformers_from_official_layouts(tmp_path, capsys, me):
+    """The official MinkowskiEngine layout (main_pretrain.py's checkpoints) and the released dense layout."""
+    model = randomize_(fcmae.create_model("atto", img_size=SIZE, decoder_embed_dim=32), seed=1).eval()
+    state = official_state(model.state_dict(), me=me, prefix=me, decoder=me)
+    path = save_official(tmp_path / "official.pth", state, wrapped=True)
+    export(capsys, path, tmp_path / "hf", "--to", "transformers")
+    _, batch = images()
+    hf = check_transformers_equals_timm(tmp_path / "hf", timm_reference(conv.to_timm(path), 0), batch, 0)
+    with torch.no_grad():
+        assert rel_err(hf(batch).last_hidden_state, model.encoder(batch)) <= 1e-5
+    assert "license: cc-by-nc-4.0" in (tmp_path / "hf" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_transformers_from_a_timm_file(tmp_path, capsys, suffix):
+    source = randomize_(timm.create_model("convnextv2_atto", num_classes=4), seed=2).eval()
+    path = tmp_path / f"timm{suffix}"
+    if suffix == ".pth":
+        torch.save(source.state_dict(), path)
+    else:
+        safetensors.torch.save_file(source.state_dict(), str(path))
+    export(capsys, path, tmp_path / "hf", "--to", "transformers")
+    _, batch = images()
+    check_transformers_equals_timm(tmp_path / "hf", source, batch, 4)
+    assert "(timm weights)" in (tmp_path / "hf" / "README.md").read_text()
+
+
+# Hub-ready timm folders -----------------------------------------------------------------------------------------
+
+
+def test_timm_folder_from_a_pretraining_run_loads_through_local_dir(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = runs / "pre"
+    folder = tmp_path / "convnextv2_atto.fcmae"  # a dotted name is still a folder
+    printed = export(capsys, run / "model.safetensors", folder, "--to", "timm")
+    assert f"timm.create_model('local-dir:{folder}', pretrained=True)" in printed
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    cfg = config["pretrained_cfg"]
+    assert config["architecture"] == "convnextv2_atto" and config["num_classes"] == 0 and "model_args" not in config
+    assert cfg["input_size"] == [3, SIZE, SIZE] and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
+    assert cfg["mean"] == list(timm.data.IMAGENET_DEFAULT_MEAN) and cfg["std"] == list(timm.data.IMAGENET_DEFAULT_STD)
+
+    model = fcmae.load_model(run / "model.safetensors").eval()
+    built = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert built.num_classes == 0 and tuple(timm.data.resolve_data_config(model=built)["input_size"]) == (3, SIZE, SIZE)
+    _, batch = images()
+    with torch.no_grad():
+        assert rel_err(built.forward_features(batch), model.encoder(batch)) <= 1e-5
+    headed = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=5)
+    assert headed.num_classes == 5 and torch.equal(headed.stem[0].weight, built.stem[0].weight)
+
+    card = (folder / "README.md").read_text()
+    assert "library_name: timm" in card and f"`{run / 'model.safetensors'}` (pretraining run)" in card
+    for setting in ("| mask_ratio | 0.5 |", "| input_size | [64] |", "| max_steps | 4 |", "| lr | 0.001 |"):
+        assert setting in card
+    assert "pretraining loss" in card and "at step 4 (epoch" in card and "output_dir" not in card
+
+
+def test_timm_folder_from_a_fine_tuned_run_and_a_custom_official_file(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = runs / "ft" / "model.safetensors"
+    export(capsys, source, tmp_path / "ft", "--to", "timm")
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["num_classes"] == 3 and config["label_names"] == ["cat", "dog", "fox"]
+    built = timm.create_model(f"local-dir:{tmp_path / 'ft'}", pretrained=True).eval()
+    assert built.pretrained_cfg["label_names"] == ["cat", "dog", "fox"]
+    reference = timm.create_model("convnextv2_atto", num_classes=3).eval()
+    reference.load_state_dict(safetensors.torch.load_file(str(source)))
+    _, batch = images()
+    with torch.no_grad():
+        assert rel_err(built(batch), reference(batch)) <= 1e-5
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert "val_acc1 of the saved weights" in card and "| layer_decay | 0.9 |" in card
+
+    # A custom-size official ME checkpoint: model_args carry the depths, dims and Linear MLP.
+    model = randomize_(fcmae.FCMAE(**SMALL), seed=3).eval()
+    path = save_official(tmp_path / "ckpt.pth", official_state(model.state_dict(), me=True), wrapped=True,
+                         args=__import__("argparse").Namespace(input_size=SIZE, mask_ratio=0.6, epochs=1600))
+    export(capsys, path, tmp_path / "custom", "--to", "timm")
+    config = json.loads((tmp_path / "custom" / "config.json").read_text())
+    assert config["model_args"] == {"depths": [1, 1, 2, 1], "dims": [16, 24, 32, 40], "conv_mlp": False}
+    built = timm.create_model(f"local-dir:{tmp_path / 'custom'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert rel_err(built.forward_features(batch), model.encoder(batch)) <= 1e-5
+    card = (tmp_path / "custom" / "README.md").read_text()
+    assert "(official pretraining checkpoint)" in card and "| epochs | 1600 |" in card
+    assert "license: cc-by-nc-4.0" in card and config["pretrained_cfg"]["license"] == "cc-by-nc-4.0"
+
+
+class FakeHub:
+    """huggingface_hub.HfApi, recording what an upload would send (no network)."""
+
+    calls: list = []
+    fail = False
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeHub.calls.append(("create_repo", repo_id, kwargs))
+        if FakeHub.fail:
+            raise RuntimeError("401 Client Error: Unauthorized\nInvalid token")
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        FakeHub.calls.append(("upload_folder", repo_id, files, kwargs["repo_type"]))
+
+
+def test_push_to_hub_uploads_the_written_folder(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    FakeHub.calls, FakeHub.fail = [], False
+    printed = export(capsys, runs / "pre", tmp_path / "hf", "--to", "transformers", "--push-to-hub", "me/atto-fcmae")
+    assert printed.splitlines()[-1] == "pushed to https://huggingface.co/me/atto-fcmae"
+    assert FakeHub.calls == [
+        ("create_repo", "me/atto-fcmae", {"repo_type": "model", "private": False, "exist_ok": True}),
+        ("upload_folder", "me/atto-fcmae", ["README.md", "config.json", "model.safetensors",
+                                            "preprocessor_config.json"], "model")]
+    FakeHub.fail = True
+    err = one_line_error(capsys, [runs / "pre", tmp_path / "timm", "--to", "timm", "--push-to-hub", "me/x"])
+    assert "could not push" in err and "RuntimeError: 401 Client Error: Unauthorized Invalid token" in err
+    assert (tmp_path / "timm" / "model.safetensors").is_file()  # the folder is kept
+
+
+# Feature pyramids and the official layout -----------------------------------------------------------------------
+
+
+def test_feature_pyramid_from_an_exported_folder(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    export(capsys, runs / "pre", tmp_path / "timm", "--to", "timm")
+    features = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True, features_only=True).eval()
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
+    assert features.feature_info.channels() == [40, 80, 160, 320]
+    full = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    pictures, _ = images(2)
+    batch = torch.stack([eval_transform((SIZE, 96))(p) for p in pictures])  # not square: strides per side
+    with torch.no_grad():
+        maps = features(batch)
+        final, intermediates = full.forward_intermediates(batch)
+        x, by_hand = full.stem(batch), []
+        for stage in full.stages:  # stage by stage, not through timm's feature code
+            x = stage(x)
+            by_hand.append(x)
+        encoder = fcmae.load_model(runs / "pre" / "model.safetensors").encoder.eval()
+        assert rel_err(final, encoder(batch)) <= 1e-5
+    for stride, channels, ours, theirs, manual in zip((4, 8, 16, 32), (40, 80, 160, 320), maps, intermediates, by_hand):
+        assert ours.shape == (2, channels, SIZE // stride, 96 // stride)
+        assert torch.equal(ours, theirs) and torch.equal(ours, manual)
+    # The same from the plain timm file, through pretrained_cfg_overlay.
+    export(capsys, runs / "pre", tmp_path / "w.safetensors", "--to", "timm")
+    overlay = timm.create_model("convnextv2_atto", pretrained=True, features_only=True, out_indices=(1, 3),
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / "w.safetensors"))).eval()
+    with torch.no_grad():
+        assert [torch.equal(a, b) for a, b in zip(overlay(batch), maps[1::2])] == [True, True]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_official_layout_export_matches_the_official_names(runs, tmp_path, capsys, suffix):
+    model = fcmae.load_model(runs / "pre" / "model.safetensors")
+    out = tmp_path / f"detection{suffix}"
+    printed = export(capsys, runs / "pre" / "model.safetensors", out, "--to", "official")
+    assert "official ConvNeXt V2 layout" in printed
+    if suffix == ".pth":
+        written = torch.load(out, weights_only=True)["model"]
+    else:
+        written = safetensors.torch.load_file(str(out))
+    expected = official_state(model.state_dict(), me=False, prefix=False, decoder=False)  # the tests' own naming
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], v) for k, v in expected.items())
+    assert written["stages.0.0.grn.gamma"].shape == (1, 1, 1, 160)
+    assert conv.detect_layout(written) == "official-dense"
+    again = conv.to_timm(out, conv_mlp=False)
+    assert all(torch.equal(again[k], v) for k, v in conv.to_timm(model.state_dict(), conv_mlp=False).items())
+    # A fine-tuned model keeps its classifier as the official `norm` and `head`.
+    export(capsys, runs / "ft" / "model.safetensors", tmp_path / "ft.pth", "--to", "official")
+    head = torch.load(tmp_path / "ft.pth", weights_only=True)["model"]
+    assert head["head.weight"].shape == (3, 320) and head["norm.weight"].shape == (320,)
+
+
+# Bad inputs -----------------------------------------------------------------------------------------------------
+
+
+def one_line_error(capsys, argv) -> str:
+    assert conv.main([str(a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured
+    return captured.err
+
+
+def test_bad_export_inputs_end_with_one_line(runs, tmp_path, capsys, monkeypatch):
+    source = runs / "pre" / "model.safetensors"
+    folder = tmp_path / "hf"
+    export(capsys, source, folder, "--to", "transformers")
+    before = (folder / "model.safetensors").read_bytes()
+    assert "hf exists; pass --overwrite" in one_line_error(capsys, [source, folder, "--to", "transformers"])
+    export(capsys, runs / "ft" / "model.safetensors", folder, "--to", "transformers", "--overwrite")
+    assert (folder / "model.safetensors").read_bytes() != before
+    assert "holds files no export writes (checkpoints, config.yaml" in one_line_error(
+        capsys, [runs / "ft" / "model.safetensors", runs / "pre", "--to", "timm", "--overwrite"])
+    assert (runs / "pre" / "model.safetensors").is_file()
+    assert "holds the input" in one_line_error(capsys, [runs / "pre" / "checkpoints" / "step_00000002",
+                                                        runs / "pre" / "checkpoints", "--to", "timm", "--overwrite"])
+    assert "is a file; this export writes a folder" in one_line_error(capsys, [runs / "pre", source, "--to",
+                                                                               "transformers", "--overwrite"])
+    assert "invalid choice: 'onnx'" in one_line_error(capsys, [source, tmp_path / "x", "--to", "onnx"])
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    assert "is not a PyTorch or safetensors checkpoint" in one_line_error(capsys, [tmp_path / "notes.pt", tmp_path / "y", "--to",
+                                                               "transformers"])
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    assert "no ConvNeXt V2 encoder weights" in one_line_error(capsys, [tmp_path / "foreign.safetensors",
+                                                                       tmp_path / "y.pth", "--to", "official"])
+    assert "must be a .pth or .pt or .safetensors file" in one_line_error(capsys, [source, tmp_path / "d.bin",
+                                                                                   "--to", "official"])
+    assert "--conv-mlp applies only to --to timm" in one_line_error(capsys, [source, tmp_path / "z", "--to",
+                                                                             "transformers", "--conv-mlp"])
+    assert "--push-to-hub uploads a folder" in one_line_error(capsys, [source, tmp_path / "z.safetensors", "--to",
+                                                                       "timm", "--push-to-hub", "me/x"])
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    assert "needs the transformers package: pip install" in one_line_error(capsys, [source, tmp_path / "z", "--to",
+                                                                                    "transformers"])
+    assert not any(p.name.startswith((".z", "z", "y")) for p in tmp_path.iterdir())  # nothing half-written
