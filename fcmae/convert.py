@@ -712,8 +712,7 @@ def _check_output(source: str, output: str, overwrite: bool, suffixes: tuple[str
     model.safetensors)."""
     out, src = Path(output), Path(source)
     if out.suffix not in suffixes:
-        folder = " (or, for --to timm, a folder)" if suffixes == (".safetensors",) else ""
-        raise ValueError(f"the output must be a {' or '.join(suffixes)} file{folder}, got {output}")
+        raise ValueError(f"the output must be a {' or '.join(suffixes)} file, got {output}")
     read = src / "model.safetensors" if src.is_dir() else src
     if out.exists() and read.exists() and out.samefile(read):
         raise ValueError(f"the output {output} is the input file; write the conversion to a new file")

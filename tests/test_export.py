@@ -225,6 +225,10 @@ def test_timm_folder_from_a_pretraining_run_loads_through_local_dir(runs, tmp_pa
         assert rel_err(built.forward_features(batch), model.encoder(batch)) <= 1e-5
     headed = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=5)
     assert headed.num_classes == 5 and torch.equal(headed.stem[0].weight, built.stem[0].weight)
+    overlay = timm.create_model("convnextv2_atto", pretrained=True,  # the line for a timm without local-dir:
+                                pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"))).eval()
+    with torch.no_grad():
+        assert rel_err(overlay.forward_features(batch), model.encoder(batch)) <= 1e-5
 
     card = (folder / "README.md").read_text()
     assert "library_name: timm" in card and f"`{run / 'model.safetensors'}` (pretraining run)" in card

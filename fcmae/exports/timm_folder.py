@@ -1,6 +1,6 @@
 """A Hub-ready timm folder: `model.safetensors`, timm's `config.json` and a model card `README.md`.
 
-timm (>= 1.0.21 reads `local-dir:`; checked on 1.0.31) builds and loads it in one line:
+timm builds and loads it in one line through its `local-dir:` source (checked on timm 1.0.31):
 
     model = timm.create_model("local-dir:FOLDER", pretrained=True)                  # as exported
     model = timm.create_model("local-dir:FOLDER", pretrained=True, num_classes=10)  # a fresh 10-class head
