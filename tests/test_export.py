@@ -1,40 +1,27 @@
 """fcmae.exports through `fcmae-convert`: transformers folders, Hub-ready timm folders, the official layout and feature
 pyramids, from real pretraining and fine-tuning runs, official-layout files and timm files, checked on real photos."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 import huggingface_hub
 import pytest
-import safetensors
 import safetensors.torch
 import timm
 import torch
-from accelerate.state import AcceleratorState
 
 import fcmae
 from fcmae import convert as conv
 from fcmae.data import eval_transform, load_rgb
-from fcmae.training import run_cli
 from helpers import SMALL, randomize_, rel_err, write_photos
 from test_convert import official_state, save_official
+from test_finetune import call, finetune, pretrain
 
 transformers = pytest.importorskip("transformers")  # the dev extra installs it
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import finetune  # noqa: E402
-import pretrain  # noqa: E402
-
 SIZE = 64
-
-
-def call(main, argv):
-    try:
-        return run_cli(main, argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -187,14 +174,11 @@ def test_transformers_from_official_layouts(tmp_path, capsys, me):
     assert "license: cc-by-nc-4.0" in (tmp_path / "hf" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_transformers_from_a_timm_file(tmp_path, capsys, suffix):
+def test_transformers_from_a_timm_file(tmp_path, capsys):
+    """timm's own weights, as torch.save writes them (fine-tuned files above are timm safetensors files)."""
     source = randomize_(timm.create_model("convnextv2_atto", num_classes=4), seed=2).eval()
-    path = tmp_path / f"timm{suffix}"
-    if suffix == ".pth":
-        torch.save(source.state_dict(), path)
-    else:
-        safetensors.torch.save_file(source.state_dict(), str(path))
+    path = tmp_path / "timm.pth"
+    torch.save(source.state_dict(), path)
     export(capsys, path, tmp_path / "hf", "--to", "transformers")
     _, batch = images()
     check_transformers_equals_timm(tmp_path / "hf", source, batch, 4)
@@ -225,7 +209,7 @@ def test_timm_folder_from_a_pretraining_run_loads_through_local_dir(runs, tmp_pa
         assert rel_err(built.forward_features(batch), model.encoder(batch)) <= 1e-5
     headed = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=5)
     assert headed.num_classes == 5 and torch.equal(headed.stem[0].weight, built.stem[0].weight)
-    overlay = timm.create_model("convnextv2_atto", pretrained=True,  # the line for a timm without local-dir:
+    overlay = timm.create_model("convnextv2_atto", pretrained=True, num_classes=0,  # for a timm without local-dir:
                                 pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"))).eval()
     with torch.no_grad():
         assert rel_err(overlay.forward_features(batch), model.encoder(batch)) <= 1e-5
@@ -256,7 +240,7 @@ def test_timm_folder_from_a_fine_tuned_run_and_a_custom_official_file(runs, tmp_
     # A custom-size official ME checkpoint: model_args carry the depths, dims and Linear MLP.
     model = randomize_(fcmae.FCMAE(**SMALL), seed=3).eval()
     path = save_official(tmp_path / "ckpt.pth", official_state(model.state_dict(), me=True), wrapped=True,
-                         args=__import__("argparse").Namespace(input_size=SIZE, mask_ratio=0.6, epochs=1600))
+                         args=argparse.Namespace(input_size=SIZE, mask_ratio=0.6, epochs=1600))
     export(capsys, path, tmp_path / "custom", "--to", "timm")
     config = json.loads((tmp_path / "custom" / "config.json").read_text())
     assert config["model_args"] == {"depths": [1, 1, 2, 1], "dims": [16, 24, 32, 40], "conv_mlp": False}
