@@ -743,7 +743,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoder-embed-dim", type=int, help="--to fcmae: width of a fresh decoder (default 512)")
     parser.add_argument("--no-strict", dest="strict", action="store_false",
                         help="allow a partial decoder or head, drop a classifier head for --to fcmae; reports skips")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input; a "
+                                                                      "folder only if it holds an earlier export)")
     parser.add_argument("--drop-head", action="store_true", default=None,
                         help="leave out the input's classifier head")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this Hugging Face Hub "
@@ -762,11 +763,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{', '.join(o for o, _ in misplaced)} {verb} only to --to {misplaced[0][1]}")
         from .exports import cli as exports  # imports this module: loaded on use
 
-        if args.push_to_hub and not exports.writes_folder(args.to, args.output):
-            raise ValueError("--push-to-hub uploads a folder: use --to transformers, or --to timm with a folder as "
-                             "OUTPUT")
-        if exports.is_export(args.to, args.output):
-            print("\n".join(exports.run_export(args, _check_output)))
+        if exports.is_export(args.to, args.output) or args.push_to_hub:
+            print("\n".join(exports.export(args.input, args.output, args.to, args.model, conv_mlp=args.conv_mlp,
+                                            strict=args.strict, drop_head=bool(args.drop_head),
+                                            overwrite=args.overwrite, push_to_hub=args.push_to_hub)))
             return 0
         _check_output(args.input, args.output, args.overwrite)
         result = convert(args.input, args.to, args.model, conv_mlp=args.conv_mlp, decoder_depth=args.decoder_depth,

@@ -13,6 +13,7 @@ import timm
 import torch
 
 import fcmae
+import fcmae.exports
 from fcmae import convert as conv
 from fcmae.data import eval_transform, load_rgb
 from helpers import SMALL, randomize_, rel_err, write_photos
@@ -377,6 +378,8 @@ def test_bad_export_inputs_end_with_one_line(runs, tmp_path, capsys, monkeypatch
                                                                              "transformers", "--conv-mlp"])
     assert "--push-to-hub uploads a folder" in one_line_error(capsys, [source, tmp_path / "z.safetensors", "--to",
                                                                        "timm", "--push-to-hub", "me/x"])
+    with pytest.raises(ValueError, match="--to fcmae into .* is a plain conversion, not an export"):
+        fcmae.exports.export(str(source), str(tmp_path / "z"), "fcmae")
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     assert "needs the transformers package: pip install" in one_line_error(capsys, [source, tmp_path / "z", "--to",
                                                                                     "transformers"])

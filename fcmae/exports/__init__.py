@@ -13,3 +13,7 @@ Hub-ready folder.
 Every export starts from `fcmae.convert.convert(..., "timm")`: one loader, one layout detection and one set of
 checks for every input the converter reads.
 """
+
+from .cli import export
+
+__all__ = ["export"]

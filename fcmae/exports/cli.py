@@ -1,13 +1,16 @@
 """The exports behind `fcmae-convert`: `--to transformers` (a folder), `--to official` (a file), `--to timm` into a
 folder (Hub-ready), and `--push-to-hub REPO` for the folders. `fcmae.convert.main` parses the flags and hands
-these targets here."""
+these targets to `export`, which is also the Python API:
+
+    from fcmae.exports import export
+    print("\n".join(export("output/demo/model.safetensors", "atto-hf", "transformers")))
+"""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from ..convert import convert
+from ..convert import _check_output, convert
 from .hub import push_folder
 from .official_layout import OFFICIAL_SUFFIXES, write_official
 from .output_folder import check_output_folder, write_folder
@@ -15,7 +18,7 @@ from .source_info import describe_source
 from .timm_folder import write_timm_folder
 from .transformers_folder import write_transformers_folder
 
-__all__ = ["EXPORT_TARGETS", "FILE_SUFFIXES", "writes_folder", "is_export", "run_export"]
+__all__ = ["EXPORT_TARGETS", "FILE_SUFFIXES", "writes_folder", "is_export", "export"]
 
 EXPORT_TARGETS = ("transformers", "official")
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")  # an output named so is a file, never a folder
@@ -31,37 +34,43 @@ def is_export(to: str, output: str) -> bool:
     return to in EXPORT_TARGETS or writes_folder(to, output)
 
 
-def run_export(args: argparse.Namespace, check_file_output) -> list[str]:
-    """Convert `args.input` and write the export `args.to` at `args.output`; push the folder with --push-to-hub
-    (`fcmae.convert.main` has checked that the output is a folder).
+def export(source: str, output: str, to: str, model: str | None = None, *, conv_mlp: bool | None = None,
+           strict: bool = True, drop_head: bool = False, overwrite: bool = False,
+           push_to_hub: str | None = None) -> list[str]:
+    """Convert `source` (anything `fcmae.convert` reads) and write the export `to` ("transformers", "official", or
+    "timm" into a folder) at `output`; upload the folder to the Hub repo `push_to_hub` if given.
 
-    `check_file_output(source, output, overwrite, suffixes)` checks a file output (fcmae.convert's own check).
-    Returns the lines to print. Raises ValueError / OSError (one line) for bad input, before writing anything.
+    Returns what `fcmae-convert` prints: the conversion notes, what was written, how to load it. Raises ValueError /
+    OSError with a one-line reason for a bad input (before anything is written) or a failed upload (the folder is
+    kept). `model`, `conv_mlp` (timm only), `strict` and `drop_head` are `fcmae.convert.convert`'s.
     """
-    if writes_folder(args.to, args.output):
-        check_output_folder(args.input, args.output, args.overwrite)
+    folder = writes_folder(to, output)
+    if push_to_hub and not folder:
+        raise ValueError("--push-to-hub uploads a folder: use --to transformers, or --to timm with a folder as OUTPUT")
+    if not is_export(to, output):
+        raise ValueError(f"--to {to} into {output} is a plain conversion, not an export; use fcmae.convert")
+    if folder:
+        check_output_folder(source, output, overwrite)
     else:
-        check_file_output(args.input, args.output, args.overwrite, OFFICIAL_SUFFIXES)
+        _check_output(source, output, overwrite, OFFICIAL_SUFFIXES)  # the plain conversion's check
     # timm's names are the hub between layouts; transformers and the official model use Linear MLPs.
-    conv_mlp = args.conv_mlp if args.to == "timm" else False
-    result = convert(args.input, "timm", args.model, conv_mlp=conv_mlp, strict=args.strict,
-                     drop_head=bool(args.drop_head))
-    info = describe_source(args.input, result)
+    result = convert(source, "timm", model, conv_mlp=conv_mlp if to == "timm" else False, strict=strict,
+                     drop_head=drop_head)
+    info = describe_source(source, result)
 
-    if args.to == "official":
-        count = write_official(result, args.output)
-        return [*result.notes, f"wrote {count} tensors in the official ConvNeXt V2 layout to {args.output}",
-                f"use: the official code or a ConvNeXt V2 detection backbone reads checkpoint['model'] of "
-                f"{args.output}"]
-    if args.to == "transformers":
-        write_folder(args.output, lambda d: write_transformers_folder(result, info, d))
+    if to == "official":
+        count = write_official(result, output)
+        return [*result.notes, f"wrote {count} tensors in the official ConvNeXt V2 layout to {output}",
+                f"use: the official code or a ConvNeXt V2 detection backbone reads checkpoint['model'] of {output}"]
+    if to == "transformers":
+        write_folder(output, lambda d: write_transformers_folder(result, info, d))
         cls = "ConvNextV2ForImageClassification" if "head.fc.weight" in result.state else "ConvNextV2Model"
-        use = f"use: transformers.{cls}.from_pretrained({str(args.output)!r}), AutoImageProcessor likewise"
+        use = f"use: transformers.{cls}.from_pretrained({str(output)!r}), AutoImageProcessor likewise"
     else:
-        write_folder(args.output, lambda d: write_timm_folder(result, info, d))
-        use = f"use: timm.create_model({'local-dir:' + str(args.output)!r}, pretrained=True)"
-    lines = [*result.notes, f"wrote a {args.to} folder to {args.output} (model.safetensors, config.json, "
-                            f"{'preprocessor_config.json, ' if args.to == 'transformers' else ''}README.md)", use]
-    if args.push_to_hub:
-        lines.append(f"pushed to {push_folder(args.output, args.push_to_hub)}")
+        write_folder(output, lambda d: write_timm_folder(result, info, d))
+        use = f"use: timm.create_model({'local-dir:' + str(output)!r}, pretrained=True)"
+    lines = [*result.notes, f"wrote a {to} folder to {output} (model.safetensors, config.json, "
+                            f"{'preprocessor_config.json, ' if to == 'transformers' else ''}README.md)", use]
+    if push_to_hub:
+        lines.append(f"pushed to {push_folder(output, push_to_hub)}")
     return lines
