@@ -283,6 +283,9 @@ def test_push_to_hub_uploads_the_written_folder(runs, tmp_path, capsys, monkeypa
     err = one_line_error(capsys, [runs / "pre", tmp_path / "timm", "--to", "timm", "--push-to-hub", "me/x"])
     assert "could not push" in err and "RuntimeError: 401 Client Error: Unauthorized Invalid token" in err
     assert (tmp_path / "timm" / "model.safetensors").is_file()  # the folder is kept
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    err = one_line_error(capsys, [runs / "pre", tmp_path / "t2", "--to", "timm", "--push-to-hub", "me/x"])
+    assert "needs huggingface_hub (pip install huggingface_hub); the export is written at" in err
 
 
 # Feature pyramids and the official layout -----------------------------------------------------------------------
