@@ -10,7 +10,7 @@
 #    so torch comes from local disk where it lies there; nothing of it stays in the image.
 # 3. In the image, as its non-root user: --help of both scripts, a 5-step demo pretraining on 2 processes under
 #    accelerate launch (its loss must fall), fcmae-convert to timm, and a 1-epoch fine-tune on the digits
-#    (top-1 above chance, and the file loads into timm strictly).
+#    (top-1 above twice chance, and the file loads into timm strictly).
 # 4. With --cuda, the CUDA image fcmae:cuda (PyPI's torch wheels, about 3 GB) and a torch check in it.
 #
 # Images stay (they are the cache of the next run); the output volume is removed. Exit status 0 means all passed.
@@ -51,7 +51,8 @@ engine_cmd=("$engine") run_flags=() build_flags=()
 if [ "$engine" = podman ]; then
     command -v runc >/dev/null && engine_cmd+=(--runtime runc)
     run_flags=(--ulimit nofile=20000:20000 --ulimit nproc=32768:32768 --network host)
-    build_flags=("${run_flags[@]}" --ignorefile docker/Dockerfile.dockerignore)
+    # docker format: the OCI format drops SHELL
+    build_flags=("${run_flags[@]}" --format docker --ignorefile docker/Dockerfile.dockerignore)
 fi
 engine() { echo "+ $engine $*" >&2; "${engine_cmd[@]}" "$@"; }
 
@@ -61,8 +62,9 @@ if "${engine_cmd[@]}" image exists debian:bookworm-slim 2>/dev/null \
     say "base: debian:bookworm-slim is there"
 else
     command -v debootstrap >/dev/null || fail "no debian:bookworm-slim image and no debootstrap to make one"
-    # The first Debian mirror apt is configured with (deb822 or one-line format).
-    mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1 || true)
+    # The Debian mirror apt is configured with (Debian's deb822 file, or the one-line format).
+    mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null \
+        | grep -v security | head -n1 || true)
     [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
     mirror=${mirror:-http://deb.debian.org/debian}
     say "base: debootstrap --variant=minbase bookworm from $mirror"
@@ -75,9 +77,13 @@ else
 fi
 
 # --- pip settings of this machine, for podman builds ------------------------------------------------------
-# `pip config list` prints key='value' (files and PIP_* variables); they become one pip.conf, and every local
-# path in them (CA bundle, constraint files, find-links and file:// index folders) is mounted read-only.
+# `pip config list` prints key='value' (config files and PIP_* variables); they become one pip.conf, mounted at
+# /etc/pip.conf. Every local path in them (CA bundle, constraint files, find-links and file:// index folders) is
+# mounted read-only under /tmp/host, and the build's /tmp is a host folder: so the image keeps nothing of them
+# but an empty /etc/pip.conf (the mount point), and pip's temporary files stay out of the layers too.
 if [ "$engine" = podman ] && command -v pip >/dev/null; then
+    mkdir -m 1777 "$tmp/build-tmp"  # as /tmp is: apt's own user writes there
+    build_flags+=(-v "$tmp/build-tmp:/tmp" -v "$tmp/pip.conf:/etc/pip.conf:ro")
     pip config list 2>/dev/null | python3 -c '
 import os, re, sys
 values, mounts = {}, set()
@@ -85,22 +91,25 @@ for line in sys.stdin:
     m = re.match(r"^(?::env:|[\w-]+)\.([\w-]+)=(.*)$", line.strip())
     if m:
         values[m.group(1)] = m.group(2).strip("\x27\"")
-if "cert" in values:  # not in /etc/ssl, where the ca-certificates package of the image writes
-    mounts.add(values["cert"] + ":/run/host-ca.crt")
-    values["cert"] = "/run/host-ca.crt"
-for key, value in values.items():
-    for token in value.split():
-        path = token[len("file://"):] if token.startswith("file://") else token
-        if os.path.isabs(path) and os.path.exists(path):
-            # a PEP 503 tree links ../../files from simple/NAME/, so mount its root
-            mounts.add(os.path.dirname(path.rstrip("/")) if path.rstrip("/").endswith("/simple") else path)
+
+def in_build(token):
+    path = token[len("file://"):] if token.startswith("file://") else token
+    if not (os.path.isabs(path) and os.path.exists(path)):
+        return token
+    path = path.rstrip("/")
+    # a PEP 503 tree links ../../files from simple/NAME/, so its root is mounted
+    mounts.add(os.path.dirname(path) if path.endswith("/simple") else path)
+    return token.replace(path, "/tmp/host" + path, 1)
+
 with open(sys.argv[1], "w") as f:
-    f.write("[global]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
-print("\n".join(m if ":" in m else f"{m}:{m}" for m in sorted(mounts)))
+    f.write("[global]\n")
+    for key, value in values.items():
+        tokens = [in_build(token) for token in value.split()]
+        f.write(key + " = " + " ".join(tokens) + "\n")
+print("\n".join(sorted(mounts)))
 ' "$tmp/pip.conf" >"$tmp/mounts"
-    build_flags+=(-v "$tmp/pip.conf:/etc/pip.conf:ro")
-    while read -r path; do  # HOST:CONTAINER
-        [ -n "$path" ] && build_flags+=(-v "$path:ro")
+    while read -r path; do
+        [ -n "$path" ] && build_flags+=(-v "$path:/tmp/host$path:ro")
     done <"$tmp/mounts"
 fi
 
@@ -142,7 +151,7 @@ assert os.getuid() != 0, "the image runs as root"
 losses = [json.loads(line)["loss"] for line in open("output/demo/metrics.jsonl")]
 assert len(losses) == 5 and losses[-1] < losses[0], f"pretraining loss did not fall: {losses}"
 record = [json.loads(line) for line in open("output/finetune-demo/metrics.jsonl")][-1]
-assert record["epoch"] == 1 and record["val_acc1"] > 10.0, f"fine-tune at chance level: {record}"
+assert record["val_acc1"] > 20.0, f"fine-tune top-1 not above twice chance (10%): {record}"
 model = timm.create_model("convnextv2_atto", num_classes=10)
 model.load_state_dict(safetensors.torch.load_file("output/finetune-demo/model.safetensors"))  # strict
 owners = {os.stat(os.path.join(d, f)).st_uid for d, _, fs in os.walk("output") for f in fs}
