@@ -19,8 +19,9 @@
 # What it patches in the 0.5.4 sources, and why (all checked: a patch that no longer applies stops the build):
 #   - setup.py runs `pip uninstall MinkowskiEngine` on the PATH's pip: removed, it would reach outside the build.
 #   - `from collections import Sequence` (gone in Python 3.10): from collections.abc.
-#   - CUDA only: the thrust/cub headers that CUDA 12+ no longer includes transitively, and the cuSPARSE
-#     algorithm names CUDA 12 removed (the fixes the community forks of ME apply).
+#   - CUDA only: the thrust headers that CUDA 12+ no longer includes transitively, and NVTX compiled out (its
+#     bundled ranges collide with CUDA 12.2+'s NVTX3): the fixes ME's issues #543, #601 and #614 and the
+#     community forks apply. The CUDA path is not yet verified on CUDA 13 (see README).
 # Pins in the build venv: setuptools<60 and numpy<1.26 (setup.py's numpy.distutils path breaks with newer ones).
 # Needs a C++ compiler and OpenBLAS (Debian: libopenblas-dev; installed with apt-get when run as root).
 set -euo pipefail
@@ -52,6 +53,8 @@ print(torch.__version__, f"cp{sys.version_info[0]}{sys.version_info[1]}", torch.
 EOF
 ) || die "torch is not importable by '$python': install the project first (pip install -c constraints.txt -e .)"
 read -r torch_version py_tag torch_cuda has_gpu purelib platlib <<<"$info"
+case "$py_tag" in cp310|cp311) ;; *) die "ME's build needs Python 3.10 or 3.11 (its build pins numpy<1.26 and "\
+"setuptools<60 do not support newer ones); this environment's Python is $py_tag" ;; esac
 
 if [ "$variant" = auto ]; then
     variant=cpu
@@ -133,15 +136,20 @@ patch_file MinkowskiEngine/MinkowskiKernelGenerator.py \
 ! grep -rq '^from collections import .*Sequence' "$src/MinkowskiEngine" || die "a collections.Sequence import is left"
 
 if [ "$variant" = cuda ]; then
-    # CUDA 12+ headers no longer pull these in through each other.
-    for f in src/3rdparty/concurrent_unordered_map.cuh src/convolution_kernel.cuh src/coordinate_map_gpu.cu \
-             src/spmm.cu src/kernel_map.cuh; do
-        [ -f "$src/$f" ] || continue
-        sed -i '0,/^#include/s//#include <thrust\/execution_policy.h>\n#include <thrust\/sort.h>\n#include <thrust\/unique.h>\n#include <thrust\/remove.h>\n#include <thrust\/count.h>\n#include <thrust\/reduce.h>\n#include <thrust\/iterator\/discard_iterator.h>\n#include/' "$src/$f"
-    done
-    # cuSPARSE 12 removed the old SpMM algorithm names; CUSPARSE_SPMM_ALG_DEFAULT is their replacement.
-    sed -i -e 's/CUSPARSE_MM_ALG_DEFAULT/CUSPARSE_SPMM_ALG_DEFAULT/g' -e 's/CUSPARSE_COOMM_ALG[123]/CUSPARSE_SPMM_ALG_DEFAULT/g' \
-        -e 's/CUSPARSE_CSRMM_ALG1/CUSPARSE_SPMM_ALG_DEFAULT/g' "$src/src/spmm.cu"
+    # CUDA 12+ thrust no longer includes these through its other headers ("namespace thrust has no member ...").
+    add_includes() {  # FILE HEADER...: insert the includes above the file's first #include
+        local file=$src/$1; shift
+        local lines; lines=$(printf '#include <%s>\\n' "$@")
+        sed -i "0,/^#include/s||${lines}#include|" "$file"
+        grep -q "^#include <$1>" "$file" || die "patch of $file did not apply"
+    }
+    add_includes src/3rdparty/concurrent_unordered_map.cuh thrust/execution_policy.h
+    add_includes src/convolution_kernel.cuh thrust/execution_policy.h
+    add_includes src/coordinate_map_gpu.cu thrust/unique.h thrust/remove.h
+    add_includes src/spmm.cu thrust/execution_policy.h thrust/reduce.h thrust/sort.h
+    # The bundled cudf NVTX ranges collide with the NVTX3 headers of CUDA 12.2+: compile them out.
+    patch_file setup.py 's/^NVCC_FLAGS += \["--expt-relaxed-constexpr", "--expt-extended-lambda"\]$/&\nNVCC_FLAGS += ["-DNVTX_DISABLE"]\nCC_FLAGS += ["-DNVTX_DISABLE"]/' \
+        '^NVCC_FLAGS += \["-DNVTX_DISABLE"\]$'
     build_flag=--force_cuda
 else
     build_flag=--cpu_only
