@@ -1,12 +1,13 @@
-"""Time one full FCMAE pretraining step (forward, backward, decoder and loss) with both encoder backends.
+"""Time one full FCMAE pretraining step (forward, backward, decoder and loss) with each encoder backend.
 
-Both backends run in one process on the same weights, images and mask, interleaved after a warm-up, and the
+The backends run in one process on the same weights, images and mask, interleaved after a warm-up, and the
 median of the repeats is reported, so that machine noise hits both alike. Peak memory is the tensor memory a
 step allocates on top of the model and its inputs.
 
     python benchmarks/step_time.py                      # the README table: tiny b8 and atto b16 at 224 on CPU
     python benchmarks/step_time.py --model tiny --batch-size 8 --profile   # where the sparse step's time goes
     python benchmarks/step_time.py --device cuda
+    python benchmarks/step_time.py --backends sparse,dense,minkowski   # with MinkowskiEngine installed
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import time
 import torch
 
 import fcmae
-
-BACKENDS = ("sparse", "dense")
 
 
 def make_step(model: fcmae.FCMAE, imgs: torch.Tensor, mask: torch.Tensor):
@@ -44,20 +43,23 @@ def setup(name: str, batch_size: int, img_size: int, mask_ratio: float, device: 
 
 
 def measure(args) -> dict[str, float]:
-    """Median step time of each backend, their peak memory, and how far their predictions differ."""
+    """Median step time of each backend, their peak memory, and how far their predictions differ (the largest
+    relative difference of any backend's from the first's)."""
     model, imgs, mask = setup(args.model, args.batch_size, args.img_size, args.mask_ratio, args.device)
     step = make_step(model, imgs, mask)
-    outputs = {b: step(b) for b in BACKENDS}  # warm-up, and the outputs must agree
-    diff = ((outputs["sparse"] - outputs["dense"]).abs().max() / outputs["dense"].abs().max()).item()
-    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    backends = args.backends
+    outputs = {b: step(b) for b in backends}  # warm-up, and the outputs must agree
+    ref = outputs[backends[0]]
+    diff = max([((out - ref).abs().max() / ref.abs().max()).item() for out in outputs.values()])
+    times: dict[str, list[float]] = {b: [] for b in backends}
     for _ in range(args.repeats):
-        for backend in BACKENDS:
+        for backend in backends:
             start = time.perf_counter()
             step(backend)
             times[backend].append(time.perf_counter() - start)
     result = {b: statistics.median(t) for b, t in times.items()}
     result["max_rel_diff"] = diff
-    for backend in BACKENDS:
+    for backend in backends:
         result[f"{backend}_peak"] = float("nan") if args.no_memory else peak_memory(model, step, backend, args.device)
     return result
 
@@ -112,7 +114,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the sparse step")
+    parser.add_argument("--backends", default="sparse,dense",
+                        help="comma-separated encoder backends; times are also given as ratios to dense (default: sparse,dense)")
     args = parser.parse_args()
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(args.backends) - set(fcmae.encoder.BACKENDS))
+    if unknown or len(set(args.backends)) != len(args.backends) or len(args.backends) < 2:
+        parser.error(f"--backends takes two or more different ones of {', '.join(fcmae.encoder.BACKENDS)}")
+    if any(b.startswith("minkowski") for b in args.backends):
+        from fcmae.minkowski import require
+
+        try:
+            require()
+        except ImportError as e:
+            parser.error(str(e))
     torch.set_num_threads(args.threads)
     models = args.model or ["convnextv2_tiny", "convnextv2_atto"]
     batch_sizes = args.batch_size or [8, 16][: len(models)]
@@ -121,15 +136,19 @@ def main() -> None:
 
     print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, img {args.img_size}, "
           f"mask ratio {args.mask_ratio}, median of {args.repeats}")
-    print("| model | batch | sparse step (s) | dense step (s) | sparse / dense | sparse peak (GiB) | "
-          "dense peak (GiB) | max rel. diff of pred |")
-    print("|---|---|---|---|---|---|---|---|")
+    backends = args.backends
+    base = "dense" if "dense" in backends else backends[-1]
+    others = [b for b in backends if b != base]
+    columns = ([f"{b} step (s)" for b in backends] + [f"{b} / {base}" for b in others]
+               + [f"{b} peak (GiB)" for b in backends] + ["max rel. diff of pred"])
+    print("| model | batch | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 2) + "|")
     for name, batch_size in zip(models, batch_sizes):
         args.model, args.batch_size = fcmae.models.resolve_name(name), batch_size
         result = measure(args)
-        print(f"| {args.model} | {batch_size} | {result['sparse']:.3f} | {result['dense']:.3f} | "
-              f"{result['sparse'] / result['dense']:.2f}x | {result['sparse_peak']:.2f} | {result['dense_peak']:.2f} | "
-              f"{result['max_rel_diff']:.1e} |", flush=True)
+        cells = ([f"{result[b]:.3f}" for b in backends] + [f"{result[b] / result[base]:.2f}x" for b in others]
+                 + [f"{result[f'{b}_peak']:.2f}" for b in backends] + [f"{result['max_rel_diff']:.1e}"])
+        print(f"| {args.model} | {batch_size} | " + " | ".join(cells) + " |", flush=True)
         if args.profile:
             profile_sparse(args)
 

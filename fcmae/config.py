@@ -19,6 +19,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from .encoder import BACKENDS
 from .models import resolve_name
 
 __all__ = [
@@ -105,7 +106,7 @@ class PretrainConfig(TrainConfig):
     decoder_depth: int = 1
     decoder_embed_dim: int = 512
     norm_pix_loss: bool = True
-    backend: str = "sparse"  # encoder backend: "sparse" or the masked-dense reference "dense"
+    backend: str = "sparse"  # encoder backend: "sparse", the masked-dense reference "dense", or "minkowski"
     init_from: str = ""  # start from a model file's weights (not its training state)
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
 
@@ -121,8 +122,12 @@ class PretrainConfig(TrainConfig):
             raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.decoder_depth < 0 or self.decoder_embed_dim < 1:
             raise ConfigError("decoder_depth must be >= 0 and decoder_embed_dim >= 1")
-        if self.backend not in ("sparse", "dense"):
-            raise ConfigError(f"unknown backend {self.backend!r}; choose sparse or dense")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.backend.startswith("minkowski"):
+            from .minkowski import require  # fails here, before anything is written, without MinkowskiEngine
+
+            require()
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
         height, width = self.image_size

@@ -7,6 +7,7 @@ without `head.*`), so a checkpoint of this encoder is a timm checkpoint. Two bac
             depthwise conv touches visible sites only.
   "dense"   the masked-dense reference: full (N, H, W, C) maps, re-masked wherever an op could let a removed
             site leak into a visible one (before each depthwise conv and each GRN) and at the output.
+  "minkowski", "minkowski-official"  MinkowskiEngine sparse tensors, optional (see `fcmae.minkowski`).
 
 With an all-visible mask both equal timm's `forward_features`.
 """
@@ -25,7 +26,7 @@ from .sparse import VisiblePatches, strided_conv
 
 __all__ = ["SparseConvNeXtV2", "Block", "BACKENDS"]
 
-BACKENDS = ("sparse", "dense")
+BACKENDS = ("sparse", "dense", "minkowski", "minkowski-official")
 STEM_STRIDE = 4
 
 
@@ -148,6 +149,10 @@ class SparseConvNeXtV2(nn.Module):
         """`forward` for inputs already checked (by check_input and check_mask): the chosen backend."""
         if self.backend == "sparse":
             return self.forward_sparse(imgs, mask, grid)
+        if self.backend.startswith("minkowski"):
+            from .minkowski import forward_minkowski  # imports MinkowskiEngine: only when asked for
+
+            return forward_minkowski(self, imgs, mask, grid, batch_grn=self.backend == "minkowski-official")
         return self.forward_dense(imgs, mask, grid)
 
     def check_input(self, imgs: Tensor) -> tuple[int, int]:

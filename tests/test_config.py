@@ -42,7 +42,7 @@ def test_round_trip_through_saved_yaml(tmp_path):
     (["--input-size", "64", "64", "64"], "input_size must be one or two"),
     (["--mask-ratio", "1.0"], "mask_ratio must be in \\[0, 1\\)"),
     (["--batch-size", "0"], "batch_size must be >= 1"),
-    (["--backend", "minkowski"], "unknown backend 'minkowski'"),
+    (["--backend", "minkowsky"], "unknown backend 'minkowsky'"),
     (["--log-with", "mlflow"], "unknown tracker\\(s\\) mlflow"),
     (["--config", "/nonexistent.yaml"], "config file not found"),
     (["--min-lr", "nan"], "min_lr must be a finite number, got nan"),

@@ -138,4 +138,4 @@ def test_create_model_errors():
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         fcmae.create_model("atto", img_size=100)
     with pytest.raises(ValueError, match="unknown backend"):
-        fcmae.create_model("atto", backend="minkowski")
+        fcmae.create_model("atto", backend="minkowsky")

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Install MinkowskiEngine 0.5.4 (the optional `backend="minkowski"`) into the current Python environment.
+#
+#   . .venv/bin/activate && scripts/install_minkowskiengine.sh [--cpu | --cuda] [--rebuild] [--jobs N]
+#
+# ME is built from the PyPI sdist against the torch already installed in the environment, in a throwaway build
+# venv (the project's environment gets nothing but the finished wheel). The wheel is cached by torch version,
+# Python version and CPU/CUDA, so a second install takes seconds:
+#   ${FCMAE_CACHE_DIR:-~/.cache/fcmae}/minkowskiengine/<torch version>/<cp3XX>-<cpu|cudaXY>/MinkowskiEngine-*.whl
+# A first build takes about 15 minutes on 2 cores (CPU); run it under `nice` on a shared machine.
+#
+# Options:
+#   --cpu        build the CPU-only extension (the default unless a CUDA toolkit and a GPU are both present)
+#   --cuda       build the CUDA extension (needs nvcc matching torch's CUDA version)
+#   --rebuild    ignore the cached wheel and build again
+#   --jobs N     parallel compile jobs (default: the number of cores)
+#   --python P   install into the environment of interpreter P (default: `python` on PATH)
+#
+# What it patches in the 0.5.4 sources, and why (all checked: a patch that no longer applies stops the build):
+#   - setup.py runs `pip uninstall MinkowskiEngine` on the PATH's pip: removed, it would reach outside the build.
+#   - `from collections import Sequence` (gone in Python 3.10): from collections.abc.
+#   - CUDA only: the thrust headers that CUDA 12+ no longer includes transitively, and NVTX compiled out (its
+#     bundled ranges collide with CUDA 12.2+'s NVTX3): the fixes ME's issues #543, #601 and #614 and the
+#     community forks apply. The CUDA path is not yet verified on CUDA 13 (see README).
+# Pins in the build venv: setuptools<60 and numpy<1.26 (setup.py's numpy.distutils path breaks with newer ones).
+# Needs a C++ compiler and OpenBLAS (Debian: libopenblas-dev; installed with apt-get when run as root).
+set -euo pipefail
+
+ME_VERSION=0.5.4
+variant=auto rebuild=0 jobs=$(nproc 2>/dev/null || echo 2) python=python
+die() { echo "error: $*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu) variant=cpu ;;
+        --cuda) variant=cuda ;;
+        --rebuild) rebuild=1 ;;
+        --jobs) [ $# -ge 2 ] || die "--jobs needs a number"; jobs=$2; shift ;;
+        --python) [ $# -ge 2 ] || die "--python needs an interpreter"; python=$2; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+    shift
+done
+case "$jobs" in ''|*[!0-9]*|0) die "--jobs must be a positive integer, got '$jobs'" ;; esac
+
+# What we build against: the target environment's interpreter and torch.
+command -v "$python" >/dev/null || die "no interpreter '$python' (activate the project's venv, or pass --python)"
+info=$("$python" - <<'EOF' 2>/dev/null
+import sys, sysconfig
+import torch
+print(torch.__version__, f"cp{sys.version_info[0]}{sys.version_info[1]}", torch.version.cuda or "none",
+      int(torch.cuda.is_available()), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
+EOF
+) || die "torch is not importable by '$python': install the project first (pip install -c constraints.txt -e .)"
+read -r torch_version py_tag torch_cuda has_gpu purelib platlib <<<"$info"
+case "$py_tag" in cp310|cp311) ;; *) die "ME's build needs Python 3.10 or 3.11 (its build pins numpy<1.26 and "\
+"setuptools<60 do not support newer ones); this environment's Python is $py_tag" ;; esac
+
+if [ "$variant" = auto ]; then
+    variant=cpu
+    if command -v nvcc >/dev/null && [ "$torch_cuda" != none ] && [ "$has_gpu" = 1 ]; then variant=cuda; fi
+fi
+if [ "$variant" = cuda ]; then
+    [ "$torch_cuda" != none ] || die "torch $torch_version is a CPU build: --cuda needs a CUDA build of torch"
+    command -v nvcc >/dev/null || die "--cuda needs nvcc (a CUDA toolkit) on PATH"
+    nvcc_version=$(nvcc --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
+    [ "$nvcc_version" = "$torch_cuda" ] || echo "warning: nvcc is CUDA $nvcc_version, torch was built with $torch_cuda" >&2
+    flavor=cuda$torch_cuda
+else
+    flavor=cpu
+fi
+
+cache=${FCMAE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fcmae}/minkowskiengine/$torch_version/$py_tag-$flavor
+
+install_wheel() {
+    echo "installing $1 into $("$python" -c 'import sys; print(sys.prefix)')"
+    "$python" -m pip install -q --no-deps --force-reinstall "$1"
+    # Import from another directory: ME's own source tree must not shadow the installed package.
+    (cd / && "$python" -c "import MinkowskiEngine as ME; print('MinkowskiEngine', ME.__version__, 'imports')") \
+        || die "MinkowskiEngine was installed but does not import (see above); rebuild with --rebuild"
+}
+
+wheel=$(ls "$cache"/MinkowskiEngine-"$ME_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+if [ -n "$wheel" ] && [ "$rebuild" = 0 ]; then
+    echo "using the cached wheel for torch $torch_version ($py_tag, $flavor)"
+    install_wheel "$wheel"
+    exit 0
+fi
+
+# Build prerequisites.
+command -v "${CXX:-g++}" >/dev/null || die "no C++ compiler (Debian: apt-get install g++)"
+have_cblas() { for f in /usr/include/cblas.h /usr/include/*/cblas.h /usr/include/*/openblas*/cblas.h; do
+    [ -f "$f" ] && return 0; done; return 1; }
+if ! have_cblas; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing OpenBLAS (apt-get install libopenblas-dev)"
+        apt-get install -y -q libopenblas-dev >/dev/null || { apt-get update -q >/dev/null && \
+            apt-get install -y -q libopenblas-dev >/dev/null; } || die "apt-get install libopenblas-dev failed"
+    else
+        die "OpenBLAS headers not found: install Debian's libopenblas-dev (sudo apt-get install libopenblas-dev)"
+    fi
+fi
+
+build=$(mktemp -d "${TMPDIR:-/tmp}/fcmae-me-build.XXXXXX")
+trap 'rm -rf "$build"' EXIT
+echo "building MinkowskiEngine $ME_VERSION ($flavor) for torch $torch_version, $py_tag, $jobs jobs, in $build"
+
+# The throwaway build venv sees the target's torch through a .pth file; its own pins come first on sys.path.
+"$python" -m venv "$build/venv"
+bpy=$build/venv/bin/python
+bsite=$("$bpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+"$bpy" -m pip install -q --disable-pip-version-check "setuptools<60" "numpy<1.26" wheel
+command -v ninja >/dev/null || "$bpy" -m pip install -q --disable-pip-version-check ninja
+printf '%s\n' "$purelib" "$platlib" | sort -u > "$bsite/zz_fcmae_target_env.pth"  # after pip: no resolver noise
+
+# The sdist, from PyPI (pip prepares its metadata, which imports torch: hence the build venv).
+(cd "$build" && "$bpy" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    --no-build-isolation "MinkowskiEngine==$ME_VERSION" -d .)
+tar -xzf "$build/MinkowskiEngine-$ME_VERSION.tar.gz" -C "$build"
+src=$build/MinkowskiEngine-$ME_VERSION
+
+# patch FILE SED-EXPRESSION GREP-AFTER: apply, then check that the result is there (else the sources changed).
+patch_file() {
+    sed -i "$2" "$src/$1"
+    grep -q -- "$3" "$src/$1" || die "patch of $1 did not apply ($2)"
+}
+patch_file setup.py '/run_command("pip", "uninstall"/d' 'run_command("rm", "-rf", "build")'
+! grep -q 'run_command("pip"' "$src/setup.py" || die "patch of setup.py did not apply"
+for f in MinkowskiCoordinateManager.py MinkowskiTensorField.py MinkowskiCommon.py utils/quantization.py; do
+    patch_file "MinkowskiEngine/$f" 's/^from collections import Sequence$/from collections.abc import Sequence/' \
+        '^from collections.abc import Sequence$'
+done
+patch_file MinkowskiEngine/MinkowskiKernelGenerator.py \
+    's/^from collections import Sequence, namedtuple$/from collections import namedtuple\nfrom collections.abc import Sequence/' \
+    '^from collections.abc import Sequence$'
+! grep -rq '^from collections import .*Sequence' "$src/MinkowskiEngine" || die "a collections.Sequence import is left"
+
+if [ "$variant" = cuda ]; then
+    # CUDA 12+ thrust no longer includes these through its other headers ("namespace thrust has no member ...").
+    add_includes() {  # FILE HEADER...: insert the includes above the file's first #include
+        local file=$src/$1; shift
+        local lines; lines=$(printf '#include <%s>\\n' "$@")
+        sed -i "0,/^#include/s||${lines}#include|" "$file"
+        grep -q "^#include <$1>" "$file" || die "patch of $file did not apply"
+    }
+    add_includes src/3rdparty/concurrent_unordered_map.cuh thrust/execution_policy.h
+    add_includes src/convolution_kernel.cuh thrust/execution_policy.h
+    add_includes src/coordinate_map_gpu.cu thrust/unique.h thrust/remove.h
+    add_includes src/spmm.cu thrust/execution_policy.h thrust/reduce.h thrust/sort.h
+    # The bundled cudf NVTX ranges collide with the NVTX3 headers of CUDA 12.2+: compile them out.
+    patch_file setup.py 's/^NVCC_FLAGS += \["--expt-relaxed-constexpr", "--expt-extended-lambda"\]$/&\nNVCC_FLAGS += ["-DNVTX_DISABLE"]\nCC_FLAGS += ["-DNVTX_DISABLE"]/' \
+        '^NVCC_FLAGS += \["-DNVTX_DISABLE"\]$'
+    build_flag=--force_cuda
+else
+    build_flag=--cpu_only
+fi
+
+(cd "$src" && PATH="$build/venv/bin:$PATH" MAX_JOBS=$jobs "$bpy" setup.py -q bdist_wheel "$build_flag" --blas=openblas \
+    > "$build/build.log" 2>&1) || { tail -n 60 "$build/build.log" >&2; die "the MinkowskiEngine build failed (log above)"; }
+built=$(ls "$src"/dist/MinkowskiEngine-"$ME_VERSION"-*.whl)
+
+mkdir -p "$cache"
+cp "$built" "$cache/.partial.whl" && mv "$cache/.partial.whl" "$cache/$(basename "$built")"  # never half a wheel
+echo "cached $cache/$(basename "$built")"
+install_wheel "$cache/$(basename "$built")"
