@@ -251,6 +251,11 @@ def test_timm_folder_from_a_fine_tuned_run_and_a_custom_official_file(runs, tmp_
     card = (tmp_path / "custom" / "README.md").read_text()
     assert "(official pretraining checkpoint)" in card and "| epochs | 1600 |" in card
     assert "license: cc-by-nc-4.0" in card and config["pretrained_cfg"]["license"] == "cc-by-nc-4.0"
+    # Through an FCMAE model file first: the file records its official origin, and the license follows it.
+    export(capsys, path, tmp_path / "fcmae.safetensors", "--to", "fcmae")
+    export(capsys, tmp_path / "fcmae.safetensors", tmp_path / "again", "--to", "timm")
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert "license: cc-by-nc-4.0" in card and "| converted from (layout) | official-me |" in card
 
 
 class FakeHub:
