@@ -118,6 +118,10 @@ def test_transformers_from_a_pretraining_run_and_its_checkpoint(runs, tmp_path, 
     assert hf.encoder.stages[1].layers[0].grn.weight.shape == (1, 1, 1, 320)
     classifier, report = loaded(transformers.ConvNextV2ForImageClassification, folder)
     assert report == {} and isinstance(classifier.classifier, torch.nn.Identity)
+    fresh, info = transformers.ConvNextV2ForImageClassification.from_pretrained(str(folder), num_labels=10,
+                                                                                output_loading_info=True)
+    assert fresh.classifier.out_features == 10 and sorted(info["missing_keys"]) == ["classifier.bias",
+                                                                                    "classifier.weight"]
     with torch.no_grad():
         assert rel_err(hf(batch).last_hidden_state, model.encoder(batch)) <= 1e-5  # = our sparse encoder, all visible
 
