@@ -118,6 +118,10 @@ def test_transformers_from_a_pretraining_run_and_its_checkpoint(runs, tmp_path, 
     assert hf.encoder.stages[1].layers[0].grn.weight.shape == (1, 1, 1, 320)
     classifier, report = loaded(transformers.ConvNextV2ForImageClassification, folder)
     assert report == {} and isinstance(classifier.classifier, torch.nn.Identity)
+    fresh, info = transformers.ConvNextV2ForImageClassification.from_pretrained(str(folder), num_labels=10,
+                                                                                output_loading_info=True)
+    assert fresh.classifier.out_features == 10 and sorted(info["missing_keys"]) == ["classifier.bias",
+                                                                                    "classifier.weight"]
     with torch.no_grad():
         assert rel_err(hf(batch).last_hidden_state, model.encoder(batch)) <= 1e-5  # = our sparse encoder, all visible
 
@@ -251,6 +255,11 @@ def test_timm_folder_from_a_fine_tuned_run_and_a_custom_official_file(runs, tmp_
     card = (tmp_path / "custom" / "README.md").read_text()
     assert "(official pretraining checkpoint)" in card and "| epochs | 1600 |" in card
     assert "license: cc-by-nc-4.0" in card and config["pretrained_cfg"]["license"] == "cc-by-nc-4.0"
+    # Through an FCMAE model file first: the file records its official origin, and the license follows it.
+    export(capsys, path, tmp_path / "fcmae.safetensors", "--to", "fcmae")
+    export(capsys, tmp_path / "fcmae.safetensors", tmp_path / "again", "--to", "timm")
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert "license: cc-by-nc-4.0" in card and "| converted from (layout) | official-me |" in card
 
 
 class FakeHub:

@@ -101,9 +101,14 @@ def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
         size = args.get("input_size", size)
     elif conversion.layout == "timm":
         info.kind = "timm weights"
-    info.official = conversion.layout.startswith("official") or info.kind.startswith("official")
+    # A file fcmae-convert wrote records what it was converted from: official weights stay official.
+    for key in ("source", "layout"):
+        if key in metadata:
+            info.provenance[f"converted from ({key})"] = metadata[key]
+    info.official = any(layout.startswith("official") for layout in (conversion.layout, metadata.get("layout", ""))) \
+        or info.kind.startswith("official")
 
-    if metadata.get("format") == "timm":  # a fine-tuned model file, or our own --to timm output
+    if metadata.get("format") == "timm":  # finetune.py's model file
         if "classes" in metadata:
             info.class_names = [str(c) for c in json.loads(metadata["classes"])]
         for key in ("val_acc1", "val_acc5"):
@@ -111,9 +116,6 @@ def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
                 info.metrics.setdefault(f"{key} of the saved weights", f"{float(metadata[key]):.2f}")
         if "weights" in metadata:
             info.provenance["saved weights"] = f"{metadata['weights']} (epoch {metadata.get('epoch', '?')})"
-        for key in ("source", "layout"):
-            if key in metadata:
-                info.provenance[f"converted from ({key})"] = metadata[key]
     info.image_size = _image_size(size)
     return info
 
