@@ -20,6 +20,7 @@ MinkowskiEngine is imported only when one of these backends is asked for; withou
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Callable
 
@@ -47,7 +48,9 @@ class MinkowskiEngineUnavailable(ImportError, ValueError):
 def require():
     """Import MinkowskiEngine, or raise MinkowskiEngineUnavailable naming the install script."""
     try:
-        import MinkowskiEngine
+        with warnings.catch_warnings():  # a CPU build warns at every import that it is one
+            warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY")
+            import MinkowskiEngine
     except Exception as e:  # not installed, or built for another torch (undefined symbols), ...
         reason = "is not installed" if isinstance(e, ModuleNotFoundError) else f"does not import ({_first_line(e)})"
         raise MinkowskiEngineUnavailable(
@@ -80,6 +83,8 @@ def forward_minkowski(encoder: SparseConvNeXtV2, imgs: Tensor, mask: Tensor, gri
     weights = encoder.stem[0].weight
     if weights.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the minkowski backend runs in float32 or float64, but the weights are {weights.dtype}")
+    if not (mask == 0).any():  # ME cannot hold an empty sparse tensor; the sparse path gives the zero map, in graph
+        return encoder.forward_sparse(imgs, mask, grid)
     batch_size = imgs.shape[0]
     with torch.autocast(imgs.device.type, enabled=False):
         x = _visible_stem(ME, encoder, imgs.to(weights.dtype), mask, grid)
@@ -178,17 +183,13 @@ _LAYERS: weakref.WeakKeyDictionary[nn.Conv2d, nn.Module] = weakref.WeakKeyDictio
 
 
 def _conv(ME, x: ME.SparseTensor, conv: nn.Conv2d, kernel: Tensor) -> ME.SparseTensor:
-    """Run `conv` as an ME convolution on `x`: channel-wise (submanifold, outputs on x's coordinates) when it is
-    depthwise, else a strided MinkowskiConvolution. `kernel` is conv.weight in ME's layout."""
+    """Run `conv` as an ME convolution on `x` (a channel-wise one, submanifold: outputs on x's coordinates, when it
+    is depthwise). `kernel` is conv.weight in ME's layout."""
     layer = _LAYERS.get(conv)
     if layer is None:
         size, stride = conv.kernel_size[0], conv.stride[0]
-        if conv.groups > 1:
-            layer = ME.MinkowskiChannelwiseConvolution(conv.in_channels, kernel_size=size, stride=stride, bias=True,
-                                                       dimension=2)
-        else:
-            layer = ME.MinkowskiConvolution(conv.in_channels, conv.out_channels, kernel_size=size, stride=stride,
-                                            bias=True, dimension=2)
+        with torch.random.fork_rng(devices=[]):  # ME's init draws weights we drop: leave the RNG (drop path) alone
+            layer = _make_layer(ME, conv, size, stride)
         del layer.kernel, layer.bias  # bound to the encoder's weights at each call instead
         _LAYERS[conv] = layer
     # Plain tensor attributes, not Parameters: ME's own forward reads them, autograd reaches conv.weight/bias.
@@ -197,3 +198,12 @@ def _conv(ME, x: ME.SparseTensor, conv: nn.Conv2d, kernel: Tensor) -> ME.SparseT
         return layer(x)
     finally:
         layer.kernel = layer.bias = None
+
+
+def _make_layer(ME, conv: nn.Conv2d, size: int, stride: int) -> nn.Module:
+    """The ME layer for `conv`: channel-wise for a depthwise conv, else a MinkowskiConvolution."""
+    if conv.groups > 1:
+        return ME.MinkowskiChannelwiseConvolution(conv.in_channels, kernel_size=size, stride=stride, bias=True,
+                                                  dimension=2)
+    return ME.MinkowskiConvolution(conv.in_channels, conv.out_channels, kernel_size=size, stride=stride, bias=True,
+                                   dimension=2)

@@ -205,3 +205,22 @@ def test_official_option_is_the_masked_dense_encoder_with_batch_wide_grn():
     assert rel_err(per_sample(imgs, mask), models["minkowski-official"](imgs, mask)) > 1e-3  # the option matters
     one = imgs[:1], mask[:1]
     assert rel_err(per_sample(*one), models["minkowski-official"](*one)) <= 1e-6  # alike for a batch of one
+
+
+@needs_me
+def test_pretrain_with_minkowski_follows_the_sparse_run(tmp_path):
+    """pretrain.py end to end: the same seed gives the same losses with either backend, and they fall."""
+    from helpers import write_photos
+    from test_pretrain import FAST, records, run
+
+    photos = tmp_path / "photos"
+    write_photos(photos, 8, size=96)
+    losses = {}
+    for backend in ("minkowski", "sparse"):
+        out = tmp_path / backend
+        argv = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "12", "--lr", "2e-3",
+                       "--backend", backend]
+        assert run(argv) == 0
+        losses[backend] = torch.tensor([r["loss"] for r in records(out)])
+    assert len(losses["sparse"]) == 12 and losses["sparse"][-3:].mean() < losses["sparse"][:3].mean()
+    torch.testing.assert_close(losses["minkowski"], losses["sparse"], rtol=1e-3, atol=0)
