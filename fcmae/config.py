@@ -106,6 +106,7 @@ class PretrainConfig(TrainConfig):
     decoder_embed_dim: int = 512
     norm_pix_loss: bool = True
     backend: str = "sparse"  # encoder backend: "sparse" or the masked-dense reference "dense"
+    init: str = "timm"  # weight init: "timm" (std 0.02) or "official" (the official FCMAE re-init, std 1)
     init_from: str = ""  # start from a model file's weights (not its training state)
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
 
@@ -113,7 +114,7 @@ class PretrainConfig(TrainConfig):
         """The `fcmae.create_model` overrides this config asks for (with `model` as the name)."""
         return {"img_size": self.image_size, "mask_ratio": self.mask_ratio, "decoder_depth": self.decoder_depth,
                 "decoder_embed_dim": self.decoder_embed_dim, "norm_pix_loss": self.norm_pix_loss,
-                "backend": self.backend}
+                "backend": self.backend, "init": self.init}
 
     def validate(self) -> None:
         super().validate()
@@ -123,6 +124,8 @@ class PretrainConfig(TrainConfig):
             raise ConfigError("decoder_depth must be >= 0 and decoder_embed_dim >= 1")
         if self.backend not in ("sparse", "dense"):
             raise ConfigError(f"unknown backend {self.backend!r}; choose sparse or dense")
+        if self.init not in ("timm", "official"):
+            raise ConfigError(f"unknown init {self.init!r}; choose timm or official")
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
         height, width = self.image_size
