@@ -170,12 +170,14 @@ class PretrainConfig(TrainConfig):
             )
 
 
-# The MAE linear-probe protocol (He et al. 2022, main_linprobe.py): LARS at blr 0.1 for an effective batch of
-# 16384, 90 epochs with 10 of warmup, no weight decay, RandomResizedCrop + flip and nothing else.
+# The MAE linear-probe protocol (He et al. 2022, main_linprobe.py): blr 0.1 for an effective batch of 16384, 90
+# epochs with 10 of warmup, no weight decay, RandomResizedCrop + flip and nothing else. SGD (momentum 0.9) rather
+# than MAE's LARS: LARS moves each weight by lr x 0.001 of its norm per step, which on a dataset smaller than one
+# effective batch (one step per epoch, 90 in all) leaves the head at its init; --optimizer lars restores it.
 LINEAR_PROBE_RECIPE: dict[str, Any] = dict(
-    optimizer="lars", blr=0.1, lr=None, effective_batch_size=16384, warmup_steps=-1, epochs=90, warmup_epochs=10.0, min_lr=0.0,
-    weight_decay=0.0, layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0, aa="",
-    color_jitter=0.0, model_ema=False,
+    optimizer="sgd", blr=0.1, lr=None, effective_batch_size=16384, epochs=90, warmup_epochs=10.0, warmup_steps=-1,
+    min_lr=0.0, weight_decay=0.0, layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0,
+    aa="", color_jitter=0.0, model_ema=False,
 )  # fmt: skip
 
 
