@@ -10,6 +10,7 @@ Config -> data -> timm ConvNeXt V2 (+ recipe) -> the shared Accelerate loop (fcm
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,12 +22,12 @@ from accelerate import Accelerator
 from PIL import Image
 from timm.data import Mixup, auto_augment, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import Lars, create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fcmae.config import ConfigError, FinetuneConfig, parse_config
+from fcmae.config import ConfigError, FinetuneConfig, from_dict, load_yaml, parse_config
 from fcmae.data import DataError, ImageFiles, find_labeled_images, resolve_data_path
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
@@ -35,7 +36,7 @@ from fcmae.models import load_state_dict_strict, read_model_file, write_safetens
 from fcmae.training import Run, processes_without_gpu, run_cli
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
-HEAD_INIT_SCALE = 0.001  # the official fine-tuning init of the new classifier
+EVAL_SETTINGS = ("input_size", "crop_pct", "interpolation")  # what --eval takes from the model it evaluates
 
 
 # Data -----------------------------------------------------------------------------------------------------------
@@ -62,8 +63,8 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
                         f"in {root / 'train'}")
     try:
         train_tf = create_transform(
-            config.image_size, is_training=True, auto_augment=config.aa or None, interpolation="bicubic",
-            re_prob=config.reprob, re_mode="pixel", re_count=1,
+            config.image_size, is_training=True, auto_augment=config.aa or None, interpolation=config.interpolation,
+            color_jitter=config.color_jitter, re_prob=config.reprob, re_mode="pixel", re_count=1,
         )  # fmt: skip
     except (AssertionError, ValueError, KeyError) as e:  # timm asserts on a policy string it cannot parse
         raise ConfigError(f"--aa {config.aa!r} is not a timm augmentation policy ({e}); "
@@ -95,8 +96,9 @@ def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
 
 
 def eval_transform(config: FinetuneConfig):
-    """Resize, then center crop with crop_pct 0.875 (256 -> 224, the same ratio at other sizes)."""
-    return create_transform(config.image_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+    """Resize to input_size / crop_pct, then center crop (crop_pct 0.875: 256 -> 224, the same ratio elsewhere)."""
+    return create_transform(config.image_size, is_training=False, interpolation=config.interpolation,
+                            crop_pct=config.crop_pct)
 
 
 # Model ----------------------------------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
     """timm's ConvNeXt V2 with a fresh classifier, its encoder from config.finetune if given."""
     drop_path = 0.0 if config.linear_probe else config.drop_path
     model = timm.create_model(config.model, num_classes=num_classes, drop_path_rate=drop_path,
-                              head_init_scale=HEAD_INIT_SCALE)
+                              head_init_scale=config.head_init_scale)
     if config.finetune:
         from fcmae.convert import to_timm
 
@@ -139,23 +141,54 @@ def load_for_eval(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
 
 
 def optimizer_for(model: nn.Module, config: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW: on the probe alone, or on the whole model with layer decay (the official layer ids) unless off."""
-    if config.linear_probe:
-        return create_optimizer_v2([p for p in model.parameters() if p.requires_grad], "adamw", lr=lr)
-    if config.layer_decay < 1.0:
-        depths = [len(stage.blocks) for stage in model.stages]
-        groups = param_groups_layer_decay(model, depths, config.weight_decay, config.layer_decay,
-                                          config.layer_decay_type)
-        return create_optimizer_v2(groups, "adamw", lr=lr, weight_decay=config.weight_decay)
-    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay)
+    """config.optimizer on the trainable parameters, with layer decay (the official layer ids) unless off.
+
+    Biases and 1-D parameters (norms, GRN gamma / beta) get no weight decay (official issue #15). LARS is MAE's:
+    the trust ratio (coefficient 0.001) scales the update of every weight matrix, even without weight decay, and
+    never of biases and other 1-D parameters; momentum 0.9.
+    """
+    depths = [len(stage.blocks) for stage in model.stages]
+    groups = param_groups_layer_decay(model, depths, config.weight_decay, config.layer_decay, config.layer_decay_type)
+    if config.optimizer == "lars":
+        for group in groups:
+            group["always_adapt"] = all(p.ndim > 1 for p in group["params"])
+        return Lars(groups, lr=lr, momentum=0.9, trust_coeff=0.001)
+    return create_optimizer_v2(groups, config.optimizer, lr=lr, weight_decay=config.weight_decay, momentum=0.9)
 
 
 # Main -----------------------------------------------------------------------------------------------------------
 
 
+def saved_eval_settings(resume: str) -> dict:
+    """input_size, crop_pct and interpolation the model named by --resume was evaluated with when it was saved:
+    from the model file's metadata, else from the config.yaml of its run or checkpoint folder ({} if neither)."""
+    path = Path(resume)
+    file = path / "model.safetensors" if path.is_dir() else path
+    try:
+        _, metadata = read_model_file(file)
+    except (OSError, ValueError):
+        return {}  # load_for_eval reports it
+    if all(key in metadata for key in EVAL_SETTINGS):
+        return {key: json.loads(metadata[key]) for key in EVAL_SETTINGS}
+    for folder in (path, file.parent) if path.is_dir() else (file.parent,):
+        if (folder / "config.yaml").is_file():
+            saved = load_yaml(folder / "config.yaml")
+            return {key: saved[key] for key in EVAL_SETTINGS if key in saved}
+    return {}
+
+
 def evaluate_only(config: FinetuneConfig) -> dict:
-    """Accuracy of the weights named by --resume on val/; prints it and writes nothing."""
+    """Accuracy of the weights named by --resume on val/; prints it and writes nothing.
+
+    Input size, crop pct and interpolation are the ones the model was saved with, unless given as flags.
+    """
+    saved = {k: v for k, v in saved_eval_settings(config.resume).items() if k not in config.explicit}
+    if saved:
+        config = from_dict(FinetuneConfig, {**dataclasses.asdict(config), **saved})
+        config.validate()
     accelerator = Accelerator(cpu=processes_without_gpu())
+    accelerator.print("eval at " + ", ".join(f"{k} {getattr(config, k)}" + (" (saved with the model)" if k in saved
+                                                                            else "") for k in EVAL_SETTINGS))
     with accelerator.main_process_first():
         _, val_set, classes = datasets(config)
     model, metadata = load_for_eval(config, len(classes))
@@ -185,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     with run.accelerator.main_process_first():  # "digits:FOLDER" is written once, by the main process
         train_set, val_set, classes = datasets(config)
     model = build_model(config, len(classes))
+    run.plan_batches(len(train_set))
     lr = run.base_lr()
     optimizer = optimizer_for(model, config, lr)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
@@ -258,7 +292,8 @@ def save_best(model: nn.Module, config: FinetuneConfig, classes: list[str], whic
     metadata = {"format": "timm", "model": config.model, "num_classes": str(len(classes)),
                 "classes": json.dumps(classes), "weights": which, "epoch": str(epoch),
                 "val_acc1": f"{result['acc1']:.4f}", "val_acc5": f"{result['acc5']:.4f}",
-                "linear_probe": str(config.linear_probe).lower()}
+                "linear_probe": str(config.linear_probe).lower(),
+                **{key: json.dumps(getattr(config, key)) for key in EVAL_SETTINGS}}
     write_safetensors(state, path, metadata)
 
 

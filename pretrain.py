@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=False)  # fresh workers each epoch see the epoch's seed
     model = build_model(config)
+    run.plan_batches(len(dataset))
     for module in model.modules():  # conv weights in the activations' channels-last format, as their grads are
         if isinstance(module, torch.nn.Conv2d):
             module.to(memory_format=torch.channels_last)

@@ -24,7 +24,7 @@ from .models import resolve_name
 
 __all__ = [
     "ConfigError", "TrainConfig", "PretrainConfig", "FinetuneConfig", "parse_config", "load_yaml", "save_yaml",
-    "OneLineArgumentParser",
+    "OneLineArgumentParser", "LINEAR_PROBE_RECIPE",
 ]
 
 
@@ -43,6 +43,7 @@ class TrainConfig:
     input_size: list[int] = field(default_factory=lambda: [224])  # one int (square) or H W; multiples of 32
     batch_size: int = 64  # per process
     accum_steps: int = 1  # gradient accumulation: effective batch = batch_size * processes * accum_steps
+    effective_batch_size: int = 0  # > 0: choose accum_steps to reach it (see effective_accum_steps)
     num_workers: int = 8
     # Schedule: a per-step cosine with linear warmup
     epochs: int = 800
@@ -61,12 +62,42 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints to keep
     log_every: int = 20  # steps between metrics records
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb
+    # The keys given as command-line flags (set by parse_config; not a setting itself).
+    explicit: typing.ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def recipe(cls, file: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+        """Values a switch brings with it (e.g. finetune's linear_probe): over the config file, under the flags."""
+        return {}
 
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) from input_size."""
         size = self.input_size
         return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+    def effective_accum_steps(self, processes: int, batches_per_epoch: int) -> tuple[int, str]:
+        """accum_steps that reach effective_batch_size with `processes`, and a sentence saying what was chosen.
+
+        The recipe's effective batch must be a multiple of batch_size x processes. On a dataset smaller than one
+        effective batch, accumulation stops at one epoch's batches (lr follows the batch actually used).
+        """
+        if not self.effective_batch_size:
+            return self.accum_steps, ""
+        per_step = self.batch_size * processes
+        if self.effective_batch_size % per_step:
+            raise ConfigError(
+                f"effective_batch_size {self.effective_batch_size} is not a multiple of batch_size {self.batch_size} "
+                f"x {processes} process(es) = {per_step}; change --batch-size or --effective-batch-size"
+            )
+        accum = self.effective_batch_size // per_step
+        note = (f"accum_steps {accum} to reach effective batch {self.effective_batch_size} = {self.batch_size} x "
+                f"{processes} process(es) x {accum}")
+        if accum > batches_per_epoch:
+            accum = max(batches_per_epoch, 1)
+            note = (f"accum_steps {accum}: the dataset holds only {batches_per_epoch} batch(es) of {per_step} per "
+                    f"epoch, less than effective batch {self.effective_batch_size}; using {per_step * accum}")
+        return accum, note
 
     def validate(self) -> None:
         """Raise ConfigError for values no run can use."""
@@ -79,7 +110,7 @@ class TrainConfig:
         for name in ("batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "max_steps", "warmup_epochs", "min_lr", "weight_decay"):
+        for name in ("num_workers", "max_steps", "warmup_epochs", "min_lr", "weight_decay", "effective_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("blr", "lr"):
@@ -107,6 +138,7 @@ class PretrainConfig(TrainConfig):
     decoder_embed_dim: int = 512
     norm_pix_loss: bool = True
     backend: str = "sparse"  # encoder backend: "sparse", the masked-dense reference "dense", or "minkowski"
+    init: str = "timm"  # weight init: "timm" (std 0.02) or "official" (the official FCMAE re-init, std 1)
     init_from: str = ""  # start from a model file's weights (not its training state)
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
 
@@ -114,7 +146,7 @@ class PretrainConfig(TrainConfig):
         """The `fcmae.create_model` overrides this config asks for (with `model` as the name)."""
         return {"img_size": self.image_size, "mask_ratio": self.mask_ratio, "decoder_depth": self.decoder_depth,
                 "decoder_embed_dim": self.decoder_embed_dim, "norm_pix_loss": self.norm_pix_loss,
-                "backend": self.backend}
+                "backend": self.backend, "init": self.init}
 
     def validate(self) -> None:
         super().validate()
@@ -128,6 +160,8 @@ class PretrainConfig(TrainConfig):
             from .minkowski import require  # fails here, before anything is written, without MinkowskiEngine
 
             require()
+        if self.init not in ("timm", "official"):
+            raise ConfigError(f"unknown init {self.init!r}; choose timm or official")
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
         height, width = self.image_size
@@ -139,6 +173,17 @@ class PretrainConfig(TrainConfig):
                 f"32 px: the encoder would see {'nothing' if kept == 0 else 'everything and the loss be 0'}; "
                 "change --input-size or --mask-ratio"
             )
+
+
+# The MAE linear-probe protocol (He et al. 2022, main_linprobe.py): blr 0.1 for an effective batch of 16384, 90
+# epochs with 10 of warmup, no weight decay, RandomResizedCrop + flip and nothing else. SGD (momentum 0.9) rather
+# than MAE's LARS: LARS moves each weight by lr x 0.001 of its norm per step, which on a dataset smaller than one
+# effective batch (one step per epoch, 90 in all) leaves the head at its init; --optimizer lars restores it.
+LINEAR_PROBE_RECIPE: dict[str, Any] = dict(
+    optimizer="sgd", blr=0.1, lr=None, effective_batch_size=16384, epochs=90, warmup_epochs=10.0, warmup_steps=-1,
+    min_lr=0.0, weight_decay=0.0, layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0,
+    aa="", color_jitter=0.0, model_ema=False,
+)  # fmt: skip
 
 
 @dataclass
@@ -153,20 +198,34 @@ class FinetuneConfig(TrainConfig):
     warmup_epochs: float = 20.0
     blr: float = 6.25e-4
     min_lr: float = 1e-6
+    optimizer: str = "adamw"  # "adamw", "lars" (the linear-probe protocol) or "sgd" (momentum 0.9)
     layer_decay: float = 0.6  # lr of layer i = lr * layer_decay ** (last id + 1 - i); 1.0 turns it off
     layer_decay_type: str = "group"  # "single" (an id per block) or "group" (12 ids, for 3-3-27-3 models)
+    head_init_scale: float = 0.001  # the new classifier's init is scaled by this (official: 0.001, i.e. std 2e-5)
     drop_path: float = 0.1
     smoothing: float = 0.1  # label smoothing (folded into the mixup targets when mixup/cutmix is on)
     mixup: float = 0.8  # mixup alpha; 0 turns it off
     cutmix: float = 1.0  # cutmix alpha; 0 turns it off
     reprob: float = 0.25  # random erasing probability
     aa: str = "rand-m9-mstd0.5-inc1"  # RandAugment policy ("" for none)
+    color_jitter: float = 0.4  # timm's color jitter, used only when aa is off
     model_ema: bool = True
     model_ema_decay: float = 0.9999
     model_ema_eval: bool = True  # also evaluate the EMA model (and let it compete for the best weights)
+    crop_pct: float = 0.875  # evaluation: resize to input / crop_pct, then center crop
+    interpolation: str = "bicubic"  # resize interpolation, training and evaluation
     eval: bool = False  # only evaluate the weights given by --resume (a model file or a checkpoint folder)
-    linear_probe: bool = False  # freeze the encoder; train BatchNorm (no affine) + a linear head on pooled features
+    linear_probe: bool = False  # the MAE linear-probe protocol (LINEAR_PROBE_RECIPE): frozen encoder, BN + linear
     save_every: int = 5000
+
+    @classmethod
+    def recipe(cls, file: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+        """With linear_probe, LINEAR_PROBE_RECIPE in place of the defaults and of a fine-tuning --config file's
+        values; flags given on the command line, and a config file that itself sets linear_probe, win over it."""
+        if not flags.get("linear_probe", file.get("linear_probe", False)):
+            return {}
+        explicit = set(flags) | (set(file) if file.get("linear_probe") else set())
+        return {k: v for k, v in LINEAR_PROBE_RECIPE.items() if k not in explicit}
 
     def validate(self) -> None:
         super().validate()
@@ -174,13 +233,21 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"num_classes must be >= 0 (0: count the class folders), got {self.num_classes}")
         if self.layer_decay_type not in ("single", "group"):
             raise ConfigError(f"layer_decay_type must be single or group, got {self.layer_decay_type!r}")
+        if self.optimizer not in ("adamw", "lars", "sgd"):
+            raise ConfigError(f"optimizer must be adamw, lars or sgd, got {self.optimizer!r}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         for name in ("drop_path", "smoothing", "reprob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise ConfigError("mixup and cutmix must be >= 0")
+        if self.mixup < 0 or self.cutmix < 0 or self.color_jitter < 0:
+            raise ConfigError("mixup, cutmix and color_jitter must be >= 0")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise ConfigError(f"interpolation must be bicubic, bilinear or nearest, got {self.interpolation!r}")
+        if self.head_init_scale <= 0:
+            raise ConfigError(f"head_init_scale must be > 0, got {self.head_init_scale}")
         if not 0.0 < self.model_ema_decay < 1.0:
             raise ConfigError(f"model_ema_decay must be in (0, 1), got {self.model_ema_decay}")
         if self.eval and not self.resume:
@@ -229,11 +296,10 @@ def parse_config(
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise ConfigError(f"unknown argument(s) {' '.join(unknown)}; valid flags: {', '.join(_flags(cls))}")
-    values: dict[str, Any] = {}
-    if args.config:
-        values.update(_check_keys(cls, load_yaml(args.config), source=args.config))
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    config = from_dict(cls, values)
+    file = _check_keys(cls, load_yaml(args.config), source=args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    config = from_dict(cls, {**file, **cls.recipe(file, flags), **flags})
+    config.explicit = frozenset(flags)
     config.validate()
     return config
 

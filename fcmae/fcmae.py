@@ -9,7 +9,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .decoder import FCMAEDecoder
-from .encoder import SparseConvNeXtV2, init_weights
+from .encoder import SparseConvNeXtV2
+from .initialization import INIT_SCHEMES, initialize
 from .masking import check_mask, grid_size, random_mask
 
 __all__ = ["FCMAE"]
@@ -28,6 +29,7 @@ class FCMAE(nn.Module):
         norm_pix_loss: normalize each target patch by its own mean and variance.
         drop_path_rate: encoder stochastic depth.
         backend: "sparse" (visible patches only) or "dense" (masked-dense reference); same function.
+        init: "timm" (std 0.02) or "official" (the official FCMAE re-init); see `fcmae.initialization`.
         name: the model name, recorded in `config`.
     """
 
@@ -43,6 +45,7 @@ class FCMAE(nn.Module):
         norm_pix_loss: bool = True,
         drop_path_rate: float = 0.0,
         backend: str = "sparse",
+        init: str = "timm",
         name: str = "custom",
     ):
         super().__init__()
@@ -50,12 +53,14 @@ class FCMAE(nn.Module):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if not isinstance(norm_pix_loss, bool):
             raise ValueError(f"norm_pix_loss must be True or False, got {norm_pix_loss!r}")
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INIT_SCHEMES)}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.grid = grid_size(img_size, patch_size)
         self.config: dict[str, Any] = dict(
             name=name, depths=list(depths), dims=list(dims), img_size=list(img_size), patch_size=patch_size,
             mask_ratio=mask_ratio, decoder_depth=decoder_depth, decoder_embed_dim=decoder_embed_dim,
-            norm_pix_loss=norm_pix_loss, drop_path_rate=drop_path_rate, backend=backend,
+            norm_pix_loss=norm_pix_loss, drop_path_rate=drop_path_rate, backend=backend, init=init,
         )  # fmt: skip
         self.patch_size = patch_size
         self.mask_ratio = mask_ratio
@@ -63,8 +68,7 @@ class FCMAE(nn.Module):
 
         self.encoder = SparseConvNeXtV2(depths, dims, drop_path_rate, backend, patch_size)
         self.decoder = FCMAEDecoder(dims[-1], decoder_embed_dim, decoder_depth, patch_size)
-        self.decoder.apply(init_weights)
-        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        initialize(self, init)  # like the official code: the whole model, once built
 
     # Patches ------------------------------------------------------------------------------------------------
 

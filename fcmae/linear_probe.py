@@ -19,6 +19,8 @@ def attach_probe(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     fc = model.head.fc
+    nn.init.trunc_normal_(fc.weight, std=0.01)  # MAE's probe head init
+    nn.init.zeros_(fc.bias)
     model.head.fc = nn.Sequential(nn.BatchNorm1d(fc.in_features, affine=False, eps=1e-6), fc)
     fc.weight.requires_grad_(True)
     fc.bias.requires_grad_(True)

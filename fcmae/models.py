@@ -51,7 +51,8 @@ def create_model(name: str = "convnextv2_atto", **overrides: Any) -> FCMAE:
     """Build an FCMAE model by name.
 
     Overrides: img_size (224), patch_size (32), mask_ratio (0.6), decoder_depth (1), decoder_embed_dim (512),
-    norm_pix_loss (True), drop_path_rate (0.0), backend ("sparse"), and depths / dims for a custom size.
+    norm_pix_loss (True), drop_path_rate (0.0), backend ("sparse"), init ("timm" or "official"), and depths / dims
+    for a custom size.
     """
     name = resolve_name(name)
     valid = [p for p in inspect.signature(FCMAE).parameters if p != "name"]

@@ -235,6 +235,16 @@ class Run:
             cosine_log.setLevel(level)
         return self.model, self.optimizer, self.loader
 
+    def plan_batches(self, num_images: int) -> None:
+        """Before `base_lr` and `prepare`: turn config.effective_batch_size (if set) into accum_steps for this many
+        processes and training images (drop_last batches), and say what was chosen."""
+        processes = self.accelerator.num_processes
+        accum, note = self.config.effective_accum_steps(processes, num_images // (self.config.batch_size * processes))
+        self.config.accum_steps = accum
+        self.accelerator.gradient_accumulation_steps = accum
+        if note:
+            self.print(note)
+
     @property
     def effective_batch_size(self) -> int:
         return self.config.batch_size * self.accelerator.num_processes * self.config.accum_steps

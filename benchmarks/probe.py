@@ -1,0 +1,238 @@
+"""Does FCMAE pretraining learn? Frozen-feature probes of random-init and pretrained encoders, through the CLI.
+
+The task: which photo does a crop come from? The photos are the real ones that ship inside scikit-image and
+scikit-learn (nothing is downloaded). Each photo is one class. Train crops come from the first 2/3 of its longer
+side, val crops from the last 1/3, so no val pixel is ever seen in training, neither by the probe nor by
+pretraining. Crops vary in size (so in scale) and are saved at 128 px: a 4x4 grid of 32 px patches for FCMAE.
+
+Each row runs the path a user takes:
+  python pretrain.py --data-path DATA ...           (unlabeled: train/ only; skipped for random-init rows)
+  python -m fcmae.convert model.safetensors timm.safetensors --to timm
+  timm.create_model(..., pretrained_cfg_overlay=dict(file=timm.safetensors)) -> global-average-pooled stage-4
+  features -> standardized with the train statistics -> logistic regression (linear probe) and kNN (k=20,
+  cosine) on val/.
+
+    nice python benchmarks/probe.py                    # the table in benchmarks/README.md (< 20 min on 2 cores)
+    nice python benchmarks/probe.py --quick            # a few minutes: shorter pretraining, one seed
+    python benchmarks/probe.py --steps 2000 8000 --device cuda   # longer rows on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+
+import fcmae
+from fcmae.data import demo_image_files, eval_transform, find_labeled_images, load_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+CROP = 128  # saved crop size: 16 patches of 32 px
+SHORT_SIDE = 320  # every photo is first resized to this shorter side, so crop sizes mean the same everywhere
+CROP_SIDES = (64, 128)  # crop side range at that scale, before resizing to CROP
+VAL_FRACTION = 1 / 3
+LEAVE_OUT = {"motorcycle_right.png"}  # the other view of motorcycle_left: one scene, one class
+
+
+def photo_files() -> list[Path]:
+    """scikit-image's demo photos plus scikit-learn's two sample photos (all inside the installed wheels)."""
+    import sklearn.datasets
+
+    files = [f for f in demo_image_files() if f.name not in LEAVE_OUT]
+    sk = Path(sklearn.datasets.__file__).parent / "images"
+    return files + sorted(sk.glob("*.jpg"))
+
+
+def write_crops(root: Path, train_per_photo: int, val_per_photo: int, seed: int = 0) -> Path:
+    """root/train/<photo>/*.png and root/val/<photo>/*.png (written once; reused if root/val exists)."""
+    if (root / "val").is_dir():
+        return root
+    rng = np.random.default_rng(seed)
+    tmp = root.with_name(root.name + ".tmp")
+    for path in photo_files():
+        img = load_rgb(path)
+        scale = SHORT_SIDE / min(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+        arr = np.asarray(img)
+        if img.width < img.height:  # split along the longer side
+            arr = arr.transpose(1, 0, 2)
+        long = arr.shape[1]
+        cut = round(long * (1 - VAL_FRACTION))
+        for split, (lo, hi), count in (("train", (0, cut), train_per_photo), ("val", (cut, long), val_per_photo)):
+            folder = tmp / split / path.stem
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                side = int(rng.integers(CROP_SIDES[0], min(CROP_SIDES[1], hi - lo) + 1))
+                x = int(rng.integers(lo, hi - side + 1))
+                y = int(rng.integers(0, arr.shape[0] - side + 1))
+                crop = Image.fromarray(np.ascontiguousarray(arr[y:y + side, x:x + side]))
+                crop.resize((CROP, CROP), Image.Resampling.BICUBIC).save(folder / f"{i:03d}.png")
+    tmp.replace(root)
+    return root
+
+
+# The CLI path ---------------------------------------------------------------------------------------------------
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run a project command; its output goes to `log`, and a failure stops the benchmark with its tail."""
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode:
+        tail = log.read_text().splitlines()[-15:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({log}):\n" + "\n".join(tail))
+
+
+def pretrain(data: Path, out: Path, init: str, steps: int, args: argparse.Namespace) -> Path:
+    """python pretrain.py on data/train; returns its model.safetensors."""
+    if not (out / "model.safetensors").is_file():
+        run([sys.executable, "pretrain.py", "--data-path", str(data), "--output-dir", str(out), "--model",
+             args.model, "--input-size", str(CROP), "--batch-size", str(args.batch_size), "--max-steps", str(steps),
+             "--warmup-steps", str(max(steps // 10, 1)), "--lr", str(args.lr), "--mask-ratio", str(args.mask_ratio),
+             "--decoder-embed-dim", str(args.decoder_embed_dim), "--init", init,
+             "--norm-pix-loss" if args.norm_pix_loss else "--no-norm-pix-loss", "--seed", str(args.seed),
+             "--num-workers", str(args.num_workers), "--save-every", str(steps), "--log-every", "25"],
+            out.with_suffix(".log"))
+    return out / "model.safetensors"
+
+
+def random_model(out: Path, init: str, seed: int, model: str) -> Path:
+    """A freshly initialized FCMAE model file, as pretrain.py would start from it."""
+    path = out / "model.safetensors"
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        fcmae.save_model(fcmae.create_model(model, img_size=CROP, init=init), path)
+    return path
+
+
+def convert(model_file: Path) -> Path:
+    """python -m fcmae.convert FILE timm.safetensors --to timm."""
+    out = model_file.with_name("timm.safetensors")
+    if not out.is_file():
+        run([sys.executable, "-m", "fcmae.convert", str(model_file), str(out), "--to", "timm"],
+            model_file.with_name("convert.log"))
+    return out
+
+
+# Features and probes --------------------------------------------------------------------------------------------
+
+
+def load_split(data: Path, split: str) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, 3, 128, 128) normalized images and labels of one split."""
+    files, labels, _ = find_labeled_images(data / split)
+    tf = eval_transform((CROP, CROP), crop_pct=1.0)
+    return torch.stack([tf(load_rgb(f)) for f in files]), np.asarray(labels)
+
+
+@torch.no_grad()
+def features(timm_file: Path, model: str, images: torch.Tensor, device: str) -> np.ndarray:
+    """Global-average-pooled stage-4 features (N, C) of the converted timm model."""
+    net = timm.create_model(model, pretrained=True, num_classes=0,
+                            pretrained_cfg_overlay=dict(file=str(timm_file))).to(device).eval()
+    out = [net.forward_features(batch.to(device)).mean((2, 3)).cpu() for batch in images.split(64)]
+    return torch.cat(out).double().numpy()
+
+
+def probe(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
+    """Val accuracy (%) of a logistic-regression probe and of kNN (k=20, cosine) on standardized features."""
+    scaler = StandardScaler().fit(train)
+    train, val = scaler.transform(train), scaler.transform(val)
+    linear = LogisticRegression(max_iter=2000, C=1.0).fit(train, y_train)
+    knn = KNeighborsClassifier(n_neighbors=20, metric="cosine").fit(train, y_train)
+    return {"linear": 100 * linear.score(val, y_val), "knn": 100 * knn.score(val, y_val)}
+
+
+def raw_pixels(images: torch.Tensor, size: int = 32) -> np.ndarray:
+    """Images downsampled to size x size, flattened: the baseline any encoder has to beat."""
+    return torch.nn.functional.adaptive_avg_pool2d(images, size).flatten(1).double().numpy()
+
+
+# Main -----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter pretraining (a few minutes)")
+    parser.add_argument("--steps", type=int, nargs="+", help="pretraining lengths (default: 150 600; quick: 60 240)")
+    parser.add_argument("--inits", nargs="+", default=["timm", "official"], choices=["timm", "official"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--model", default="convnextv2_atto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--mask-ratio", type=float, default=0.6)
+    parser.add_argument("--decoder-embed-dim", type=int, default=256)
+    parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--train-per-photo", type=int, default=48)
+    parser.add_argument("--val-per-photo", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "output" / "probe")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    args.seed = 0
+    steps = args.steps or ((60, 240) if args.quick else (150, 600))
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = write_crops(args.out / "data", args.train_per_photo, args.val_per_photo)
+    train_x, y_train = load_split(data, "train")
+    val_x, y_val = load_split(data, "val")
+    print(f"{len(set(y_train))} photos: {len(y_train)} train / {len(y_val)} val crops of {CROP} px in {data}")
+
+    rows = [{"features": "raw pixels (32x32)", **probe(raw_pixels(train_x), y_train, raw_pixels(val_x), y_val)}]
+    print(f"{rows[0]['features']:40s} linear {rows[0]['linear']:5.1f}  kNN {rows[0]['knn']:5.1f}")
+    for seed in args.seeds:
+        args.seed = seed
+        for init in args.inits:
+            for length in (0, *steps):
+                start = time.perf_counter()
+                out = args.out / f"{args.model}-{init}-{length}-seed{seed}"
+                if length == 0:
+                    model_file = random_model(out, init, seed, args.model)
+                else:
+                    model_file = pretrain(data, out, init, length, args)
+                timm_file = convert(model_file)
+                row = {"features": f"{init} init, " + (f"{length} steps" if length else "random"), "init": init,
+                       "steps": length, "seed": seed}
+                row.update(probe(features(timm_file, args.model, train_x, args.device), y_train,
+                                 features(timm_file, args.model, val_x, args.device), y_val))
+                if length:
+                    row["loss"] = last_loss(out / "metrics.jsonl")
+                row["seconds"] = round(time.perf_counter() - start, 1)
+                rows.append(row)
+                if args.json:  # after every row: a run stopped part-way keeps what it measured
+                    args.json.write_text(json.dumps(rows, indent=1))
+                print(f"{row['features'] + f' (seed {seed})':40s} linear {row['linear']:5.1f}  kNN {row['knn']:5.1f}"
+                      + (f"  loss {row['loss']:.3f}" if "loss" in row else "") + f"  {row['seconds']:.0f} s")
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def last_loss(metrics: Path) -> float:
+    return json.loads(metrics.read_text().splitlines()[-1])["loss"]
+
+
+def print_table(rows: list[dict]) -> None:
+    """The markdown table of benchmarks/README.md: one line per (features, seed)."""
+    print("\n| features | seed | linear probe | kNN-20 | final loss |\n|---|---|---|---|---|")
+    for row in rows:
+        loss = f"{row['loss']:.3f}" if "loss" in row else ""
+        print(f"| {row['features']} | {row.get('seed', '')} | {row['linear']:.1f} | {row['knn']:.1f} | {loss} |")
+
+
+if __name__ == "__main__":
+    main()
