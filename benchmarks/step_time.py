@@ -1,85 +1,104 @@
-"""Time one full FCMAE pretraining step (forward, backward, decoder and loss) with both encoder backends.
+"""Time one FCMAE pretraining step (forward and backward through encoder, decoder and loss): sparse vs masked-dense
+encoder, eager vs torch.compile, fp32 vs bf16 autocast.
 
-Both backends run in one process on the same weights, images and mask, interleaved after a warm-up, and the
-median of the repeats is reported, so that machine noise hits both alike. Peak memory is the tensor memory a
-step allocates on top of the model and its inputs.
+Every variant runs in one process on the same weights, images and mask (the model draws it from the same seed
+each step, on the device, as in training). After a warm-up (which compiles), the variants of one (mode, precision)
+run interleaved, and the median of the repeats is reported, so machine noise hits both backends alike.
 
-    python benchmarks/step_time.py                      # the README table: tiny b8 and atto b16 at 224 on CPU
-    python benchmarks/step_time.py --model tiny --batch-size 8 --profile   # where the sparse step's time goes
-    python benchmarks/step_time.py --device cuda
+Columns:
+  ms / img/s     median step time and images per second;
+  sparse/dense   the sparse step's time over the masked-dense step's, same mode and precision;
+  peak           tensor memory a step allocates beyond the model and its inputs (CUDA: the allocator's peak
+                 counter; CPU: torch.profiler's allocation record), GiB;
+  TFLOP/s        the FLOPs of the step / its time. FLOPs are counted by torch.utils.flop_counter on the eager
+                 step of that backend: 2 x multiply-adds of every matmul and convolution, forward and backward
+                 (elementwise ops, norms and the loss not counted). The sparse backend's count is its own: matmuls
+                 over visible sites only, depthwise convs over the canvas.
+  diff           max |pred - pred of eager fp32 dense| / max |pred of eager fp32 dense|.
+
+    python benchmarks/step_time.py                      # CPU: tiny b8 and atto b16 at 224, every column
+    python benchmarks/step_time.py --modes eager --precisions fp32 --model tiny --batch-size 8 --profile
+    python benchmarks/step_time.py --device cuda --model atto tiny base --batch-size 128 128 128 --precisions bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import fcmae
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fcmae  # noqa: E402
+from fcmae.training import configure_cuda  # noqa: E402
 
 BACKENDS = ("sparse", "dense")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def make_step(model: fcmae.FCMAE, imgs: torch.Tensor, mask: torch.Tensor):
-    def step(backend: str) -> torch.Tensor:
-        model.encoder.backend = backend
-        model.zero_grad(set_to_none=True)
-        loss, pred, _ = model(imgs, mask)
+class Variant:
+    """One model (backend, eager or compiled) and how to run its step at a precision."""
+
+    def __init__(self, model: fcmae.FCMAE, imgs: torch.Tensor, precision: str):
+        self.model, self.imgs, self.dtype = model, imgs, DTYPES[precision]
+        self.cuda = imgs.is_cuda
+
+    def __call__(self) -> torch.Tensor:
+        self.model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same mask, drawn on the device, for every variant
+        with torch.autocast(self.imgs.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            loss, pred, _ = self.model(self.imgs)
         loss.backward()
-        if imgs.is_cuda:
+        if self.cuda:
             torch.cuda.synchronize()
-        return pred.detach()
-
-    return step
+        return pred.detach().float()
 
 
-def setup(name: str, batch_size: int, img_size: int, mask_ratio: float, device: str):
+def build(name: str, batch_size: int, img_size: int, mask_ratio: float, device: str, modes: list[str]):
+    """{(mode, backend): model} with one set of weights, and the images."""
     torch.manual_seed(0)
-    model = fcmae.create_model(name, img_size=img_size, mask_ratio=mask_ratio).to(device)
-    imgs = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    mask = model.random_masking(batch_size, device=device)
-    return model, imgs, mask
-
-
-def measure(args) -> dict[str, float]:
-    """Median step time of each backend, their peak memory, and how far their predictions differ."""
-    model, imgs, mask = setup(args.model, args.batch_size, args.img_size, args.mask_ratio, args.device)
-    step = make_step(model, imgs, mask)
-    outputs = {b: step(b) for b in BACKENDS}  # warm-up, and the outputs must agree
-    diff = ((outputs["sparse"] - outputs["dense"]).abs().max() / outputs["dense"].abs().max()).item()
-    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
-    for _ in range(args.repeats):
+    reference = fcmae.create_model(name, img_size=img_size, mask_ratio=mask_ratio)
+    models = {}
+    for mode in modes:
         for backend in BACKENDS:
-            start = time.perf_counter()
-            step(backend)
-            times[backend].append(time.perf_counter() - start)
-    result = {b: statistics.median(t) for b, t in times.items()}
-    result["max_rel_diff"] = diff
-    for backend in BACKENDS:
-        result[f"{backend}_peak"] = float("nan") if args.no_memory else peak_memory(model, step, backend, args.device)
-    return result
+            model = fcmae.create_model(name, img_size=img_size, mask_ratio=mask_ratio, backend=backend)
+            model.load_state_dict(reference.state_dict())
+            for module in model.modules():  # as pretrain.py does: conv weights channels-last, like their inputs
+                if isinstance(module, torch.nn.Conv2d):
+                    module.to(memory_format=torch.channels_last)
+            model.to(device)
+            models[mode, backend] = model.compile_step() if mode == "compiled" else model
+    imgs = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    return models, imgs
 
 
-def peak_memory(model, step, backend: str, device: str) -> float:
-    """Peak tensor memory one step allocates beyond the model and its inputs, in GiB.
+def step_flops(variant: Variant) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
 
-    CUDA: the caching allocator's peak counter. CPU: the running sum of the allocations and frees that
-    torch.profiler records, which counts tensor memory only, as the CUDA counter does.
-    """
-    step(backend)
-    model.zero_grad(set_to_none=True)
-    if device.startswith("cuda"):
+    counter = FlopCounterMode(display=False)
+    with counter:
+        variant()
+    return counter.get_total_flops()
+
+
+def peak_memory(variant: Variant) -> float:
+    """Peak tensor memory one step allocates beyond the model and its inputs, in GiB."""
+    variant()
+    variant.model.zero_grad(set_to_none=True)
+    if variant.cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step(backend)
+        variant()
         return (torch.cuda.max_memory_allocated() - base) / 2**30
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(backend)
+        variant()
     changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     current = peak = 0
     for _, nbytes in changes:
@@ -88,50 +107,109 @@ def peak_memory(model, step, backend: str, device: str) -> float:
     return peak / 2**30
 
 
-def profile_sparse(args) -> None:
+def measure(args, name: str, batch_size: int) -> list[dict]:
+    """One row per (mode, precision): both backends' times, peaks, FLOP rates and prediction differences."""
+    models, imgs = build(name, batch_size, args.img_size, args.mask_ratio, args.device, args.modes)
+    reference = Variant(models[args.modes[0], "dense"], imgs, "fp32")() if "fp32" in args.precisions else None
+    flops = {}
+    for backend in BACKENDS:
+        eager = fcmae.create_model(name, img_size=args.img_size, mask_ratio=args.mask_ratio, backend=backend)
+        eager.load_state_dict(models[args.modes[0], backend].state_dict())
+        flops[backend] = step_flops(Variant(eager.to(args.device), imgs, "fp32"))
+        del eager
+    rows = []
+    for mode in args.modes:
+        for precision in args.precisions:
+            variants = {b: Variant(models[mode, b], imgs, precision) for b in BACKENDS}
+            start = time.perf_counter()
+            preds = {b: v() for b, v in variants.items()}  # warm-up: compiles, cuDNN picks kernels
+            warmup = time.perf_counter() - start
+            for v in variants.values():
+                v()
+            times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+            for _ in range(args.repeats):
+                for backend, variant in variants.items():
+                    start = time.perf_counter()
+                    variant()
+                    times[backend].append(time.perf_counter() - start)
+            row = {"model": name, "batch": batch_size, "mode": mode, "precision": precision, "warmup_s": warmup}
+            base = reference if reference is not None else preds["dense"]
+            for backend, variant in variants.items():
+                seconds = statistics.median(times[backend])
+                row[backend] = seconds
+                row[f"{backend}_peak"] = float("nan") if args.no_memory else peak_memory(variant)
+                row[f"{backend}_tflops"] = flops[backend] / seconds / 1e12
+                row[f"{backend}_diff"] = ((preds[backend] - base).abs().max() / base.abs().max()).item()
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = ("| model | batch | mode | precision | sparse ms | dense ms | sparse / dense | sparse img/s | dense img/s | "
+          "sparse peak GiB | dense peak GiB | peak ratio | sparse TFLOP/s | dense TFLOP/s | diff sparse / dense |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r: dict) -> str:
+    short = r["model"].replace("convnextv2_", "")
+    return (f"| {short} | {r['batch']} | {r['mode']} | {r['precision']} | {r['sparse'] * 1e3:.1f} | "
+            f"{r['dense'] * 1e3:.1f} | **{r['sparse'] / r['dense']:.2f}x** | {r['batch'] / r['sparse']:.1f} | "
+            f"{r['batch'] / r['dense']:.1f} | {r['sparse_peak']:.2f} | {r['dense_peak']:.2f} | "
+            f"{r['sparse_peak'] / r['dense_peak']:.2f}x | {r['sparse_tflops']:.2f} | {r['dense_tflops']:.2f} | "
+            f"{r['sparse_diff']:.1e} / {r['dense_diff']:.1e} |")
+
+
+def profile_sparse(args, name: str, batch_size: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    model, imgs, mask = setup(args.model, args.batch_size, args.img_size, args.mask_ratio, args.device)
-    step = make_step(model, imgs, mask)
-    step("sparse")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    models, imgs = build(name, batch_size, args.img_size, args.mask_ratio, args.device, args.modes[:1])
+    variant = Variant(models[args.modes[0], "sparse"], imgs, args.precisions[0])
+    variant()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if imgs.is_cuda else [])
     with profile(activities=activities) as prof:
-        step("sparse")
-    sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+        variant()
+    sort = "self_cuda_time_total" if imgs.is_cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=20))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="*", default=None, help="model names (default: tiny and atto)")
     parser.add_argument("--batch-size", type=int, nargs="*", default=None, help="one per model (default: 8 16)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--mask-ratio", type=float, default=0.6)
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the sparse step")
-    args = parser.parse_args()
+    parser.add_argument("--output", help="also write the table to this file (Markdown)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        configure_cuda()  # as a training run: cuDNN autotuning, TF32 for fp32 matmuls and convs
     models = args.model or ["convnextv2_tiny", "convnextv2_atto"]
     batch_sizes = args.batch_size or [8, 16][: len(models)]
     if len(batch_sizes) != len(models):
         parser.error("give one --batch-size per --model")
 
-    print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, img {args.img_size}, "
-          f"mask ratio {args.mask_ratio}, median of {args.repeats}")
-    print("| model | batch | sparse step (s) | dense step (s) | sparse / dense | sparse peak (GiB) | "
-          "dense peak (GiB) | max rel. diff of pred |")
-    print("|---|---|---|---|---|---|---|---|")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {args.threads} threads"
+    title = (f"device {device}, torch {torch.__version__}, img {args.img_size}, mask ratio {args.mask_ratio}, "
+             f"median of {args.repeats}")
+    print(title + "\n" + HEADER, flush=True)
+    lines = [title, "", HEADER]
     for name, batch_size in zip(models, batch_sizes):
-        args.model, args.batch_size = fcmae.models.resolve_name(name), batch_size
-        result = measure(args)
-        print(f"| {args.model} | {batch_size} | {result['sparse']:.3f} | {result['dense']:.3f} | "
-              f"{result['sparse'] / result['dense']:.2f}x | {result['sparse_peak']:.2f} | {result['dense_peak']:.2f} | "
-              f"{result['max_rel_diff']:.1e} |", flush=True)
+        name = fcmae.models.resolve_name(name)
+        lines += [format_row(row) for row in measure(args, name, batch_size)]
+        if args.output:
+            Path(args.output).write_text("\n".join(lines) + "\n")
         if args.profile:
-            profile_sparse(args)
+            profile_sparse(args, name, batch_size)
+        torch._dynamo.reset()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

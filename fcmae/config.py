@@ -60,6 +60,8 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints to keep
     log_every: int = 20  # steps between metrics records
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb
+    # Speed
+    mixed_precision: str = ""  # "no", "bf16" or "fp16" (CUDA, with a grad scaler); "": accelerate launch's setting
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -92,6 +94,8 @@ class TrainConfig:
             value = getattr(self, name, "")  # from a YAML file, or written --data-path=~/photos
             if value.startswith("~"):
                 setattr(self, name, os.path.expanduser(value))
+        if self.mixed_precision not in ("", "no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         unknown = sorted(set(self.log_with) - {"tensorboard", "wandb"})
         if unknown:
             raise ConfigError(f"unknown tracker(s) {', '.join(unknown)} in log_with; choose tensorboard or wandb")
@@ -108,6 +112,7 @@ class PretrainConfig(TrainConfig):
     backend: str = "sparse"  # encoder backend: "sparse" or the masked-dense reference "dense"
     init_from: str = ""  # start from a model file's weights (not its training state)
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
+    compile: bool = False  # torch.compile the forward and loss whole (fullgraph); ragged masks run eager
 
     def model_settings(self) -> dict[str, Any]:
         """The `fcmae.create_model` overrides this config asks for (with `model` as the name)."""
