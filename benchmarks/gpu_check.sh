@@ -4,11 +4,15 @@
 # the source tree in an environment that has torch >= 2.11, timm and accelerate (plus pytest, and scikit-image for
 # the demo photos). About 8 minutes on one H100.
 #
-#     bash benchmarks/gpu_check.sh [RESULTS_DIR]     # RESULTS_DIR defaults to $OUT, else gpu_check_results
+#     bash benchmarks/gpu_check.sh [RESULTS_DIR]          # RESULTS_DIR defaults to $OUT, else gpu_check_results
+#     bash benchmarks/gpu_check.sh --short [RESULTS_DIR]  # ~2.5 minutes: CUDA equivalence fp32 / bf16, compiled vs
+#                                                         # eager on CUDA, eager bf16 benchmark rows for atto, tiny
 #
 # Each part prints PASS or FAIL; the script exits non-zero if any part failed. The benchmark table goes to
 # RESULTS_DIR/step_time_cuda.md (rewritten after each model, so a run cut short keeps what it measured).
 set -u
+SHORT=0
+if [ "${1:-}" = "--short" ]; then SHORT=1; shift; fi
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-gpu_check_results}}
 mkdir -p "$RESULTS"
@@ -28,6 +32,17 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run, time and record one part
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PYTHON -c "import torch, timm, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'timm', timm.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())" || exit 1
+
+if [ $SHORT = 1 ]; then
+    part "step-time benchmark, eager bf16" 90 $PYTHON benchmarks/step_time.py --device cuda --model atto tiny \
+        --batch-size 128 128 --modes eager --precisions bf16 --repeats 5 --output "$RESULTS/step_time_cuda.md"
+    part "cuda tests" 80 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_compile.py \
+        -k "cuda and not aot_eager and not compiled_dense"
+    echo "=== done in $((SECONDS - START)) s; failed: ${FAILED[*]:-none}"
+    rm -rf "$WORK"
+    [ ${#FAILED[@]} -eq 0 ]
+    exit
+fi
 
 # 1. The backends on CUDA (fp32, bf16), compiled steps (inductor on CUDA; aot_eager on CPU and CUDA), and
 #    pretrain.py --compile --mixed-precision bf16 through accelerate on the GPU.

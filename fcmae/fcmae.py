@@ -141,15 +141,16 @@ class FCMAE(nn.Module):
         device. A given mask is checked, and its per-sample counts read, on the host.
         """
         grid = self.encoder.check_input(imgs)
+        sparse = self.encoder.backend == "sparse"  # the masked-dense reference needs no count: one graph for all
         if mask is None:
             mask = self.random_masking(imgs.shape[0], grid, device=imgs.device)
-            count = kept_per_sample(grid[0] * grid[1], self.mask_ratio)
+            count = kept_per_sample(grid[0] * grid[1], self.mask_ratio) if sparse else None
         else:
             mask = check_mask(mask, imgs.shape[0], grid, imgs.device)
-            count = kept_count(mask)
+            count = kept_count(mask) if sparse else None
         step = self._step
         if self._compiled_step is not None and self.training:  # eval (reconstruction grids) stays eager
-            if count is not None or self.encoder.backend != "sparse":
+            if count is not None or not sparse:
                 step = self._compiled_step
             elif not self._warned_ragged:
                 warnings.warn("fcmae: a mask whose samples keep different numbers of patches runs the sparse "
@@ -168,9 +169,10 @@ class FCMAE(nn.Module):
         """Run the forward (encoder, decoder and loss) through `torch.compile(fullgraph=True)`; returns self.
 
         In training mode, masks drawn by the model (or any mask whose samples keep equal counts) run compiled: one
-        graph, and no recompilation after the first step for a fixed input size and batch. Eval mode runs eager. A ragged mask runs eager, with a
-        one-line warning. The weights stay this module's own (no `_orig_mod.` prefix in the state dict).
-        `options` go to torch.compile (e.g. mode="max-autotune").
+        graph, and no recompilation after the first step for a fixed input size and batch. A ragged mask runs the
+        sparse encoder eager, with a one-line warning; eval mode (reconstruction grids) runs eager. The weights
+        stay this module's own (no `_orig_mod.` prefix in the state dict). `options` go to torch.compile (e.g.
+        mode="max-autotune", or backend="aot_eager" to check the graph capture without code generation).
         """
         options.setdefault("fullgraph", True)
         options.setdefault("dynamic", False)
@@ -179,7 +181,3 @@ class FCMAE(nn.Module):
             options.setdefault("options", {"force_layout_optimization": True})
         self._compiled_step = torch.compile(self._step, **options)
         return self
-
-    @property
-    def compiled(self) -> bool:
-        return self._compiled_step is not None

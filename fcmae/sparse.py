@@ -12,14 +12,45 @@ Per-site ops (LayerNorm, Linear, GELU, residuals) need nothing from this module.
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["VisiblePatches", "strided_conv", "kept_count", "compute_dtype"]
+__all__ = ["VisiblePatches", "PatchIndex", "strided_conv", "kept_count", "compute_dtype"]
+
+
+class PatchIndex:
+    """The stage-independent maps of a mask's visible patches, shared by the `VisiblePatches` of every stage.
+
+    sample_index, local_index: (P,) sample and raster position of each visible patch, sorted by sample, then in
+    raster order. Uniform masks (count given or found): from a stable sort of the mask, which puts each sample's
+    kept patches (value 0) first in raster order, so that no shape depends on the mask's values. Ragged masks: from
+    `nonzero()`, plus padded_index, each patch's slot in a zero-padded (N, max_count) layout for per-sample sums.
+    """
+
+    def __init__(self, mask: Tensor, count: int | None = None):
+        self.batch_size, self.num_patches = mask.shape
+        if count is None:
+            count = kept_count(mask)
+        self.count = count
+        device = mask.device
+        if count is not None:
+            local = mask.argsort(dim=1, stable=True)[:, :count]  # (N, count)
+            sample = torch.arange(self.batch_size, device=device)
+            self.sample_index = sample[:, None].expand(self.batch_size, count).flatten()
+            self.local_index = local.flatten()
+        else:
+            visible = mask == 0
+            patch_index = visible.flatten().nonzero().squeeze(1)
+            self.sample_index = patch_index // self.num_patches
+            self.local_index = patch_index % self.num_patches
+            counts = visible.sum(dim=1)
+            self.max_count = int(counts.max())
+            first_of_sample = counts.cumsum(0) - counts
+            rank = torch.arange(len(patch_index), device=device) - first_of_sample[self.sample_index]
+            self.padded_index = self.sample_index * self.max_count + rank
 
 
 class VisiblePatches:
@@ -34,38 +65,18 @@ class VisiblePatches:
                the host; per-sample ops go through index lookups and a zero-padded layout. Eager mode only.
 
     Args:
-        mask: (N, L) mask, 0 = keep, 1 = remove, L = gh * gw.
+        mask: (N, L) mask, 0 = keep, 1 = remove, L = gh * gw; or the PatchIndex of one (another stage's).
         grid: the patch grid (gh, gw).
         side: k, feature-map sites per patch side at this stage.
         count: patches kept by every sample, when the caller knows it (it is trusted, not checked); None reads
             it from the mask (a device sync), and a mask whose samples keep different counts is ragged.
     """
 
-    def __init__(self, mask: Tensor, grid: tuple[int, int], side: int, count: int | None = None):
-        self.batch_size, self.num_patches = mask.shape
+    def __init__(self, mask: "Tensor | PatchIndex", grid: tuple[int, int], side: int, count: int | None = None):
+        index = mask if isinstance(mask, PatchIndex) else PatchIndex(mask, count)
+        self.index = index  # shared by every stage
+        self.batch_size, self.num_patches, self.count = index.batch_size, index.num_patches, index.count
         self.grid, self.side = grid, side
-        if count is None:
-            count = kept_count(mask)
-        self.count = count
-        device = mask.device
-        if count is not None:
-            # A stable sort puts each sample's kept patches (value 0) first, in raster order.
-            local = mask.argsort(dim=1, stable=True)[:, :count]  # (N, count)
-            sample = torch.arange(self.batch_size, device=device)
-            self.sample_index = sample[:, None].expand(self.batch_size, count).flatten()
-            self.local_index = local.flatten()
-        else:
-            visible = mask == 0
-            # nonzero() returns the visible patches sorted by sample, then in raster order.
-            patch_index = visible.flatten().nonzero().squeeze(1)
-            self.sample_index = patch_index // self.num_patches
-            self.local_index = patch_index % self.num_patches
-            counts = visible.sum(dim=1)
-            self.max_count = int(counts.max())
-            # Slot of each patch in a zero-padded (N, max_count) layout, for per-sample sums.
-            first_of_sample = counts.cumsum(0) - counts
-            rank = torch.arange(len(patch_index), device=device) - first_of_sample[self.sample_index]
-            self.padded_index = self.sample_index * self.max_count + rank
         self.site_index = self._site_index()
 
     @property
@@ -76,7 +87,7 @@ class VisiblePatches:
     @property
     def num_visible(self) -> int:
         """P, the number of visible patches in the batch."""
-        return self.batch_size * self.count if self.uniform else len(self.local_index)
+        return self.batch_size * self.count if self.uniform else len(self.index.local_index)
 
     @property
     def dense_size(self) -> tuple[int, int]:
@@ -85,17 +96,14 @@ class VisiblePatches:
 
     def downsampled(self, factor: int = 2) -> "VisiblePatches":
         """The same patches after a stride-`factor` downsampling (k -> k / factor)."""
-        layout = copy.copy(self)
-        layout.side = self.side // factor
-        layout.site_index = layout._site_index()
-        return layout
+        return VisiblePatches(self.index, self.grid, self.side // factor)
 
     def _site_index(self) -> Tensor:
         """(P * k * k,) flat index of every visible site in a dense (N, gh * k, gw * k) map."""
         gw, k = self.grid[1], self.side
         height, width = self.dense_size
-        local = self.local_index
-        corner = (self.sample_index * height + local // gw * k) * width + local % gw * k
+        local = self.index.local_index
+        corner = (self.index.sample_index * height + local // gw * k) * width + local % gw * k
         offsets = torch.arange(k, device=corner.device)
         offsets = offsets[:, None] * width + offsets[None, :]
         return (corner[:, None, None] + offsets).flatten()
@@ -142,14 +150,14 @@ class VisiblePatches:
         if self.uniform:
             grouped = x.reshape(self.batch_size, self.count * self.side**2, x.shape[-1])
             return op(grouped, values[:, None, :]).view(x.shape)
-        return op(x, values.index_select(0, self.sample_index)[:, None, None, :])
+        return op(x, values.index_select(0, self.index.sample_index)[:, None, None, :])
 
     def sample_norm(self, x: Tensor) -> Tensor:
         """(P, k, k, C) -> (N, C): L2 norm of each channel over the visible sites of each sample, in fp32 at least."""
         channels = x.shape[-1]
         if not self.uniform:  # ragged batch: pad every sample to max_count patches with zeros
-            padded = x.new_zeros(self.batch_size * self.max_count, *x.shape[1:])
-            x = padded.index_copy(0, self.padded_index, x)
+            padded = x.new_zeros(self.batch_size * self.index.max_count, *x.shape[1:])
+            x = padded.index_copy(0, self.index.padded_index, x)
         grouped = x.reshape(self.batch_size, -1, channels) if x.numel() else x.new_zeros(self.batch_size, 0, channels)
         return torch.linalg.vector_norm(grouped, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
 
