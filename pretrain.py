@@ -3,6 +3,7 @@
     accelerate launch pretrain.py --config configs/pretrain/convnextv2_base.yaml --data-path /data/imagenet
     python pretrain.py                                   # the embedded demo (configs/demo.yaml)
     python pretrain.py --max-steps 50                    # the demo, with overrides
+    accelerate launch --mixed_precision bf16 pretrain.py --compile --config ...   # GPU speed
 
 Config -> data -> FCMAE model -> the shared Accelerate loop (fcmae.training). Every flag is listed by --help.
 """
@@ -52,8 +53,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     for module in model.modules():  # conv weights in the activations' channels-last format, as their grads are
         if isinstance(module, torch.nn.Conv2d):
             module.to(memory_format=torch.channels_last)
+    if config.compile:  # before prepare: DDP then wraps a module whose forward calls the compiled step
+        model.compile_step()
     lr = run.base_lr()
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    cuda = run.accelerator.device.type == "cuda"  # fused AdamW: one kernel for all parameters on the GPU
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
+                                    fused=cuda or None)
     model, optimizer, loader = run.prepare(model, optimizer, loader)
     run.print(f"{config.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(dataset)} images\n{run.describe()}")

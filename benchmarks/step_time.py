@@ -1,87 +1,105 @@
-"""Time one full FCMAE pretraining step (forward, backward, decoder and loss) with each encoder backend.
+"""Time one FCMAE pretraining step (forward and backward through encoder, decoder and loss): sparse vs masked-dense
+encoder (and MinkowskiEngine, when installed), eager vs torch.compile, fp32 vs bf16 autocast.
 
-The backends run in one process on the same weights, images and mask, interleaved after a warm-up, and the
-median of the repeats is reported, so that machine noise hits both alike. Peak memory is the tensor memory a
-step allocates on top of the model and its inputs.
+Every variant runs in one process on the same weights, images and mask (the model draws it from the same seed
+each step, on the device, as in training). After a warm-up (which compiles), the variants of one (mode, precision)
+run interleaved, and the median of the repeats is reported, so machine noise hits both backends alike.
 
-    python benchmarks/step_time.py                      # the README table: tiny b8 and atto b16 at 224 on CPU
-    python benchmarks/step_time.py --model tiny --batch-size 8 --profile   # where the sparse step's time goes
-    python benchmarks/step_time.py --device cuda
-    python benchmarks/step_time.py --backends sparse,dense,minkowski   # with MinkowskiEngine installed
+Columns:
+  ms / img/s     median step time and images per second;
+  X / dense      a backend's step time over the masked-dense step's, same mode and precision;
+  peak           tensor memory a step allocates beyond the model and its inputs (CUDA: the allocator's peak
+                 counter; CPU: torch.profiler's allocation record), GiB;
+  TFLOP/s        the FLOPs of the step / its time. FLOPs are counted by torch.utils.flop_counter on the eager
+                 step of that backend: 2 x multiply-adds of every matmul and convolution, forward and backward
+                 (elementwise ops, norms and the loss not counted). The sparse backend's count is its own: matmuls
+                 over visible sites only, depthwise convs over the canvas.
+  diff           max |pred - pred of eager fp32 dense| / max |pred of eager fp32 dense|.
+
+    python benchmarks/step_time.py                      # CPU: tiny b8 and atto b16 at 224, every column
+    python benchmarks/step_time.py --modes eager --precisions fp32 --model tiny --batch-size 8 --profile
+    python benchmarks/step_time.py --device cuda --model atto tiny base --batch-size 128 128 128 --precisions bf16
+    python benchmarks/step_time.py --backends sparse,dense,minkowski --modes eager --precisions fp32   # with ME
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import fcmae
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fcmae  # noqa: E402
+from fcmae.training import configure_cuda  # noqa: E402
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def make_step(model: fcmae.FCMAE, imgs: torch.Tensor, mask: torch.Tensor):
-    def step(backend: str) -> torch.Tensor:
-        model.encoder.backend = backend
-        model.zero_grad(set_to_none=True)
-        loss, pred, _ = model(imgs, mask)
+class Variant:
+    """One model (backend, eager or compiled) and how to run its step at a precision."""
+
+    def __init__(self, model: fcmae.FCMAE, imgs: torch.Tensor, precision: str):
+        self.model, self.imgs, self.dtype = model, imgs, DTYPES[precision]
+        self.cuda = imgs.is_cuda
+
+    def __call__(self) -> torch.Tensor:
+        self.model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same mask, drawn on the device, for every variant
+        with torch.autocast(self.imgs.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            loss, pred, _ = self.model(self.imgs)
         loss.backward()
-        if imgs.is_cuda:
+        if self.cuda:
             torch.cuda.synchronize()
-        return pred.detach()
-
-    return step
+        return pred.detach().float()
 
 
-def setup(name: str, batch_size: int, img_size: int, mask_ratio: float, device: str):
+def build(name: str, batch_size: int, img_size: int, mask_ratio: float, device: str, modes: list[str],
+          backends: list[str]):
+    """{(mode, backend): model} with one set of weights, and the images."""
     torch.manual_seed(0)
-    model = fcmae.create_model(name, img_size=img_size, mask_ratio=mask_ratio).to(device)
-    imgs = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    mask = model.random_masking(batch_size, device=device)
-    return model, imgs, mask
-
-
-def measure(args) -> dict[str, float]:
-    """Median step time of each backend, their peak memory, and how far their predictions differ (the largest
-    relative difference of any backend's from the first's)."""
-    model, imgs, mask = setup(args.model, args.batch_size, args.img_size, args.mask_ratio, args.device)
-    step = make_step(model, imgs, mask)
-    backends = args.backends
-    outputs = {b: step(b) for b in backends}  # warm-up, and the outputs must agree
-    ref = outputs[backends[0]]
-    diff = max([((out - ref).abs().max() / ref.abs().max()).item() for out in outputs.values()])
-    times: dict[str, list[float]] = {b: [] for b in backends}
-    for _ in range(args.repeats):
+    reference = fcmae.create_model(name, img_size=img_size, mask_ratio=mask_ratio)
+    models = {}
+    for mode in modes:
         for backend in backends:
-            start = time.perf_counter()
-            step(backend)
-            times[backend].append(time.perf_counter() - start)
-    result = {b: statistics.median(t) for b, t in times.items()}
-    result["max_rel_diff"] = diff
-    for backend in backends:
-        result[f"{backend}_peak"] = float("nan") if args.no_memory else peak_memory(model, step, backend, args.device)
-    return result
+            model = fcmae.create_model(name, img_size=img_size, mask_ratio=mask_ratio, backend=backend)
+            model.load_state_dict(reference.state_dict())
+            for module in model.modules():  # as pretrain.py does: conv weights channels-last, like their inputs
+                if isinstance(module, torch.nn.Conv2d):
+                    module.to(memory_format=torch.channels_last)
+            model.to(device)
+            models[mode, backend] = model.compile_step() if mode == "compiled" else model
+    imgs = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    return models, imgs
 
 
-def peak_memory(model, step, backend: str, device: str) -> float:
-    """Peak tensor memory one step allocates beyond the model and its inputs, in GiB.
+def step_flops(variant: Variant) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
 
-    CUDA: the caching allocator's peak counter. CPU: the running sum of the allocations and frees that
-    torch.profiler records, which counts tensor memory only, as the CUDA counter does.
-    """
-    step(backend)
-    model.zero_grad(set_to_none=True)
-    if device.startswith("cuda"):
+    counter = FlopCounterMode(display=False)
+    with counter:
+        variant()
+    return counter.get_total_flops()
+
+
+def peak_memory(variant: Variant) -> float:
+    """Peak tensor memory one step allocates beyond the model and its inputs, in GiB."""
+    variant()
+    variant.model.zero_grad(set_to_none=True)
+    if variant.cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step(backend)
+        variant()
         return (torch.cuda.max_memory_allocated() - base) / 2**30
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(backend)
+        variant()
     changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     current = peak = 0
     for _, nbytes in changes:
@@ -90,37 +108,98 @@ def peak_memory(model, step, backend: str, device: str) -> float:
     return peak / 2**30
 
 
-def profile_sparse(args) -> None:
+def measure(args, name: str, batch_size: int) -> list[dict]:
+    """One row per (mode, precision): every backend's time, peak, FLOP rate and prediction difference."""
+    models, imgs = build(name, batch_size, args.img_size, args.mask_ratio, args.device, args.modes, args.backends)
+    reference = Variant(models[args.modes[0], "dense"], imgs, "fp32")() if "fp32" in args.precisions else None
+    flops = {}
+    for backend in args.backends:
+        eager = fcmae.create_model(name, img_size=args.img_size, mask_ratio=args.mask_ratio, backend=backend)
+        eager.load_state_dict(models[args.modes[0], backend].state_dict())
+        flops[backend] = step_flops(Variant(eager.to(args.device), imgs, "fp32"))
+        del eager
+    rows = []
+    for mode in args.modes:
+        for precision in args.precisions:
+            variants = {b: Variant(models[mode, b], imgs, precision) for b in args.backends}
+            start = time.perf_counter()
+            preds = {b: v() for b, v in variants.items()}  # warm-up: compiles, cuDNN picks kernels
+            warmup = time.perf_counter() - start
+            for v in variants.values():
+                v()
+            times: dict[str, list[float]] = {b: [] for b in args.backends}
+            for _ in range(args.repeats):
+                for backend, variant in variants.items():
+                    start = time.perf_counter()
+                    variant()
+                    times[backend].append(time.perf_counter() - start)
+            row = {"model": name, "batch": batch_size, "mode": mode, "precision": precision, "warmup_s": warmup}
+            base = reference if reference is not None else preds["dense"]
+            for backend, variant in variants.items():
+                seconds = statistics.median(times[backend])
+                row[backend] = seconds
+                row[f"{backend}_peak"] = float("nan") if args.no_memory else peak_memory(variant)
+                row[f"{backend}_tflops"] = flops[backend] / seconds / 1e12
+                row[f"{backend}_diff"] = ((preds[backend] - base).abs().max() / base.abs().max()).item()
+            rows.append(row)
+            print(format_row(row, args.backends), flush=True)
+    return rows
+
+
+def header(backends: list[str]) -> str:
+    """The table's header for these backends; ratios are to the masked-dense step ("dense" is always timed)."""
+    others = [b for b in backends if b != "dense"]
+    cells = ([f"{b} ms" for b in backends] + [f"{b} / dense" for b in others] + [f"{b} img/s" for b in backends]
+             + [f"{b} peak GiB" for b in backends] + [f"{b} peak / dense" for b in others]
+             + [f"{b} TFLOP/s" for b in backends] + ["diff " + " / ".join(backends)])
+    return "| model | batch | mode | precision | " + " | ".join(cells) + " |\n" + "|---" * (len(cells) + 4) + "|"
+
+
+def format_row(r: dict, backends: list[str]) -> str:
+    others = [b for b in backends if b != "dense"]
+    cells = ([f"{r[b] * 1e3:.1f}" for b in backends] + [f"**{r[b] / r['dense']:.2f}x**" for b in others]
+             + [f"{r['batch'] / r[b]:.1f}" for b in backends] + [f"{r[f'{b}_peak']:.2f}" for b in backends]
+             + [f"{r[f'{b}_peak'] / r['dense_peak']:.2f}x" for b in others]
+             + [f"{r[f'{b}_tflops']:.2f}" for b in backends] + [" / ".join(f"{r[f'{b}_diff']:.1e}" for b in backends)])
+    short = r["model"].replace("convnextv2_", "")
+    return f"| {short} | {r['batch']} | {r['mode']} | {r['precision']} | " + " | ".join(cells) + " |"
+
+
+def profile_sparse(args, name: str, batch_size: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    model, imgs, mask = setup(args.model, args.batch_size, args.img_size, args.mask_ratio, args.device)
-    step = make_step(model, imgs, mask)
-    step("sparse")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    models, imgs = build(name, batch_size, args.img_size, args.mask_ratio, args.device, args.modes[:1], ["sparse"])
+    variant = Variant(models[args.modes[0], "sparse"], imgs, args.precisions[0])
+    variant()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if imgs.is_cuda else [])
     with profile(activities=activities) as prof:
-        step("sparse")
-    sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+        variant()
+    sort = "self_cuda_time_total" if imgs.is_cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=20))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="*", default=None, help="model names (default: tiny and atto)")
     parser.add_argument("--batch-size", type=int, nargs="*", default=None, help="one per model (default: 8 16)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--mask-ratio", type=float, default=0.6)
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the sparse step")
+    parser.add_argument("--output", help="also write the table to this file (Markdown)")
     parser.add_argument("--backends", default="sparse,dense",
-                        help="comma-separated encoder backends; times are also given as ratios to dense (default: sparse,dense)")
-    args = parser.parse_args()
+                        help="comma-separated encoder backends, dense among them (default: sparse,dense); "
+                             "minkowski needs MinkowskiEngine and runs eager only")
+    args = parser.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(args.backends) - set(fcmae.encoder.BACKENDS))
-    if unknown or len(set(args.backends)) != len(args.backends) or len(args.backends) < 2:
-        parser.error(f"--backends takes two or more different ones of {', '.join(fcmae.encoder.BACKENDS)}")
+    if unknown or len(set(args.backends)) != len(args.backends) or "dense" not in args.backends:
+        parser.error(f"--backends takes different ones of {', '.join(fcmae.encoder.BACKENDS)}, dense among them")
     if any(b.startswith("minkowski") for b in args.backends):
         from fcmae.minkowski import require
 
@@ -128,29 +207,31 @@ def main() -> None:
             require()
         except ImportError as e:
             parser.error(str(e))
+        if "compiled" in args.modes:
+            parser.error("MinkowskiEngine's ops do not compile: add --modes eager")
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        configure_cuda()  # as a training run: cuDNN autotuning, TF32 for fp32 matmuls and convs
     models = args.model or ["convnextv2_tiny", "convnextv2_atto"]
     batch_sizes = args.batch_size or [8, 16][: len(models)]
     if len(batch_sizes) != len(models):
         parser.error("give one --batch-size per --model")
 
-    print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, img {args.img_size}, "
-          f"mask ratio {args.mask_ratio}, median of {args.repeats}")
-    backends = args.backends
-    base = "dense" if "dense" in backends else backends[-1]
-    others = [b for b in backends if b != base]
-    columns = ([f"{b} step (s)" for b in backends] + [f"{b} / {base}" for b in others]
-               + [f"{b} peak (GiB)" for b in backends] + ["max rel. diff of pred"])
-    print("| model | batch | " + " | ".join(columns) + " |")
-    print("|---" * (len(columns) + 2) + "|")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {args.threads} threads"
+    title = (f"device {device}, torch {torch.__version__}, img {args.img_size}, mask ratio {args.mask_ratio}, "
+             f"median of {args.repeats}")
+    print(title + "\n" + header(args.backends), flush=True)
+    lines = [title, "", header(args.backends)]
     for name, batch_size in zip(models, batch_sizes):
-        args.model, args.batch_size = fcmae.models.resolve_name(name), batch_size
-        result = measure(args)
-        cells = ([f"{result[b]:.3f}" for b in backends] + [f"{result[b] / result[base]:.2f}x" for b in others]
-                 + [f"{result[f'{b}_peak']:.2f}" for b in backends] + [f"{result['max_rel_diff']:.1e}"])
-        print(f"| {args.model} | {batch_size} | " + " | ".join(cells) + " |", flush=True)
+        name = fcmae.models.resolve_name(name)
+        lines += [format_row(row, args.backends) for row in measure(args, name, batch_size)]
+        if args.output:
+            Path(args.output).write_text("\n".join(lines) + "\n")
         if args.profile:
-            profile_sparse(args)
+            profile_sparse(args, name, batch_size)
+        torch._dynamo.reset()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ class TrainConfig:
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb
     # The keys given as command-line flags (set by parse_config; not a setting itself).
     explicit: typing.ClassVar[frozenset[str]] = frozenset()
+    # Speed
+    mixed_precision: str = ""  # "no", "bf16" or "fp16" (CUDA, with a grad scaler); "": accelerate launch's setting
 
     @classmethod
     def recipe(cls, file: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +126,8 @@ class TrainConfig:
             value = getattr(self, name, "")  # from a YAML file, or written --data-path=~/photos
             if value.startswith("~"):
                 setattr(self, name, os.path.expanduser(value))
+        if self.mixed_precision not in ("", "no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         unknown = sorted(set(self.log_with) - {"tensorboard", "wandb"})
         if unknown:
             raise ConfigError(f"unknown tracker(s) {', '.join(unknown)} in log_with; choose tensorboard or wandb")
@@ -141,6 +145,7 @@ class PretrainConfig(TrainConfig):
     init: str = "timm"  # weight init: "timm" (std 0.02) or "official" (the official FCMAE re-init, std 1)
     init_from: str = ""  # start from a model file's weights (not its training state)
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
+    compile: bool = False  # torch.compile the forward and loss whole (fullgraph); ragged masks run eager
 
     def model_settings(self) -> dict[str, Any]:
         """The `fcmae.create_model` overrides this config asks for (with `model` as the name)."""

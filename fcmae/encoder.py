@@ -22,7 +22,7 @@ from timm.models.convnext import ConvNeXtBlock
 from torch import Tensor, nn
 
 from .masking import apply_keep, check_mask, grid_size
-from .sparse import VisiblePatches, strided_conv
+from .sparse import VisiblePatches, kept_count, strided_conv
 
 __all__ = ["SparseConvNeXtV2", "Block", "BACKENDS"]
 
@@ -141,14 +141,19 @@ class SparseConvNeXtV2(nn.Module):
         grid = self.check_input(imgs)
         if mask is None:
             mask = imgs.new_zeros(imgs.shape[0], grid[0] * grid[1])
-        return self.encode(imgs, check_mask(mask, imgs.shape[0], grid, imgs.device), grid)
+        mask = check_mask(mask, imgs.shape[0], grid, imgs.device)
+        return self.encode(imgs, mask, grid, kept_count(mask))
 
     forward_features = forward
 
-    def encode(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
-        """`forward` for inputs already checked (by check_input and check_mask): the chosen backend."""
+    def encode(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int], count: int | None = None) -> Tensor:
+        """`forward` for inputs already checked (by check_input and check_mask): the chosen backend.
+
+        count: the patches every sample keeps, if known (e.g. a mask from `random_mask`); the sparse backend then
+        needs no look at the mask's values. None: it reads them (ragged masks are allowed).
+        """
         if self.backend == "sparse":
-            return self.forward_sparse(imgs, mask, grid)
+            return self.forward_sparse(imgs, mask, grid, count)
         if self.backend.startswith("minkowski"):
             from .minkowski import forward_minkowski  # imports MinkowskiEngine: only when asked for
 
@@ -170,8 +175,8 @@ class SparseConvNeXtV2(nn.Module):
             raise ValueError(f"images are on {imgs.device} but the model is on {weights.device}")
         return grid_size(tuple(imgs.shape[-2:]), self.patch_size)
 
-    def forward_sparse(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
-        layout = VisiblePatches(mask, grid, side=self.patch_size)
+    def forward_sparse(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int], count: int | None = None) -> Tensor:
+        layout = VisiblePatches(mask, grid, side=self.patch_size, count=count)
         x = layout.gather(imgs.permute(0, 2, 3, 1))  # (P, 32, 32, 3): the visible image patches
         x = self.stem[1](strided_conv(x, self.stem[0]))
         layout = layout.downsampled(STEM_STRIDE)

@@ -12,7 +12,7 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["grid_size", "random_mask", "check_mask", "apply_keep"]
+__all__ = ["grid_size", "random_mask", "kept_per_sample", "check_mask", "apply_keep"]
 
 
 def grid_size(img_size: int | tuple[int, int], patch_size: int = 32) -> tuple[int, int]:
@@ -50,13 +50,18 @@ def random_mask(
         raise ValueError(f"grid must be two positive ints (gh, gw), got {grid!r}")
     gh, gw = grid
     num_patches = gh * gw
-    len_keep = int(num_patches * (1 - mask_ratio))
+    len_keep = kept_per_sample(num_patches, mask_ratio)
     if device is None and generator is not None:
         device = generator.device
     noise = torch.randn(batch_size, num_patches, generator=generator, device=device)
     ids_keep = noise.argsort(dim=1)[:, :len_keep]
     mask = torch.ones(batch_size, num_patches, device=noise.device)
     return mask.scatter_(1, ids_keep, 0.0)  # 0 is keep, 1 is remove
+
+
+def kept_per_sample(num_patches: int, mask_ratio: float) -> int:
+    """Patches each sample keeps in a mask drawn by `random_mask`: int(L * (1 - mask_ratio)), as the official code."""
+    return int(num_patches * (1 - mask_ratio))
 
 
 def check_mask(mask: Tensor, batch_size: int, grid: tuple[int, int], device: torch.device | None = None) -> Tensor:

@@ -43,7 +43,7 @@ from .models import write_safetensors
 
 __all__ = [
     "Run", "TrainingError", "run_cli", "end_process_group", "find_checkpoint", "processes_without_gpu",
-    "CHECKPOINT_PREFIX",
+    "CHECKPOINT_PREFIX", "configure_cuda",
 ]
 
 CHECKPOINT_PREFIX = "step_"
@@ -134,14 +134,22 @@ class Run:
     def __init__(self, config: TrainConfig, project: str, step_log: str = "metrics.jsonl"):
         self.config = config
         self.output_dir = Path(config.output_dir)
+        precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("mixed precision fp16 needs a CUDA GPU (its grad scaler); use bf16 on a CPU")
         self.accelerator = Accelerator(
             cpu=processes_without_gpu(),
+            mixed_precision=config.mixed_precision or None,  # None: accelerate launch's --mixed_precision
             gradient_accumulation_steps=config.accum_steps,
             log_with=config.log_with or None,
             project_dir=str(self.output_dir),
-            # The same shuffled order for every run of an epoch: resume can skip into it.
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+            # The same shuffled order for every run of an epoch: resume can skip into it. Batches from pinned
+            # memory are copied without blocking the host.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed,
+                                                      non_blocking=torch.cuda.is_available()),
         )
+        if self.accelerator.device.type == "cuda":
+            configure_cuda()
         self.is_main = self.accelerator.is_main_process
         self._check_output_dir()
         set_seed(config.seed)
@@ -368,14 +376,17 @@ class Run:
                     batches = self.accelerator.skip_first_batches(self.loader, skip * self.config.accum_steps)
                 for _ in self._optimizer_steps(batches, step_fn, window):
                     bar.update(1)
+                    save_due = self.step % self.config.save_every == 0 or self.step == self.total_steps
                     if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                         self._log(window, bar)
+                    elif save_due:
+                        self.check_finite(window)
                     if every_step is not None:
                         every_step(self.step)
                     if on_epoch_end is not None and (self.step % self.steps_per_epoch == 0
                                                      or self.step == self.total_steps):  # a --max-steps run's last
                         on_epoch_end(epoch)
-                    if self.step % self.config.save_every == 0 or self.step == self.total_steps:
+                    if save_due:
                         self.save_checkpoint(on_save)
                     if self.step >= self.total_steps:
                         break
@@ -383,17 +394,20 @@ class Run:
         self.accelerator.end_training()
 
     def _optimizer_steps(self, batches, step_fn: StepFn, window: "_Window"):
-        """Run the batches of one epoch; yields after each optimizer step (accumulation done by Accelerate)."""
+        """Run the batches of one epoch; yields after each optimizer step (accumulation done by Accelerate).
+
+        Nothing here waits on the device: the loss and a non-finite flag are summed on it, and read every
+        log_every steps and before every checkpoint (`_log`, `check_finite`).
+        """
         micro = 0
         for batch in batches:
             self._seed(micro)
             with self.accelerator.accumulate(self.model):
                 loss, images = step_fn(self.model, batch)
-                self._check_finite(loss)
                 self.accelerator.backward(loss)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            window.add(loss.detach(), images, batch.get("skipped"))
+            window.add(loss.detach(), images, batch.get("skipped"), self.step + 1)
             micro += 1
             if self.accelerator.sync_gradients:
                 self.step, micro = self.step + 1, 0
@@ -404,21 +418,22 @@ class Run:
         """Seed the global RNGs from (seed, step, micro-batch, process): draws do not depend on history."""
         seeded([self.config.seed, self.step, micro, self.accelerator.process_index])
 
-    def _check_finite(self, loss: Tensor) -> None:
-        """Stop, on every process at once, before a non-finite loss reaches the weights or a checkpoint."""
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if bad.item() == 0:
+    def check_finite(self, window: "_Window") -> None:
+        """Stop, on every process at once, if a loss since the last check was non-finite: before it reaches a
+        checkpoint or a metrics record. The weights it reached in memory are dropped with the process."""
+        bad = window.first_bad(self.accelerator)
+        if bad is None:
             return
+        step, value = bad
         last = find_checkpoint(self.output_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
         raise TrainingError(
-            f"the loss became non-finite ({loss.item()}) at step {self.step + 1}; stopped without saving, {kept}. "
+            f"the loss became non-finite ({value}) at step {step}; stopped without saving, {kept}. "
             "Try a lower --blr, more warmup, or bf16 instead of fp16"
         )
 
     def _log(self, window: "_Window", bar: tqdm) -> dict:
+        self.check_finite(window)
         loss, images, skipped, seconds = window.reduce(self.accelerator)
         self.skipped_files += skipped
         record = {
@@ -441,22 +456,34 @@ class Run:
 
 
 class _Window:
-    """Loss, image and skipped-file sums since the last log record, kept on the device (no per-step sync)."""
+    """Loss, image and skipped-file sums since the last log record, and the first non-finite loss since the last
+    check, all kept on the device: adding to them never waits on it."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.bad = torch.tensor([math.inf, 0.0], device=device, dtype=torch.float64)  # first bad step, its loss
         self.reset()
 
     def reset(self) -> None:
         self.sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss*n, n batches, images, skipped
         self.start = time.perf_counter()
 
-    def add(self, loss: Tensor, images: int, skipped: Tensor | None) -> None:
-        self.sums[0] += loss.double()
+    def add(self, loss: Tensor, images: int, skipped: Tensor | None, step: int) -> None:
+        loss = loss.double()
+        self.sums[0] += loss
         self.sums[1] += 1
         self.sums[2] += images
         if skipped is not None:
             self.sums[3] += skipped.sum().double()
+        first = ~torch.isfinite(loss) & torch.isinf(self.bad[0])  # python scalars, not tensors: no host copy
+        self.bad[0] = torch.where(first, float(step), self.bad[0])
+        self.bad[1] = torch.where(first, loss, self.bad[1])
+
+    def first_bad(self, accelerator: Accelerator) -> tuple[int, float] | None:
+        """(step, loss) of the earliest non-finite loss on any process, or None."""
+        bad = accelerator.gather(self.bad[None]).view(-1, 2).tolist()
+        step, value = min(bad, key=lambda b: b[0])
+        return None if math.isinf(step) else (int(step), value)
 
     def reduce(self, accelerator: Accelerator) -> tuple[float, int, int, float]:
         """(mean loss, images, skipped files, seconds), summed over processes; then starts a new window."""
@@ -464,6 +491,14 @@ class _Window:
         seconds = time.perf_counter() - self.start
         self.reset()
         return sums[0] / max(sums[1], 1), int(sums[2]), int(sums[3]), seconds
+
+
+def configure_cuda() -> None:
+    """The GPU settings a training run wants: cuDNN picks its fastest kernels for the fixed input shapes, and
+    fp32 matmuls and convs may use TF32 tensor cores (bf16/fp16 autocast regions are unaffected)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
 
 
 def _flat(values: dict[str, Any]) -> dict[str, Any]:
