@@ -30,7 +30,7 @@ VIS_IMAGES = 8
 
 def build_model(config: PretrainConfig) -> fcmae.FCMAE:
     """A fresh FCMAE model, or one whose weights come from config.init_from (not its training state)."""
-    model = fcmae.create_model(config.model, **config.model_settings())
+    model = fcmae.FCMAE(config.model_config())
     if config.init_from:
         from fcmae.convert import to_fcmae
 

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .config import OneLineArgumentParser
 from .fcmae import FCMAE
+from .model_config import FCMAEConfig
 from .models import (
     MODEL_SIZES, format_keys, load_state_dict_strict, read_model_file, resolve_name, save_model, write_safetensors,
 )
@@ -542,8 +543,8 @@ def convert(
     else:
         fcmae_model = _finish_fcmae(state, origin, config, head, found_decoder is not None, strict, drop_head,
                                     where, notes)
-        result = Conversion(fcmae_model.state_dict(), to, layout, name, fcmae_model.config, where, model=fcmae_model,
-                            notes=notes)
+        result = Conversion(fcmae_model.state_dict(), to, layout, name, fcmae_model.config.to_dict(), where,
+                            model=fcmae_model, notes=notes)
     for note in notes:
         log.info(note)
     return result
@@ -581,7 +582,7 @@ def _finish_timm(state: StateDict, origin: dict[str, str], config: dict[str, Any
     if decoder:
         notes.append(f"dropped the decoder ({len(decoder)} tensors): a timm model has none")
     with torch.device("meta"):
-        reference = FCMAE(**config)
+        reference = FCMAE(FCMAEConfig.from_dict(config))
     encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     load_state_dict_strict(reference.encoder, _meta_copy(encoder), source=f"{where} ({config['name']} encoder)")
 
@@ -623,7 +624,7 @@ def _finish_fcmae(state: StateDict, origin: dict[str, str], config: dict[str, An
         notes.append(f"dropped the classifier head ({format_keys([origin[k] for k in head])})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = FCMAE(**config)
+        model = FCMAE(FCMAEConfig.from_dict(config))
     weights = {k: v for k, v in state.items() if not k.startswith("head.")}
     fresh = {k: v for k, v in model.state_dict().items() if k.startswith("decoder.") and k not in weights}
     if not has_decoder:

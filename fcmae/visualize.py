@@ -22,7 +22,7 @@ from .config import OneLineArgumentParser, PretrainConfig, from_dict, load_yaml
 from .data import DataError, eval_transform, find_images, load_rgb
 from .fcmae import FCMAE
 from .masking import grid_size
-from .models import create_model, load_model, load_state_dict_strict, read_model_file
+from .models import load_model, load_state_dict_strict, read_model_file
 
 __all__ = ["reconstruct", "reconstruction_grid", "save_reconstructions", "main"]
 
@@ -103,7 +103,7 @@ def load_any_model(checkpoint: Path, **overrides) -> FCMAE:
     if "mask_ratio" not in saved:
         raise ValueError(f"{checkpoint} is a fine-tuning checkpoint, not an FCMAE pretraining one")
     config = from_dict(PretrainConfig, saved)
-    model = create_model(config.model, **{**config.model_settings(), **overrides})
+    model = FCMAE(config.model_config().replace(**overrides))
     state, _ = read_model_file(weights)
     load_state_dict_strict(model, state, source=str(weights))
     return model
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--out must name a .png file, got {args.out}")
         overrides = {} if args.mask_ratio is None else {"mask_ratio": args.mask_ratio}
         model = load_any_model(Path(args.checkpoint), **overrides).eval()
-        size = tuple(args.input_size * 2)[:2] if args.input_size else tuple(model.config["img_size"])
+        size = tuple(args.input_size * 2)[:2] if args.input_size else model.config.img_size
         grid_size(size, model.patch_size)
         source = Path(args.images)
         paths = [source] if source.is_file() else find_images(source)[: args.num_images]

@@ -123,7 +123,7 @@ def test_create_model_names_and_overrides():
                                decoder_embed_dim=64, norm_pix_loss=False, drop_path_rate=0.1, backend="dense")
     assert model.encoder.dims == (48, 96, 192, 384) and model.grid == (2, 3)
     assert len(model.decoder.blocks) == 2 and model.decoder.proj.out_channels == 64
-    assert model.config["mask_ratio"] == 0.75 and model.encoder.backend == "dense"
+    assert model.config.mask_ratio == 0.75 and model.encoder.backend == "dense"
     assert model.random_masking(4).shape == (4, 6)
     assert fcmae.create_model("tiny", depths=(1, 1, 1, 1)).encoder.depths == (1, 1, 1, 1)
 
@@ -131,7 +131,7 @@ def test_create_model_names_and_overrides():
 def test_create_model_errors():
     with pytest.raises(ValueError, match="unknown model 'resnet50'; choose one of convnextv2_atto"):
         fcmae.create_model("resnet50")
-    with pytest.raises(ValueError, match="unknown option\\(s\\) mask_ration"):
+    with pytest.raises(ValueError, match="unknown key mask_ration in create_model's settings; did you mean mask_ratio"):
         fcmae.create_model("atto", mask_ration=0.5)
     with pytest.raises(ValueError, match="mask_ratio must be in"):
         fcmae.create_model("atto", mask_ratio=1.0)
