@@ -4,13 +4,13 @@
         --finetune output/pretrain/model.safetensors
     accelerate launch finetune.py --eval --resume output/finetune/model.safetensors --data-path /data/imagenet
     python finetune.py                                   # the demo: digits, from the pretrain demo's weights
+    python finetune.py --config configs/finetune/demo.yaml --epochs 2   # the demo, with overrides
 
 Config -> data -> timm ConvNeXt V2 (+ recipe) -> the shared Accelerate loop (fcmae.training) + evaluation.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -61,14 +61,10 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
     if config.num_classes and config.num_classes != len(classes):
         raise DataError(f"--num-classes {config.num_classes} does not match the {len(classes)} class folders "
                         f"in {root / 'train'}")
-    try:
-        train_tf = create_transform(
-            config.image_size, is_training=True, auto_augment=config.aa or None, interpolation=config.interpolation,
-            color_jitter=config.color_jitter, re_prob=config.reprob, re_mode="pixel", re_count=1,
-        )  # fmt: skip
-    except (AssertionError, ValueError, KeyError) as e:  # timm asserts on a policy string it cannot parse
-        raise ConfigError(f"--aa {config.aa!r} is not a timm augmentation policy ({e}); "
-                          "e.g. rand-m9-mstd0.5-inc1, or \"\" for none") from None
+    train_tf = create_transform(  # config.aa and config.interpolation were checked when the config was read
+        config.image_size, is_training=True, auto_augment=config.aa or None, interpolation=config.interpolation,
+        color_jitter=config.color_jitter, re_prob=config.reprob, re_mode="pixel", re_count=1,
+    )  # fmt: skip
     for op in _augment_ops(train_tf):
         if op.aug_fn is auto_augment.posterize:
             op.aug_fn = posterize
@@ -108,7 +104,7 @@ def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
     """timm's ConvNeXt V2 with a fresh classifier, its encoder from config.finetune if given."""
     drop_path = 0.0 if config.linear_probe else config.drop_path
     model = timm.create_model(config.model, num_classes=num_classes, drop_path_rate=drop_path,
-                              head_init_scale=config.head_init_scale)
+                              head_init_scale=config.head_init_scale, in_chans=config.in_chans)
     if config.finetune:
         from fcmae.convert import to_timm
 
@@ -133,7 +129,7 @@ def load_for_eval(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
                           f"--finetune {config.resume}, then evaluate the result")
     if metadata.get("model", config.model) != config.model:
         raise ConfigError(f"{file} holds a {metadata['model']}; pass --model {metadata['model']}")
-    model = timm.create_model(config.model, num_classes=num_classes)
+    model = timm.create_model(config.model, num_classes=num_classes, in_chans=config.in_chans)
     if "head.fc.0.running_mean" in state:  # a linear probe's training checkpoint
         state = fold_probe(state)
     load_state_dict_strict(model, state, source=f"{file} (for {config.model} with {num_classes} classes)")
@@ -184,8 +180,7 @@ def evaluate_only(config: FinetuneConfig) -> dict:
     """
     saved = {k: v for k, v in saved_eval_settings(config.resume).items() if k not in config.explicit}
     if saved:
-        config = from_dict(FinetuneConfig, {**dataclasses.asdict(config), **saved})
-        config.validate()
+        config = from_dict(FinetuneConfig, {**config.to_dict(), **saved})
     accelerator = Accelerator(cpu=processes_without_gpu())
     accelerator.print("eval at " + ", ".join(f"{k} {getattr(config, k)}" + (" (saved with the model)" if k in saved
                                                                             else "") for k in EVAL_SETTINGS))

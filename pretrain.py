@@ -2,10 +2,10 @@
 
     accelerate launch pretrain.py --config configs/pretrain/convnextv2_base.yaml --data-path /data/imagenet
     python pretrain.py                                   # the embedded demo (configs/demo.yaml)
-    python pretrain.py --max-steps 50                    # the demo, with overrides
+    python pretrain.py --config configs/demo.yaml --max-steps 50   # the demo, with overrides
     accelerate launch --mixed_precision bf16 pretrain.py --compile --config ...   # GPU speed
 
-Config -> data -> FCMAE model -> the shared Accelerate loop (fcmae.training). Every flag is listed by --help.
+Config -> data -> FCMAE model -> the shared Accelerate loop (fcmae.training).
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ VIS_IMAGES = 8
 
 def build_model(config: PretrainConfig) -> fcmae.FCMAE:
     """A fresh FCMAE model, or one whose weights come from config.init_from (not its training state)."""
-    model = fcmae.FCMAE(config.model_config())
+    model = fcmae.FCMAE(config.model)
     if config.init_from:
         from fcmae.convert import to_fcmae
 
-        state = to_fcmae(config.init_from, model=config.model, decoder_depth=config.decoder_depth,
-                         decoder_embed_dim=config.decoder_embed_dim, drop_head=True)  # a fine-tuned model's head
+        state = to_fcmae(config.init_from, model=config.model.name, decoder_depth=config.model.decoder_depth,
+                         decoder_embed_dim=config.model.decoder_embed_dim, drop_head=True)  # a fine-tuned model's head
         fcmae.models.load_state_dict_strict(model, state, source=config.init_from)
     return model
 
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
                                     fused=cuda or None)
     model, optimizer, loader = run.prepare(model, optimizer, loader)
-    run.print(f"{config.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    run.print(f"{config.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(dataset)} images\n{run.describe()}")
 
     # Fixed images for the reconstruction grids: the first few, with their epoch-0 augmentation.

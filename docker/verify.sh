@@ -134,13 +134,13 @@ in_image python pretrain.py --help | grep -- --mask-ratio >/dev/null || fail "pr
 in_image python finetune.py --help | grep -- --layer-decay >/dev/null || fail "finetune.py --help"
 
 say "run: 5-step demo pretraining, 2 processes under accelerate launch"
-in_image accelerate launch --multi_gpu --num_processes 2 pretrain.py --max-steps 5 --warmup-steps 1 --log-every 1 \
+in_image accelerate launch --multi_gpu --num_processes 2 pretrain.py --config configs/demo.yaml --max-steps 5 --warmup-steps 1 --log-every 1 \
     || fail "demo pretraining"
 say "run: conversion to timm"
 in_image fcmae-convert output/demo/model.safetensors output/demo/atto_timm.safetensors --to timm \
     || fail "fcmae-convert"
 say "run: 1-epoch fine-tune on the digits"
-in_image python finetune.py --epochs 1 --finetune output/demo/atto_timm.safetensors || fail "fine-tuning"
+in_image python finetune.py --config configs/finetune/demo.yaml --epochs 1 --finetune output/demo/atto_timm.safetensors || fail "fine-tuning"
 
 say "check the outputs"
 check=$(cat <<'EOF'

@@ -45,21 +45,11 @@ class FCMAE(nn.Module):
         self._compiled_step = None
         self._warned_ragged = False
 
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def in_chans(self) -> int:
-        return self.config.in_chans
-
-    @property
-    def mask_ratio(self) -> float:
-        return self.config.mask_ratio
-
-    @property
-    def norm_pix_loss(self) -> bool:
-        return self.config.norm_pix_loss
+    # Read-only views of the config: set them through it (`FCMAE(config.replace(mask_ratio=0.75))`).
+    patch_size = property(lambda self: self.config.patch_size)
+    in_chans = property(lambda self: self.config.in_chans)
+    mask_ratio = property(lambda self: self.config.mask_ratio)
+    norm_pix_loss = property(lambda self: self.config.norm_pix_loss)
 
     # Patches ------------------------------------------------------------------------------------------------
 

@@ -82,17 +82,17 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
 
 
 def check_names(given: Iterable[str], valid: Sequence[str], what: str, source: str) -> None:
-    """ConfigError for names in `given` that are not in `valid`, in one line: each with its "did you mean",
-    or the valid names when nothing is close. `what` is "key" or "flag", `source` where they came from."""
+    """ConfigError for names in `given` that are not in `valid`, in one line: "did you mean" the closest valid
+    name, and where to find the valid ones when nothing is close. `what` is "key" or "flag", `source` where they
+    came from."""
     unknown = [name for name in given if name not in valid]
     if not unknown:
         return
-    hints = [did_you_mean(name, valid) for name in unknown]
-    if all(hints):
-        advice = " ".join(hints)
-    else:
-        advice = f"valid {what}s: {', '.join(valid)}"
-    raise ConfigError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {source}; {advice}")
+    hints = [hint for hint in (did_you_mean(name, valid) for name in unknown) if hint]
+    if len(hints) < len(unknown):  # a name close to none: say where the valid ones are
+        hints.append("see --help for the flags" if what == "flag" else f"valid {what}s: {', '.join(valid)}")
+    raise ConfigError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {source}; "
+                      + " ".join(hints))
 
 
 @functools.cache

@@ -17,7 +17,6 @@ previous one.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
@@ -172,7 +171,7 @@ class Run:
                     log.write_text("".join(line + "\n" for line in kept))
             self._set_aside_later_checkpoints()
         if self.config.log_with:
-            self.accelerator.init_trackers(self.project, config=_flat(dataclasses.asdict(self.config)))
+            self.accelerator.init_trackers(self.project, config=_flat(self.config.to_dict()))
 
     def _set_aside_later_checkpoints(self) -> None:
         """Resuming from an older checkpoint abandons the later ones. Rename them (abandoned_step_XXXXXXXX) rather
@@ -291,8 +290,10 @@ class Run:
         if not (path / STATE_FILE).is_file():
             raise ConfigError(f"not a complete training checkpoint: {path} (no {STATE_FILE})")
         saved = load_yaml(path / "config.yaml")
-        if saved.get("model") != self.config.model:
-            raise ConfigError(f"checkpoint {path} is for model {saved.get('model')}, not {self.config.model}")
+        saved_model = saved.get("model")  # a name, or the model: section of a pretraining config
+        saved_name = saved_model.get("name") if isinstance(saved_model, dict) else saved_model
+        if saved_name != self.config.model_name:
+            raise ConfigError(f"checkpoint {path} is for model {saved_name}, not {self.config.model_name}")
         try:
             self.accelerator.load_state(str(path))
         except Exception as e:  # torch, safetensors and Accelerate each raise their own types for a bad file
@@ -502,6 +503,12 @@ def configure_cuda() -> None:
 
 
 def _flat(values: dict[str, Any]) -> dict[str, Any]:
-    """Tracker-friendly config: lists become strings."""
-    return {k: (str(v) if isinstance(v, (list, tuple)) or v is None else v) for k, v in values.items()}
+    """Tracker-friendly config: nested sections become "model.name" keys, lists become strings."""
+    flat: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{key}": value for key, value in _flat(v).items()})
+        else:
+            flat[k] = str(v) if isinstance(v, (list, tuple)) or v is None else v
+    return flat
 

@@ -100,10 +100,10 @@ def load_any_model(checkpoint: Path, **overrides) -> FCMAE:
     if not (checkpoint / "trainer_state.json").is_file() or not run_config.is_file():
         return load_model(weights, **overrides)
     saved = load_yaml(run_config)
-    if "mask_ratio" not in saved:
+    if not isinstance(saved.get("model"), dict) and "mask_ratio" not in saved:  # (flat: written before)
         raise ValueError(f"{checkpoint} is a fine-tuning checkpoint, not an FCMAE pretraining one")
     config = from_dict(PretrainConfig, saved)
-    model = FCMAE(config.model_config().replace(**overrides))
+    model = FCMAE(config.model.replace(**overrides))
     state, _ = read_model_file(weights)
     load_state_dict_strict(model, state, source=str(weights))
     return model

@@ -1,41 +1,70 @@
-"""Config files, flags, precedence, validation and the round trip through config.yaml."""
+"""Config files, flags, precedence, validation, the nested model and the round trip through config.yaml."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
 
-from fcmae.config import ConfigError, PretrainConfig, load_yaml, parse_config, save_yaml
+from fcmae import FCMAEConfig
+from fcmae.config import ConfigError, FinetuneConfig, PretrainConfig, from_dict, load_yaml, parse_config, save_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_are_the_paper_recipe():
     config = parse_config(PretrainConfig, ["--data-path", "x"])
-    assert (config.mask_ratio, config.blr, config.weight_decay, config.epochs, config.warmup_epochs) == (
+    assert (config.model.mask_ratio, config.blr, config.weight_decay, config.epochs, config.warmup_epochs) == (
         0.6, 1.5e-4, 0.05, 800, 40.0)
-    assert config.image_size == (224, 224) and config.norm_pix_loss and config.backend == "sparse"
+    assert config.image_size == (224, 224) and config.model.norm_pix_loss and config.model.backend == "sparse"
+    assert config.model == FCMAEConfig()  # the one model config, not a copy of its fields
 
 
 def test_flags_override_the_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model: tiny\nbatch_size: 16\nmask-ratio: 0.75\ninput_size: 64\nlog_with: [tensorboard]\n")
+    path.write_text("model: {name: tiny, mask-ratio: 0.75, decoder_embed_dim: 64}\nbatch_size: 16\ninput_size: 64\n"
+                    "log_with: [tensorboard]\ndata_path: d\n")
     config = parse_config(PretrainConfig, ["--config", str(path), "--batch-size", "4", "--input-size", "64", "96",
-                                           "--no-norm-pix-loss", "--lr", "1e-3"])
-    assert config.model == "convnextv2_tiny" and config.batch_size == 4 and config.mask_ratio == 0.75
-    assert config.image_size == (64, 96) and config.norm_pix_loss is False and config.lr == 1e-3
+                                           "--no-norm-pix-loss", "--lr", "1e-3", "--decoder-embed-dim", "32"])
+    model = config.model
+    assert model.name == "convnextv2_tiny" and model.mask_ratio == 0.75 and model.decoder_embed_dim == 32
+    assert model.img_size == (64, 96) and model.norm_pix_loss is False  # input_size sets the model's img_size
+    assert config.batch_size == 4 and config.image_size == (64, 96) and config.lr == 1e-3
     assert config.log_with == ["tensorboard"]
+    renamed = parse_config(PretrainConfig, ["--config", str(path), "--model", "atto"])  # the name only
+    assert renamed.model.name == "convnextv2_atto" and renamed.model.dims == (40, 80, 160, 320)
+    assert renamed.model.mask_ratio == 0.75 and renamed.model.decoder_embed_dim == 64
+
+
+def test_model_settings_at_the_top_level_as_config_files_wrote_them_before(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("model: convnextv2_tiny\nmask_ratio: 0.75\ndecoder_depth: 2\nbackend: dense\ndata_path: d\n"
+                    "input_size: [64]\n")
+    config = parse_config(PretrainConfig, ["--config", str(path)])
+    assert config.model == FCMAEConfig("tiny", img_size=64, mask_ratio=0.75, decoder_depth=2, backend="dense")
+    path.write_text("model: {name: tiny, mask_ratio: 0.5}\nmask_ratio: 0.75\ndata_path: d\n")
+    with pytest.raises(ConfigError, match="mask_ratio is set twice in .*old.yaml, at the top level and in the model"):
+        parse_config(PretrainConfig, ["--config", str(path)])
+    path.write_text("model: {name: tiny, img_size: 64}\ndata_path: d\n")
+    with pytest.raises(ConfigError, match="img_size in .*model section: a training config sets it with input_size"):
+        parse_config(PretrainConfig, ["--config", str(path)])
 
 
 def test_round_trip_through_saved_yaml(tmp_path):
     config = parse_config(PretrainConfig, ["--data-path", "d", "--input-size", "64", "96", "--lr", "2e-3",
-                                           "--log-with", "tensorboard", "--max-steps", "7"])
+                                           "--log-with", "tensorboard", "--max-steps", "7", "--mask-ratio", "0.5",
+                                           "--in-chans", "4"])
     save_yaml(config, tmp_path / "config.yaml")
     again = parse_config(PretrainConfig, ["--config", str(tmp_path / "config.yaml")])
     assert dataclasses.asdict(again) == dataclasses.asdict(config)
-    assert load_yaml(tmp_path / "config.yaml")["input_size"] == [64, 96]
+    saved = load_yaml(tmp_path / "config.yaml")
+    assert saved["input_size"] == [64, 96] and saved["model"]["mask_ratio"] == 0.5 and saved["model"]["in_chans"] == 4
+    assert "img_size" not in saved["model"] and "depths" not in saved["model"]  # input_size; the named size's
+    assert from_dict(PretrainConfig, saved) == again
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--mask-ration", "0.5"], "unknown argument\\(s\\) --mask-ration 0.5; valid flags: --config, --model"),
+    (["--mask-ration", "0.5"], "unknown flag --mask-ration in the command line; did you mean --mask-ratio\\?"),
     (["--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
     (["--model", "resnet"], "unknown model 'resnet'"),
     (["--input-size", "100"], "input_size must be one or two positive multiples of 32"),
@@ -43,6 +72,7 @@ def test_round_trip_through_saved_yaml(tmp_path):
     (["--mask-ratio", "1.0"], "mask_ratio must be in \\[0, 1\\)"),
     (["--batch-size", "0"], "batch_size must be >= 1"),
     (["--backend", "minkowsky"], "unknown backend 'minkowsky'"),
+    (["--in-chans", "0"], "in_chans must be >= 1"),
     (["--log-with", "mlflow"], "unknown tracker\\(s\\) mlflow"),
     (["--config", "/nonexistent.yaml"], "config file not found"),
     (["--min-lr", "nan"], "min_lr must be a finite number, got nan"),
@@ -51,36 +81,69 @@ def test_round_trip_through_saved_yaml(tmp_path):
 ])
 def test_bad_flags_fail_with_one_line(argv, message):
     with pytest.raises(ConfigError, match=message) as info:
-        parse_config(PretrainConfig, argv)
+        parse_config(PretrainConfig, ["--data-path", "x", *argv])
     assert "\n" not in str(info.value)
 
 
-def test_unknown_or_mistyped_keys_in_a_file(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("mask_ration: 0.5\n", r"unknown key mask_ration in .*c.yaml; did you mean mask_ratio\?"),
+    ("model: {name: atto, decoder_dept: 2}\n",
+     r"unknown key decoder_dept in .*c.yaml's model section; did you mean decoder_depth\?"),
+    ("zzz: 1\n", r"unknown key zzz in .*c.yaml; valid keys: model, data_path, output_dir"),
+    ("batch_size: [1, 2]\n", r"batch_size must be an integer, got \[1, 2\]"),
+    ("model: {norm_pix_loss: maybe}\n", "norm_pix_loss must be true or false"),
+    ("model: [atto]\n", "model in .*c.yaml's model section must be a model name or a mapping"),
+    ("- just\n- a list\n", "must hold a mapping"),
+    ("model: [unclosed\n", "is not valid YAML"),
+])
+def test_unknown_or_mistyped_keys_in_a_file(tmp_path, text, message):
     path = tmp_path / "c.yaml"
-    path.write_text("mask_ration: 0.5\n")
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) mask_ration in .*c.yaml; valid keys: model, data_path"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
         parse_config(PretrainConfig, ["--config", str(path)])
-    path.write_text("batch_size: [1, 2]\n")
-    with pytest.raises(ConfigError, match="batch_size must be an integer, got \\[1, 2\\]"):
-        parse_config(PretrainConfig, ["--config", str(path)])
-    path.write_text("norm_pix_loss: maybe\n")
-    with pytest.raises(ConfigError, match="norm_pix_loss must be true or false"):
-        parse_config(PretrainConfig, ["--config", str(path)])
-    path.write_text("- just\n- a list\n")
-    with pytest.raises(ConfigError, match="must hold a mapping"):
-        parse_config(PretrainConfig, ["--config", str(path)])
-    path.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="is not valid YAML"):
-        parse_config(PretrainConfig, ["--config", str(path)])
+    assert "\n" not in str(info.value)
 
 
-def test_shipped_configs_parse(tmp_path):
-    from pathlib import Path
-
-    configs = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
-    assert configs
+def test_shipped_configs_parse():
+    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert len(configs) == 19
     for path in configs:
-        if "finetune" in path.parts:
-            continue
-        config = parse_config(PretrainConfig, ["--config", str(path)])
-        assert yaml.safe_load(path.read_text())["model"].endswith(config.model.split("_")[1])
+        cls = FinetuneConfig if "finetune" in path.parts else PretrainConfig
+        config = parse_config(cls, ["--config", str(path), "--data-path", "x"])
+        written = yaml.safe_load(path.read_text())["model"]
+        assert config.model_name.endswith((written["name"] if isinstance(written, dict) else written).split("_")[-1])
+
+
+@pytest.mark.parametrize("aa, message", [
+    ("rand-m9-garbage", "aa 'rand-m9-garbage': unknown section 'garbage'; rand takes m, n, p, mstd"),
+    ("rand-m9-mstd", "unknown section 'mstd'"),
+    ("rand-m9.5", "section 'm9.5' needs an integer after 'm'"),
+    ("rand-nn2", "unknown section 'nn2'; did you mean n\\?"),
+    ("rnd-m9", "unknown policy 'rnd'; did you mean rand\\?"),
+    ("augmix-m5-q3", "unknown section 'q3'"),
+    ("original-m9", "unknown section 'm9'; original takes mstd"),
+    ("rand-tnope", "unknown section 'tnope'; rand takes .* tweights, t3aw, t3a"),  # timm: the default set
+    ("auto", "unknown policy 'auto'"),
+])
+def test_timm_transform_strings_are_checked_when_the_config_is_read(aa, message):
+    """timm builds rand-m9-garbage as rand-m9 without a word; the config refuses it before anything runs."""
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(FinetuneConfig, ["--data-path", "x", "--aa", aa])
+    assert "\n" not in str(info.value)
+
+
+def test_valid_timm_transform_strings_pass():
+    for aa in ("", "rand-m9-mstd0.5-inc1", "rand-m7-n3-p0.8-mmax12", "rand-mstd1-tweights", "augmix-m5-w4-d2-a1-b1",
+               "original-mstd0.5", "v0", "3a"):
+        assert parse_config(FinetuneConfig, ["--data-path", "x", "--aa", aa]).aa == aa
+    assert parse_config(FinetuneConfig, ["--data-path", "x", "--interpolation", "lanczos"]).interpolation == "lanczos"
+    with pytest.raises(ConfigError, match="interpolation must be one of bicubic, .* got 'bicubik'; did you mean "
+                                          "bicubic\\?"):
+        parse_config(FinetuneConfig, ["--data-path", "x", "--interpolation", "bicubik"])
+
+
+def test_finetune_config_names_its_model_and_channels():
+    config = parse_config(FinetuneConfig, ["--data-path", "x", "--model", "tiny", "--in-chans", "4"])
+    assert config.model == config.model_name == "convnextv2_tiny" and config.in_chans == 4
+    with pytest.raises(ConfigError, match="unknown flag --mask-ratio in the command line"):  # a pretraining setting
+        parse_config(FinetuneConfig, ["--data-path", "x", "--mask-ratio", "0.5"])

@@ -188,7 +188,8 @@ def test_init_from_a_model_file(photos, tmp_path):
     (["--data-path", "/no/such/folder"], "data path not found or not a folder: /no/such/folder"),
     (["--data-path", "EMPTY"], "no image files"),
     (["--data-path", "PHOTOS", "--input-size", "100"], "input_size must be one or two positive multiples of 32"),
-    (["--data-path", "PHOTOS", "--mask-ratoi", "0.5"], "unknown argument\\(s\\) --mask-ratoi 0.5; valid flags:"),
+    (["--data-path", "PHOTOS", "--mask-ratoi", "0.5"], "unknown flag --mask-ratoi in the command line; did you mean "
+                                                       "--mask-ratio\\?"),
     (["--data-path", "PHOTOS", "--batch-size", "64"], "the dataset is too small for one batch"),
     (["--data-path", "PHOTOS", "--init-from", "/no/model.safetensors"], "/no/model.safetensors"),
     (["--data-path", "PHOTOS", "--resume", "/no/checkpoint"], "checkpoint not found: /no/checkpoint"),

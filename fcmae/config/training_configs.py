@@ -1,31 +1,33 @@
-"""Training configs: dataclasses read top to bottom, YAML files, and command-line flags that override them.
+"""The training configs: dataclasses that read top to bottom, and their mapping form (YAML, flags, JSON).
 
-Precedence: dataclass defaults < `--config FILE` < command-line flags. Every field is a flag spelled with dashes
-(`--mask-ratio`) and a YAML key spelled with underscores (`mask_ratio`). An unknown key or flag fails and lists
-the valid ones. The resolved config is written next to the run's outputs and into every checkpoint.
+`PretrainConfig.model` is one `FCMAEConfig` (the model the run trains); `FinetuneConfig.model` names the timm
+ConvNeXt V2 it fine-tunes. Each field's comment is its documentation: `--help` and the README's flag tables
+are generated from it (`fcmae.fields.field_docs`).
+
+The mapping form (`to_dict`, `from_dict`) nests the model: `{"model": {"name": ..., "mask_ratio": ...}, ...}`.
+`from_dict` also takes the model's settings at the top level, as its command-line flags spell them
+(`mask_ratio: 0.75`, and `model: atto` for the name), which is what config files written before held.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
+import functools
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, TypeVar
 
-import yaml
+from ..errors import ConfigError
+from ..fields import check_names, coerce
+from ..model_config import MODEL_SIZES, FCMAEConfig, resolve_name
+from .augmentation import check_augment_policy, check_interpolation
 
-from .errors import ConfigError
-from .model_config import FCMAEConfig, resolve_name
+__all__ = ["TrainConfig", "PretrainConfig", "FinetuneConfig", "LINEAR_PROBE_RECIPE", "from_dict", "merge",
+           "nested_model", "MODEL_SET_BY_RUN"]
 
-__all__ = [
-    "ConfigError", "TrainConfig", "PretrainConfig", "FinetuneConfig", "parse_config", "load_yaml", "save_yaml",
-    "OneLineArgumentParser", "LINEAR_PROBE_RECIPE",
-]
+# FCMAEConfig fields a training config sets from its own (img_size is input_size): not keys of its model section.
+MODEL_SET_BY_RUN = {"img_size": "input_size"}
 
 
 @dataclass
@@ -33,40 +35,55 @@ class TrainConfig:
     """Settings shared by pretrain.py and finetune.py."""
 
     # Model and data
-    model: str = "convnextv2_atto"
-    data_path: str = ""  # a folder of images, searched recursively ("<path>/train" if it exists)
-    output_dir: str = "output"
-    input_size: list[int] = field(default_factory=lambda: [224])  # one int (square) or H W; multiples of 32
-    batch_size: int = 64  # per process
-    accum_steps: int = 1  # gradient accumulation: effective batch = batch_size * processes * accum_steps
-    effective_batch_size: int = 0  # > 0: choose accum_steps to reach it (see effective_accum_steps)
-    num_workers: int = 8
+    model: Any = "convnextv2_atto"  # the model (each subclass types it)
+    data_path: str = ""  # a folder of images, searched recursively (its train/ if any); demo: scikit-image's photos
+    output_dir: str = "output"  # where checkpoints, the model file, config.yaml and metrics go
+    input_size: list[int] = field(default_factory=lambda: [224])  # H [W] of the crops, multiples of 32 (one: square)
+    batch_size: int = 64  # images per process and step
+    accum_steps: int = 1  # gradient accumulation: effective batch = batch_size x processes x accum_steps
+    effective_batch_size: int = 0  # > 0: choose accum_steps to reach this effective batch
+    num_workers: int = 8  # DataLoader worker processes per process
     # Schedule: a per-step cosine with linear warmup
-    epochs: int = 800
-    max_steps: int = 0  # > 0 overrides epochs
-    warmup_epochs: float = 40.0
-    warmup_steps: int = -1  # >= 0 overrides warmup_epochs
+    epochs: int = 800  # passes over the data
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs
+    warmup_epochs: float = 40.0  # linear warmup length in epochs
+    warmup_steps: int = -1  # linear warmup length in steps; >= 0 overrides warmup_epochs
     # Optimizer: AdamW; lr = blr * effective batch / 256 unless lr is given
-    blr: float = 1.5e-4
-    lr: float | None = None
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
+    blr: float = 1.5e-4  # base learning rate: lr = blr x effective batch / 256
+    lr: float | None = None  # absolute learning rate; overrides blr
+    min_lr: float = 0.0  # the cosine's floor
+    weight_decay: float = 0.05  # AdamW weight decay (none on biases and norms)
     # Run control
-    seed: int = 0
-    resume: str = ""  # a checkpoint folder, or "auto" for the newest one in output_dir
+    seed: int = 0  # seeds the weights, the masks, the data order and the augmentation
+    resume: str = ""  # a checkpoint folder to continue from, or auto for the newest one in output_dir
     save_every: int = 1000  # steps between training-state checkpoints (and one at the end)
-    keep_last: int = 3  # checkpoints to keep
+    keep_last: int = 3  # training-state checkpoints to keep
     log_every: int = 20  # steps between metrics records
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb
     # The keys given as command-line flags (set by parse_config; not a setting itself).
     explicit: typing.ClassVar[frozenset[str]] = frozenset()
     # Speed
-    mixed_precision: str = ""  # "no", "bf16" or "fp16" (CUDA, with a grad scaler); "": accelerate launch's setting
+    mixed_precision: str = ""  # no, bf16 or fp16 (CUDA, with a grad scaler); empty: accelerate launch's setting
 
     @classmethod
     def recipe(cls, file: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
         """Values a switch brings with it (e.g. finetune's linear_probe): over the config file, under the flags."""
         return {}
+
+    @property
+    def model_name(self) -> str:
+        """The model's name, e.g. "convnextv2_atto" (a resumed checkpoint must be for the same)."""
+        return self.model.name if isinstance(self.model, FCMAEConfig) else str(self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as YAML / JSON values, the model as a nested mapping (what config.yaml holds)."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, FCMAEConfig):
+                value = nested_model(value, "")
+            values[f.name] = list(value) if isinstance(value, tuple) else value
+        return values
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -99,10 +116,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for values no run can use."""
-        try:
-            self.model = resolve_name(self.model)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         if len(self.input_size) not in (1, 2) or any(s <= 0 or s % 32 for s in self.input_size):
             raise ConfigError(f"input_size must be one or two positive multiples of 32, got {self.input_size}")
         for name in ("batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every"):
@@ -133,27 +146,21 @@ class TrainConfig:
 class PretrainConfig(TrainConfig):
     """FCMAE pretraining (pretrain.py). Defaults are the paper's recipe."""
 
-    mask_ratio: float = 0.6  # fraction of 32x32 patches removed
-    decoder_depth: int = 1
-    decoder_embed_dim: int = 512
-    norm_pix_loss: bool = True
-    backend: str = "sparse"  # encoder backend: "sparse", the masked-dense reference "dense", or "minkowski"
-    init: str = "timm"  # weight init: "timm" (std 0.02) or "official" (the official FCMAE re-init, std 1)
+    model: FCMAEConfig = field(default_factory=FCMAEConfig)  # the model; its img_size is input_size
     init_from: str = ""  # start from a model file's weights (not its training state)
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
     compile: bool = False  # torch.compile the forward and loss whole (fullgraph); ragged masks run eager
 
-    def model_config(self) -> FCMAEConfig:
-        """The FCMAE model this config asks for (validated there, once)."""
-        return FCMAEConfig(name=self.model, img_size=self.image_size, mask_ratio=self.mask_ratio,
-                           decoder_depth=self.decoder_depth, decoder_embed_dim=self.decoder_embed_dim,
-                           norm_pix_loss=self.norm_pix_loss, backend=self.backend, init=self.init)
-
     def validate(self) -> None:
+        """Also builds `model` (from its settings, if given as a mapping), with img_size = input_size."""
         super().validate()
-        self.model_config()
-        if self.backend.startswith("minkowski"):
-            from .minkowski import require  # fails here, before anything is written, without MinkowskiEngine
+        if isinstance(self.model, FCMAEConfig):
+            self.model = self.model.replace(img_size=self.image_size)
+        else:
+            self.model = FCMAEConfig.from_dict({**nested_model(self.model, "the model settings"),
+                                                "img_size": self.image_size}, source="the model settings")
+        if self.model.backend.startswith("minkowski"):
+            from ..minkowski import require  # fails here, before anything is written, without MinkowskiEngine
 
             require()
         if self.vis_every < 0:
@@ -175,7 +182,9 @@ LINEAR_PROBE_RECIPE: dict[str, Any] = dict(
 class FinetuneConfig(TrainConfig):
     """Fine-tuning and linear probing (finetune.py). Defaults are the paper's ConvNeXt V2-Base recipe."""
 
-    data_path: str = ""  # holds train/ and val/, one subfolder per class (the ImageNet layout)
+    model: str = "convnextv2_atto"  # the timm ConvNeXt V2 to fine-tune: atto, femto, pico, nano, tiny, base, ...
+    in_chans: int = 3  # input channels of the model (its stem): 3 for RGB
+    data_path: str = ""  # holds train/ and val/, one subfolder per class; digits:FOLDER writes the digits there
     finetune: str = ""  # weights to start from: any checkpoint fcmae.convert reads (converted on the fly)
     num_classes: int = 0  # 0: the number of class folders in train/
     batch_size: int = 32
@@ -187,15 +196,15 @@ class FinetuneConfig(TrainConfig):
     layer_decay: float = 0.6  # lr of layer i = lr * layer_decay ** (last id + 1 - i); 1.0 turns it off
     layer_decay_type: str = "group"  # "single" (an id per block) or "group" (12 ids, for 3-3-27-3 models)
     head_init_scale: float = 0.001  # the new classifier's init is scaled by this (official: 0.001, i.e. std 2e-5)
-    drop_path: float = 0.1
+    drop_path: float = 0.1  # stochastic depth at the last block (off for the linear probe)
     smoothing: float = 0.1  # label smoothing (folded into the mixup targets when mixup/cutmix is on)
     mixup: float = 0.8  # mixup alpha; 0 turns it off
     cutmix: float = 1.0  # cutmix alpha; 0 turns it off
     reprob: float = 0.25  # random erasing probability
     aa: str = "rand-m9-mstd0.5-inc1"  # RandAugment policy ("" for none)
     color_jitter: float = 0.4  # timm's color jitter, used only when aa is off
-    model_ema: bool = True
-    model_ema_decay: float = 0.9999
+    model_ema: bool = True  # keep an exponential moving average of the weights
+    model_ema_decay: float = 0.9999  # its decay per step
     model_ema_eval: bool = True  # also evaluate the EMA model (and let it compete for the best weights)
     crop_pct: float = 0.875  # evaluation: resize to input / crop_pct, then center crop
     interpolation: str = "bicubic"  # resize interpolation, training and evaluation
@@ -214,6 +223,9 @@ class FinetuneConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.model = resolve_name(self.model)
+        if self.in_chans < 1:
+            raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0 (0: count the class folders), got {self.num_classes}")
         if self.layer_decay_type not in ("single", "group"):
@@ -229,8 +241,8 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("mixup, cutmix and color_jitter must be >= 0")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
-            raise ConfigError(f"interpolation must be bicubic, bilinear or nearest, got {self.interpolation!r}")
+        check_interpolation(self.interpolation)
+        check_augment_policy(self.aa)
         if self.head_init_scale <= 0:
             raise ConfigError(f"head_init_scale must be > 0, got {self.head_init_scale}")
         if not 0.0 < self.model_ema_decay < 1.0:
@@ -242,135 +254,81 @@ class FinetuneConfig(TrainConfig):
 Config = TypeVar("Config", bound=TrainConfig)
 
 
-# Files ----------------------------------------------------------------------------------------------------------
+# The mapping form -----------------------------------------------------------------------------------------------
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from `path`; ConfigError if it is missing or not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
-    return data
-
-
-def save_yaml(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-
-
-# Command line ---------------------------------------------------------------------------------------------------
-
-
-def parse_config(
-    cls: type[Config], argv: Sequence[str] | None = None, description: str = "", demo: str | Path | None = None
-) -> Config:
-    """Build a `cls` config from defaults, an optional `--config FILE`, then command-line flags.
-
-    With `demo`, a command line that names neither --config nor --data-path runs that config file (with any
-    other flags as overrides): a script with no arguments runs its demo.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if demo is not None and not any(a.split("=")[0] in ("--config", "--data-path") for a in argv):
-        argv = ["--config", str(demo), *argv]
-    parser = _parser(cls, description)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        raise ConfigError(f"unknown argument(s) {' '.join(unknown)}; valid flags: {', '.join(_flags(cls))}")
-    file = _check_keys(cls, load_yaml(args.config), source=args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
-    config = from_dict(cls, {**file, **cls.recipe(file, flags), **flags})
-    config.explicit = frozenset(flags)
+def from_dict(cls: type[Config], values: Mapping[str, Any], source: str = "the config") -> Config:
+    """A validated `cls` config from a mapping (a YAML file, flags, a saved config.yaml), values coerced to the
+    field types. Unknown keys fail with a "did you mean" naming `source`."""
+    values = canonical(cls, values, source)
+    hints = _hints(cls)
+    kwargs = {key: value if key == "model" and _nests_model(cls) else coerce(key, value, hints[key])
+              for key, value in values.items()}
+    config = cls(**kwargs)
     config.validate()
     return config
 
 
-def from_dict(cls: type[Config], values: dict[str, Any]) -> Config:
-    """A `cls` config from a mapping of (already checked) keys, with values coerced to the field types."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in _check_keys(cls, values, source="config").items():
-        kwargs[key] = _coerce(key, value, hints[key])
-    return cls(**kwargs)
-
-
-def _check_keys(cls: type[TrainConfig], values: dict[str, Any], source: str) -> dict[str, Any]:
-    names = [f.name for f in dataclasses.fields(cls)]
+def canonical(cls: type[TrainConfig], values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`values` with underscores in every key, checked against `cls`, the model's settings gathered into one
+    nested mapping under "model" when `cls` holds an FCMAEConfig (see the module docstring)."""
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(names)}")
-    return values
+    if not _nests_model(cls):
+        check_names(values, [f.name for f in dataclasses.fields(cls)], "key", source)
+        return values
+    model = nested_model(values.pop("model", {}), f"{source}'s model section")
+    for key in [k for k in values if k in model_keys()]:
+        if key in model and model[key] != values[key]:
+            raise ConfigError(f"{key} is set twice in {source}, at the top level and in the model section")
+        model[key] = values.pop(key)
+    check_names(values, top_level_keys(cls), "key", source)
+    return {**values, "model": model} if model else values
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check a YAML or flag value against a field type; ints, single values for lists, and None are lifted."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    try:
-        if origin is list:
-            items = value if isinstance(value, (list, tuple)) else [value]
-            return [_coerce(key, item, args[0]) for item in items]
-        if type(None) in args:  # Optional[X]
-            return None if value is None else _coerce(key, value, next(a for a in args if a is not type(None)))
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            raise TypeError
-        if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            if not math.isfinite(float(value)):
-                raise ValueError
-            return float(value)
-        if hint is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if hint is int and isinstance(value, str):
-            return int(value)
-        if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise TypeError
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}") from None
+def nested_model(model: Any, source: str) -> dict[str, Any]:
+    """A model given as a name, a mapping of FCMAEConfig fields or an FCMAEConfig -> its mapping, checked (img_size
+    left out: input_size sets it)."""
+    if isinstance(model, FCMAEConfig):  # a named size's depths and dims go without saying
+        named = MODEL_SIZES.get(model.name) == (model.depths, model.dims)
+        return {k: v for k, v in model.to_dict().items()
+                if k not in MODEL_SET_BY_RUN and not (named and k in ("depths", "dims"))}
+    if isinstance(model, str):
+        return {"name": model}
+    if not isinstance(model, Mapping):
+        raise ConfigError(f"model in {source} must be a model name or a mapping of model settings, got {model!r}")
+    model = {str(k).replace("-", "_"): v for k, v in model.items()}
+    for key, run_key in MODEL_SET_BY_RUN.items():
+        if key in model:
+            raise ConfigError(f"{key} in {source}: a training config sets it with {run_key}")
+    check_names(model, model_keys(), "key", source)
+    return model
 
 
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args:
-        return _type_name(args[0]) + " or null"
-    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))
+def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Canonical mappings, later ones winning; their model sections merge key by key (a --model flag changes the
+    name and keeps the file's other model settings)."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            out[key] = {**out[key], **value} if key == "model" and isinstance(out.get(key), dict) else value
+    return out
 
 
-def _flags(cls: type[TrainConfig]) -> list[str]:
-    return ["--config"] + ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+def model_keys() -> list[str]:
+    """The FCMAEConfig fields a training config's model section takes."""
+    return [f.name for f in dataclasses.fields(FCMAEConfig) if f.name not in MODEL_SET_BY_RUN]
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors raise ConfigError (printed as one `error:` line), not usage + error."""
+def top_level_keys(cls: type[TrainConfig]) -> list[str]:
+    """Keys valid at the top level of a `cls` mapping (the model's settings too, when it nests one)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return names + [k for k in model_keys() if k != "name"] if _nests_model(cls) else names
 
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(message)
+
+def _nests_model(cls: type[TrainConfig]) -> bool:
+    return _hints(cls)["model"] is FCMAEConfig
 
 
-def _parser(cls: type[TrainConfig], description: str) -> argparse.ArgumentParser:
-    """One flag per field. Defaults are None so that only flags actually given override the file."""
-    parser = OneLineArgumentParser(description=description, allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of settings; flags override it")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f"(default: {default})"
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif typing.get_origin(hint) is list:
-            item = typing.get_args(hint)[0]
-            parser.add_argument(flag, nargs="*" if f.name == "log_with" else "+", type=item, default=None,
-                                help=help_text, metavar=f.name.upper())
-        else:
-            value_type = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-            parser.add_argument(flag, type=value_type, default=None, help=help_text, metavar=f.name.upper())
-    return parser
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
