@@ -212,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     run = Run(config, project="fcmae-finetune", step_log="train_log.jsonl")
     with run.accelerator.main_process_first():  # "digits:FOLDER" is written once, by the main process
         train_set, val_set, classes = datasets(config)
+    config.check_data_channels(train_set[0]["image"].shape[0])
     model = build_model(config, len(classes))
     run.plan_batches(len(train_set))
     lr = run.base_lr()

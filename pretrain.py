@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=False)  # fresh workers each epoch see the epoch's seed
+    config.check_data_channels(dataset[0]["image"].shape[0])
     model = build_model(config)
     run.plan_batches(len(dataset))
     for module in model.modules():  # conv weights in the activations' channels-last format, as their grads are

@@ -269,6 +269,7 @@ def test_layer_ids_follow_the_official_release():
     ("odd-batch", "batch_size must be even with mixup/cutmix"),
     ("eval-without-resume", "--eval needs --resume FILE"),
     ("eval-pretrained", "is an FCMAE pretraining model, not a classifier: fine-tune it with --finetune"),
+    ("channels", "load with 3 channel(s) but the model takes 4 (--in-chans 4); set --in-chans 3"),
 ])
 def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message):
     data, pretrained, _ = trained
@@ -289,6 +290,8 @@ def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message
         argv += ["--eval", "--resume", str(pretrained)]
     elif change == "odd-batch":
         argv += ["--mixup", "0.8", "--batch-size", "31"]
+    elif change == "channels":
+        argv += ["--in-chans", "4"]
     else:
         argv += ["--eval"]
     assert call(finetune.main, argv) == 2

@@ -75,6 +75,17 @@ class TrainConfig:
         """The model's name, e.g. "convnextv2_atto" (a resumed checkpoint must be for the same)."""
         return self.model.name if isinstance(self.model, FCMAEConfig) else str(self.model)
 
+    @property
+    def in_channels(self) -> int:
+        """The channels the model takes: the data must give as many."""
+        return self.model.in_chans if isinstance(self.model, FCMAEConfig) else int(getattr(self, "in_chans", 3))
+
+    def check_data_channels(self, channels: int) -> None:
+        """ConfigError unless the data's images have the channels the model takes (checked before training)."""
+        if channels != self.in_channels:
+            raise ConfigError(f"the images of {self.data_path} load with {channels} channel(s) but the model takes "
+                              f"{self.in_channels} (--in-chans {self.in_channels}); set --in-chans {channels}")
+
     def to_dict(self) -> dict[str, Any]:
         """The config as YAML / JSON values, the model as a nested mapping (what config.yaml holds)."""
         values: dict[str, Any] = {}
