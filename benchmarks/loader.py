@@ -1,0 +1,114 @@
+"""Images/s per data-loader worker process for the full pretraining transform, folders and shards.
+
+Each variant runs in one DataLoader worker process (num_workers=1) on the same ImageNet-like JPEGs, made from the
+sample photos (sizes from 400x350 to 1000x750, quality 90, about half of them 500x375 or 375x500 as in ImageNet):
+decode, RandomResizedCrop (scale 0.2-1, bicubic) to --size, horizontal flip, normalize, collate.
+
+  before      the previous pipeline: PIL decode to RGB, torchvision's Compose under seeded() / preserved_rng()
+              (the three global RNGs saved, seeded and restored for every sample)
+  fast        PretrainTransform, draft off: the same pixels, bit for bit, drawn from a per-sample generator
+  fast+draft  PretrainTransform, draft on (the default): JPEGs decoded at 1/2, 1/4, 1/8 size when the crop allows
+
+Variants are interleaved in rounds and the median is reported, since the machine is shared. With --output FILE the
+table is written as Markdown.
+
+    nice -n -10 python benchmarks/loader.py --images 384 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fcmae.data import (  # noqa: E402
+    FileIndex, ImageFiles, PretrainTransform, demo_image_files, load_rgb, pretrain_transform,
+)
+from fcmae.data.shard_writer import write_shards  # noqa: E402
+from fcmae.data.shards import shard_dataset  # noqa: E402
+
+SIZES = [(500, 375), (375, 500), (500, 333), (400, 350), (350, 400), (640, 480), (800, 600), (1000, 750)]
+WEIGHTS = [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05]
+
+
+def write_imagenet_like(folder: Path, count: int, seed: int = 0) -> None:
+    """`count` JPEGs (quality 90) of ImageNet-like sizes, resized crops of the sample photos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    photos = [load_rgb(p) for p in demo_image_files()]
+    for i in range(count):
+        width, height = SIZES[rng.choice(len(SIZES), p=WEIGHTS)]
+        photo = photos[i % len(photos)]
+        side = int(min(photo.size) * rng.uniform(0.6, 1.0))
+        left, top = rng.integers(0, photo.width - side + 1), rng.integers(0, photo.height - side + 1)
+        photo.crop((left, top, left + side, top + side)).resize((width, height)).save(folder / f"{i:05d}.jpg",
+                                                                                     quality=90)
+
+
+def rate(dataset, batch_size: int, batches: int) -> float:
+    """Images/s of one worker process delivering `batches` batches, after the first one (worker start)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=1, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=384)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    size = (args.size, args.size)
+    batches = args.images // args.batch_size - 1
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, shards = Path(tmp) / "jpegs", Path(tmp) / "shards"
+        write_imagenet_like(folder, args.images)
+        write_shards(folder, shards, maxcount=128)
+        files = FileIndex.load(folder, cache=Path(tmp) / "index.npz")
+        variants = {
+            "folder, before": ImageFiles(files, pretrain_transform(size)),
+            "folder, fast": ImageFiles(files, PretrainTransform(size, draft=False)),
+            "folder, fast+draft": ImageFiles(files, PretrainTransform(size)),
+            "shards, before": shard_dataset(str(shards), pretrain_transform(size), 0),
+            "shards, fast+draft": shard_dataset(str(shards), PretrainTransform(size), 0),
+        }
+        results: dict[str, list[float]] = {name: [] for name in variants}
+        for r in range(args.rounds):
+            for name, dataset in variants.items():
+                results[name].append(rate(dataset, args.batch_size, batches))
+                print(f"round {r}: {name}: {results[name][-1]:.1f} img/s", file=sys.stderr)
+    before = statistics.median(results["folder, before"])
+    load = os.getloadavg()
+    lines = [f"{args.images} JPEGs, {args.size} px, batch {args.batch_size}, median of {args.rounds} interleaved "
+             f"rounds; load average before/after: see below, now {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", "",
+             "| variant | img/s per worker | vs before (folder) | rounds |", "|---|---|---|---|"]
+    for name, values in results.items():
+        median = statistics.median(values)
+        lines.append(f"| {name} | {median:.1f} | {median / before:.2f}x | {', '.join(f'{v:.0f}' for v in values)} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
