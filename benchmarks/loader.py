@@ -1,6 +1,6 @@
 """Images/s per data-loader worker process for the full pretraining transform, folders and shards.
 
-Each variant runs in one DataLoader worker process (num_workers=1) on the same ImageNet-like JPEGs, made from the
+Each variant does one worker's work (read, decode, transform, collate) on the same ImageNet-like JPEGs, made from the
 sample photos (sizes from 400x350 to 1000x750, quality 90, about half of them 500x375 or 375x500 as in ImageNet):
 decode, RandomResizedCrop (scale 0.2-1, bicubic) to --size, horizontal flip, normalize, collate.
 
@@ -9,7 +9,8 @@ decode, RandomResizedCrop (scale 0.2-1, bicubic) to --size, horizontal flip, nor
   fast        PretrainTransform, draft off: the same pixels, bit for bit, drawn from a per-sample generator
   fast+draft  PretrainTransform, draft on (the default): JPEGs decoded at 1/2, 1/4, 1/8 size when the crop allows
 
-Variants are interleaved in rounds and the median is reported, since the machine is shared. With --output FILE the
+Variants are interleaved in rounds and the median is reported. The main number is images per CPU-second of the
+process doing the work: on a shared machine wall-clock rates follow the load, CPU time much less. With --output FILE the
 table is written as Markdown.
 
     nice -n -10 python benchmarks/loader.py --images 384 --rounds 3
@@ -56,16 +57,20 @@ def write_imagenet_like(folder: Path, count: int, seed: int = 0) -> None:
                                                                                      quality=90)
 
 
-def rate(dataset, batch_size: int, batches: int) -> float:
-    """Images/s of one worker process delivering `batches` batches, after the first one (worker start)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=1, drop_last=True,
+def rate(dataset, batch_size: int, batches: int) -> tuple[float, float]:
+    """(images per CPU second, images per wall second) of the work one worker process does for `batches`
+    batches: read, decode, transform, collate. Run in this process (num_workers=0: the same work without the
+    hand-over), so that CPU time can be measured; CPU time is what a worker costs, and it hardly changes with the
+    load of a shared machine, while wall time does."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True,
                         generator=torch.Generator().manual_seed(0))
     it = iter(loader)
-    next(it)
-    start = time.perf_counter()
+    next(it)  # files opened, caches warm
+    cpu, wall = time.process_time(), time.perf_counter()
     for _ in range(batches):
         next(it)
-    return batches * batch_size / (time.perf_counter() - start)
+    images = batches * batch_size
+    return images / (time.process_time() - cpu), images / (time.perf_counter() - wall)
 
 
 def main() -> None:
@@ -91,19 +96,24 @@ def main() -> None:
             "shards, before": shard_dataset(str(shards), pretrain_transform(size), 0),
             "shards, fast+draft": shard_dataset(str(shards), PretrainTransform(size), 0),
         }
-        results: dict[str, list[float]] = {name: [] for name in variants}
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+        load_before = os.getloadavg()[0]
         for r in range(args.rounds):
             for name, dataset in variants.items():
                 results[name].append(rate(dataset, args.batch_size, batches))
-                print(f"round {r}: {name}: {results[name][-1]:.1f} img/s", file=sys.stderr)
-    before = statistics.median(results["folder, before"])
-    load = os.getloadavg()
-    lines = [f"{args.images} JPEGs, {args.size} px, batch {args.batch_size}, median of {args.rounds} interleaved "
-             f"rounds; load average before/after: see below, now {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", "",
-             "| variant | img/s per worker | vs before (folder) | rounds |", "|---|---|---|---|"]
+                print(f"round {r}: {name}: {results[name][-1][0]:.1f} img/CPU-s, {results[name][-1][1]:.1f} img/s",
+                      file=sys.stderr)
+    import PIL
+
+    before = statistics.median(cpu for cpu, _ in results["folder, before"])
+    lines = [f"{args.images} JPEGs, {args.size} px, batch {args.batch_size}, Pillow {PIL.__version__}, median of "
+             f"{args.rounds} interleaved rounds; 1-min load average {load_before:.2f} before, "
+             f"{os.getloadavg()[0]:.2f} after", "",
+             "| variant | img per CPU-second (one worker) | vs before | img/s wall (rounds) |", "|---|---|---|---|"]
     for name, values in results.items():
-        median = statistics.median(values)
-        lines.append(f"| {name} | {median:.1f} | {median / before:.2f}x | {', '.join(f'{v:.0f}' for v in values)} |")
+        cpu = statistics.median(c for c, _ in values)
+        walls = ", ".join(f"{w:.0f}" for _, w in values)
+        lines.append(f"| {name} | {cpu:.1f} | {cpu / before:.2f}x | {walls} |")
     text = "\n".join(lines)
     print(text)
     if args.output:
