@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from fcmae.data import (  # noqa: E402
     FileIndex, ImageFiles, PretrainTransform, demo_image_files, load_rgb, pretrain_transform,
 )
+from fcmae.data.gpu_augment import EncodedCrop, augment_batch, collate_encoded  # noqa: E402
 from fcmae.data.shard_writer import write_shards  # noqa: E402
 from fcmae.data.shards import shard_dataset  # noqa: E402
 
@@ -57,13 +58,13 @@ def write_imagenet_like(folder: Path, count: int, seed: int = 0) -> None:
                                                                                      quality=90)
 
 
-def rate(dataset, batch_size: int, batches: int) -> tuple[float, float]:
+def rate(dataset, batch_size: int, batches: int, collate=None) -> tuple[float, float]:
     """(images per CPU second, images per wall second) of the work one worker process does for `batches`
     batches: read, decode, transform, collate. Run in this process (num_workers=0: the same work without the
     hand-over), so that CPU time can be measured; CPU time is what a worker costs, and it hardly changes with the
     load of a shared machine, while wall time does."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True,
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0), collate_fn=collate)
     it = iter(loader)
     next(it)  # files opened, caches warm
     cpu, wall = time.process_time(), time.perf_counter()
@@ -73,6 +74,22 @@ def rate(dataset, batch_size: int, batches: int) -> tuple[float, float]:
     return images / (time.process_time() - cpu), images / (time.perf_counter() - wall)
 
 
+def device_rate(files: FileIndex, size: tuple[int, int], batch_size: int, device: str, repeats: int = 5) -> str:
+    """Images/s of augment_batch (decode, crop, resize, flip, normalize) on `device`, batches already collated."""
+    batch = next(iter(DataLoader(ImageFiles(files, EncodedCrop()), batch_size=batch_size,
+                                 collate_fn=collate_encoded)))["image"]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    augment_batch(batch, size, device)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        augment_batch(batch, size, device)
+    sync()
+    seconds = (time.perf_counter() - start) / repeats
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU (logic check, not a speed target)"
+    return f"gpu-augment device half on {name}: {batch_size / seconds:.0f} img/s (batch {batch_size})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=384)
@@ -80,6 +97,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--gpu-augment", action="store_true",
+                        help="also the --gpu-augment path: its worker half, and its device half on --device")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
     size = (args.size, args.size)
@@ -96,13 +116,18 @@ def main() -> None:
             "shards, before": shard_dataset(str(shards), pretrain_transform(size), 0),
             "shards, fast+draft": shard_dataset(str(shards), PretrainTransform(size), 0),
         }
+        collates = {}
+        if args.gpu_augment:
+            variants["folder, gpu-augment worker half"] = ImageFiles(files, EncodedCrop())
+            collates["folder, gpu-augment worker half"] = collate_encoded
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         load_before = os.getloadavg()[0]
         for r in range(args.rounds):
             for name, dataset in variants.items():
-                results[name].append(rate(dataset, args.batch_size, batches))
+                results[name].append(rate(dataset, args.batch_size, batches, collates.get(name)))
                 print(f"round {r}: {name}: {results[name][-1][0]:.1f} img/CPU-s, {results[name][-1][1]:.1f} img/s",
                       file=sys.stderr)
+        device_line = device_rate(files, size, args.batch_size, args.device) if args.gpu_augment else ""
     import PIL
 
     before = statistics.median(cpu for cpu, _ in results["folder, before"])
@@ -114,6 +139,8 @@ def main() -> None:
         cpu = statistics.median(c for c, _ in values)
         walls = ", ".join(f"{w:.0f}" for _, w in values)
         lines.append(f"| {name} | {cpu:.1f} | {cpu / before:.2f}x | {walls} |")
+    if args.gpu_augment:
+        lines += ["", device_line]
     text = "\n".join(lines)
     print(text)
     if args.output:
