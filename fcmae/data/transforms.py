@@ -28,7 +28,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
 from .decoding import to_rgb
-from .errors import DataError
+from .errors import DataError, FatalDataError
 
 
 def pretrain_transform(size: tuple[int, int]) -> T.Compose:
@@ -120,8 +120,6 @@ class PretrainTransform:
         return self._photo(image, generator)
 
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        if len(pixels) != self.in_chans:
-            raise DataError(f"image has {len(pixels)} channels, the data config expects {self.in_chans}")
         return pixels.sub_(self.mean).div_(self.std)
 
     def _photo(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
@@ -148,6 +146,10 @@ class PretrainTransform:
         return self._normalize(pixels)
 
     def _array(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        if pixels.shape[-1] == 1 and self.in_chans == 3:  # grayscale in an RGB run, as PIL's convert("RGB") does
+            pixels = np.repeat(pixels, 3, axis=-1)
+        if pixels.shape[-1] != self.in_chans:  # the data and the config disagree: no sample would be usable
+            raise FatalDataError(f"image has {pixels.shape[-1]} channels, the data config expects {self.in_chans}")
         height, width = pixels.shape[:2]
         top, left, h, w = crop_params(height, width, self.scale, self.ratio, generator)
         flip = torch.rand(1, generator=generator).item() < 0.5
