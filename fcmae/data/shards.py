@@ -56,7 +56,7 @@ def _wids():
 
 def is_shards(data_path: str) -> bool:
     """Whether --data-path names shards: a .tar file or brace pattern, a wids .json description, a URL, or a
-    folder holding .tar files (and no image files at its top)."""
+    folder with .tar files at its top."""
     if REMOTE.match(data_path) or data_path.endswith((".tar", ".json")) or re.search(r"\{\d+\.\.\d+\}", data_path):
         return True
     folder = Path(data_path).expanduser()
@@ -231,7 +231,8 @@ class ShardOrder(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         interleaved = self.order(self.epoch).transpose(1, 0, 2)  # batch-major: b0 of every process, b1, ...
-        return iter(interleaved.reshape(-1).tolist())
+        for batch in interleaved.reshape(-1, self.batch_size):  # not one 14M-element Python list
+            yield from batch.tolist()
 
 
 def shard_dataset(spec: str, transform: Callable, seed: int) -> ShardImages:
