@@ -155,3 +155,24 @@ def test_shards_over_http(shards):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_16_bit_multichannel_tiffs_read_the_same_from_folders_and_shards(tmp_path, channels):
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(channels)
+    (tmp_path / "cells").mkdir()
+    for i in range(6):
+        pixels = rng.integers(0, 65535, (70, 90, channels), dtype=np.uint16)
+        tifffile.imwrite(tmp_path / "cells" / f"cell_{i}.tif", pixels, photometric="minisblack")
+    np.save(tmp_path / "cells" / "cell_6.npy", rng.random((80, 80, channels), dtype=np.float32))
+    write_shards(tmp_path / "cells", tmp_path / "shards", maxcount=3, shuffle=False)
+    mean, std = [0.5] * channels, [0.29] * channels
+    folder = pretrain_dataset(str(tmp_path / "cells"), (64, 64), seed=3, mean=mean, std=std)
+    shards = pretrain_dataset(str(tmp_path / "shards"), (64, 64), seed=3, mean=mean, std=std)
+    assert len(folder) == len(shards) == 7
+    batch = next(iter(DataLoader(shards, batch_size=7, num_workers=2)))
+    assert batch["image"].shape == (7, channels, 64, 64) and int(batch["skipped"].sum()) == 0
+    assert torch.equal(batch["image"], images(folder))  # same files, same order, same seeds
+    assert abs(batch["image"].mean().item()) < 0.2 and 0.5 < batch["image"].std().item() < 1.2  # normalized (noise,
+    # smoothed a little by the antialiased resize)
