@@ -47,6 +47,8 @@ def pretrain_dataset(data_path: str, size: tuple[int, int], seed: int, mean: Seq
 
     mean / std: per-channel normalization (their length is the channel count; ImageNet's 3 by default).
     """
+    if (mean is None) != (std is None):
+        raise DataError("give both mean and std (one value per channel), or neither for ImageNet's")
     transform = PretrainTransform(size, *(() if mean is None else (mean, std)), draft=draft)
     if data_path == "demo":
         return ImageFiles(demo_image_files(), transform, seed=seed)
