@@ -1,4 +1,4 @@
-"""FCMAE pretraining of ConvNeXt V2 on a folder of images.
+"""FCMAE pretraining of ConvNeXt V2 on a folder of images or webdataset shards.
 
     accelerate launch pretrain.py --config configs/pretrain/convnextv2_base.yaml --data-path /data/imagenet
     python pretrain.py                                   # the embedded demo (configs/demo.yaml)
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 import fcmae
 from fcmae.config import PretrainConfig, parse_config
-from fcmae.data import pretrain_dataset
+from fcmae.data import pretrain_dataset, pretrain_sampler
 from fcmae.training import Run, run_cli
 from fcmae.visualize import save_reconstructions
 
@@ -43,10 +43,11 @@ def build_model(config: PretrainConfig) -> fcmae.FCMAE:
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(PretrainConfig, argv, description=__doc__, demo=DEMO_CONFIG)
     run = Run(config, project="fcmae-pretrain")
-    with run.accelerator.main_process_first():  # "digits:FOLDER" is written once, by the main process
+    with run.accelerator.main_process_first():  # digits written, a folder indexed, shards counted: by one process
         dataset = pretrain_dataset(config.data_path, config.image_size, config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                        num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
+    sampler = pretrain_sampler(dataset, config.batch_size, run.accelerator.num_processes, config.seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=True, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=False)  # fresh workers each epoch see the epoch's seed
     config.check_data_channels(dataset[0]["image"].shape[0])
     model = build_model(config)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from fcmae.data import (
-    DataError, ImageFiles, eval_transform, find_images, find_labeled_images, load_rgb, pretrain_dataset,
+    DataError, ImageFiles, eval_transform, find_images, find_labeled_images, load_rgb, pretrain_dataset, walk_images,
     pretrain_transform,
 )
 from helpers import write_photos
@@ -144,3 +144,151 @@ def test_evaluation_leaves_unreadable_files_out_instead_of_counting_another_twic
         result = evaluate(SaysOne(), DataLoader(dataset, batch_size=2), Accelerator(cpu=True))
     AcceleratorState._reset_state(reset_partial_state=True)
     assert result["images"] == 4 and result["acc1"] == 75.0  # 3 of the 4 readable images are class 1
+
+
+def test_fast_transform_is_the_torchvision_pipeline_without_draft(tmp_path):
+    """PretrainTransform draws its crop and flip as pretrain_transform does under seeded(): same pixels, bit for
+    bit, without touching the global RNGs. With draft on, a large JPEG is decoded reduced and stays close."""
+    from fcmae.data import PretrainTransform, seeded
+    from fcmae.data.decoding import open_image
+
+    photo = load_rgb(write_photos(tmp_path, 1, size=400)[0])
+    small, large = tmp_path / "small.jpg", tmp_path / "large.jpg"
+    photo.resize((120, 90)).save(small, quality=95)
+    photo.resize((800, 800)).save(large, quality=95)
+    exact, drafted = PretrainTransform((64, 64), draft=False), PretrainTransform((64, 64))
+    reference = pretrain_transform((64, 64))
+    diffs = []
+    for path in (small, large):
+        for index in range(6):
+            seeded([3, 1, index])
+            expected = reference(load_rgb(path))
+            state = torch.get_rng_state()
+            assert torch.equal(exact(open_image(path), [3, 1, index]), expected)
+            assert torch.equal(torch.get_rng_state(), state)
+            diffs.append((drafted(open_image(path), [3, 1, index]) - expected).abs().mean().item())
+    assert diffs[:6] == [0.0] * 6  # 120x90: every crop is too small to decode reduced
+    assert 0 < max(diffs[6:]) < 0.05, diffs  # of a value range of about 4.5 (normalized)
+
+
+def test_exif_rotation_is_applied_by_the_fast_transform_too(tmp_path):
+    from fcmae.data import PretrainTransform
+    from fcmae.data.decoding import open_image
+
+    pixels = np.zeros((600, 300, 3), dtype=np.uint8)
+    pixels[:, :150] = 255  # left half white: after a 90-degree turn, the top half is
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    transform = PretrainTransform((64, 64), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale=(1.0, 1.0),
+                                  ratio=(0.5, 0.5))
+    for draft in (False, True):
+        transform.draft = draft
+        out = transform(open_image(tmp_path / "rotated.jpg"), [0, 0, 0])
+        assert out[:, :24].mean() > 0.9 and out[:, 40:].mean() < 0.1, draft
+
+
+def test_folder_index_is_cached_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
+    from fcmae.data import FileIndex
+    from fcmae.data import file_index
+
+    write_photos(tmp_path / "data", 6)
+    walks = []
+    monkeypatch.setattr(file_index, "walk_images", lambda root: walks.append(root) or walk_images(root))
+    first = FileIndex.load(tmp_path / "data")
+    assert [first[i] for i in range(len(first))] == find_images(tmp_path / "data") and len(walks) == 1
+    again = FileIndex.load(tmp_path / "data")
+    assert len(walks) == 1 and np.array_equal(again.blob, first.blob)  # from the cache
+    write_photos(tmp_path / "data" / "nested" / "deeper" / "new", 1)  # a new folder two levels down
+    assert len(FileIndex.load(tmp_path / "data")) == 7 and len(walks) == 2
+    (tmp_path / "data" / "photo_001.jpg").unlink()
+    assert len(FileIndex.load(tmp_path / "data")) == 6 and len(walks) == 3
+    assert FileIndex.load(tmp_path / "data")[-1] == find_images(tmp_path / "data")[-1] and len(walks) == 3
+    (tmp_path / "link").symlink_to(tmp_path / "data")  # another name for the same folder: the same cache entry
+    assert len(FileIndex.load(tmp_path / "link")) == 6 and len(walks) == 3
+    import pickle
+
+    assert len(pickle.dumps(first)) < 2000  # what a DataLoader worker receives: two small arrays
+
+
+@pytest.mark.parametrize("channels, dtype, suffix", [
+    (1, np.uint16, ".png"), (1, np.uint16, ".tif"), (4, np.uint16, ".tif"), (13, np.float32, ".npy"),
+    (3, np.uint8, ".tif"),
+])
+def test_multichannel_and_16_bit_images(tmp_path, channels, dtype, suffix):
+    import tifffile
+
+    from fcmae.data import PretrainTransform, load_array
+
+    rng = np.random.default_rng(0)
+    peak = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1.0
+    pixels = (rng.random((50, 70, channels)) * peak).astype(dtype)
+    path = tmp_path / f"image{suffix}"
+    if suffix == ".png":
+        Image.fromarray(pixels[..., 0]).save(path)
+    elif suffix == ".tif":
+        planar = channels == 4  # stored (C, H, W), as microscopy stacks often are
+        tifffile.imwrite(path, np.moveaxis(pixels, -1, 0) if planar else pixels, photometric="minisblack")
+    else:
+        np.save(path, pixels)
+    loaded = load_array(path)
+    assert loaded.shape == (50, 70, channels) and loaded.dtype == np.float32
+    np.testing.assert_allclose(loaded, pixels / np.float32(peak), rtol=1e-6)
+    mean, std = [0.5] * channels, [0.25] * channels
+    dataset = ImageFiles([path, path], PretrainTransform((32, 48), mean, std), seed=0)
+    image = dataset[1]["image"]
+    assert image.shape == (channels, 32, 48) and dataset[1]["skipped"] == 0
+    assert abs(image.mean().item()) < 0.5  # normalized: values near 0.5 +- 0.29 became about 0 +- 1.2
+    wrong = ImageFiles([path, path], PretrainTransform((32, 48), [0.5] * (channels + 1), [0.25] * (channels + 1)))
+    with pytest.raises(DataError, match=f"image has {channels} channels, the data config expects {channels + 1}"):
+        wrong[0]  # at once: a config mistake, not a damaged file to skip
+    if channels == 1:  # grayscale data in an RGB run is made RGB, as PIL's convert does for photos
+        assert ImageFiles([path], PretrainTransform((32, 48)))[0]["image"].shape == (3, 32, 48)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="nvjpeg needs a CUDA GPU"))])
+def test_gpu_augment_makes_the_crops_and_flips_of_the_cpu_path(tmp_path, device):
+    """--gpu-augment's device half, run on the CPU here (decode_jpeg works there too) and on CUDA with nvjpeg."""
+    from torch.utils.data import DataLoader
+
+    from fcmae.data import PretrainTransform
+    from fcmae.data.gpu_augment import EncodedCrop, augment_batch, collate_encoded
+
+    files = write_photos(tmp_path, 6, size=128)  # JPEGs and PNGs
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    load_rgb(files[0]).save(tmp_path / "rotated.jpg", exif=exif, quality=95)  # EXIF-rotated: decoded by PIL
+    files.append(tmp_path / "rotated.jpg")
+    encoded = ImageFiles(files, EncodedCrop(), seed=4)
+    batch = next(iter(DataLoader(encoded, batch_size=len(files), collate_fn=collate_encoded)))
+    assert [d.dim() for d in batch["image"]["data"]] == [3, 1, 3, 1, 3, 1, 3]  # JPEG bytes travel encoded
+    out = augment_batch(batch["image"], (64, 64), device)
+    assert out.shape == (7, 3, 64, 64) and out.device.type == device
+    reference = torch.stack([ImageFiles(files, PretrainTransform((64, 64), draft=False), seed=4)[i]["image"]
+                             for i in range(len(files))])
+    level = 1 / (255 * 0.225)  # one 8-bit level, normalized
+    per_image = (out.cpu() - reference).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() < 4 * level, per_image / level  # a flip or another crop would differ by far more
+
+
+def test_channel_stats_of_a_sample(tmp_path, capsys):
+    import tifffile
+
+    from fcmae.data.stats import channel_stats, main
+
+    rng = np.random.default_rng(0)
+    stack = []
+    for i in range(5):
+        pixels = np.stack([rng.normal(loc, 300, (40, 30)) for loc in (1000, 20000, 40000, 60000)], -1)
+        stack.append(pixels.clip(0, 65535).astype(np.uint16))
+        tifffile.imwrite(tmp_path / f"cell_{i}.tif", stack[-1])
+    expected = np.stack(stack).reshape(-1, 4) / 65535
+    mean, std, count = channel_stats(str(tmp_path), in_chans=4, samples=100)
+    assert count == 5
+    np.testing.assert_allclose(mean, expected.mean(0), rtol=1e-6)  # float32 pixels
+    np.testing.assert_allclose(std, expected.std(0), rtol=1e-6)
+    assert main([str(tmp_path), "--in-chans", "3"]) == 2
+    assert "has 4 channels, not --in-chans 3" in capsys.readouterr().err
+    assert main(["demo", "--samples", "3"]) == 0
+    assert "# 3 images of demo\nmean: [0." in capsys.readouterr().out

@@ -30,6 +30,18 @@ def photos(tmp_path):
     return tmp_path / "photos"
 
 
+@pytest.fixture(params=["folder", "shards"])
+def data(request, photos, tmp_path):
+    """The photos as a folder, or as webdataset shards of 5 (3 shards: batches cross shard boundaries)."""
+    if request.param == "folder":
+        return photos
+    pytest.importorskip("wids")
+    from fcmae.data.shard_writer import write_shards
+
+    write_shards(photos, tmp_path / "shards", maxcount=5)
+    return tmp_path / "shards" / "train-{000000..000002}.tar"
+
+
 def error_lines(capsys):
     """The lines the run printed to stderr that are not the progress bar."""
     return [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("train:")]
@@ -63,8 +75,8 @@ def test_loss_falls_on_real_photos_and_outputs_are_written(photos, tmp_path):
     assert record["step"] == 40 and record["images_per_s"] > 0 and record["epoch"] == 20.0
 
 
-def test_exact_resume_is_bit_identical(photos, tmp_path, monkeypatch):
-    common = FAST + ["--data-path", str(photos), "--max-steps", "8", "--save-every", "4", "--seed", "3",
+def test_exact_resume_is_bit_identical(data, tmp_path, monkeypatch):
+    common = FAST + ["--data-path", str(data), "--max-steps", "8", "--save-every", "4", "--seed", "3",
                      "--mask-ratio", "0.5"]
     assert run(common + ["--output-dir", str(tmp_path / "straight")]) == 0
 
@@ -223,12 +235,12 @@ def test_a_fresh_run_refuses_to_overwrite_checkpoints(photos, tmp_path, capsys):
     assert "already holds a run (metrics.jsonl)" in capsys.readouterr().err
 
 
-def test_two_processes_on_cpu(photos, tmp_path):
+def test_two_processes_on_cpu(data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "pretrain.py"),
-           *FAST, "--data-path", str(photos), "--output-dir", str(out), "--max-steps", "3"]
+           *FAST, "--data-path", str(data), "--output-dir", str(out), "--max-steps", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, launcher_failure(result.stderr)
     assert "2 process(es)" in result.stdout and "effective batch 8 = 4 x 2 x 1" in result.stdout

@@ -1,0 +1,92 @@
+"""`--gpu-augment`: JPEGs decoded by nvjpeg and cropped, resized, flipped and normalized on the device, in batches.
+
+The data-loader workers only read the file, parse its header and draw the crop and flip, from the same per-sample
+generator as `PretrainTransform` (the same crop boxes and flips as the CPU path). The batch then goes to the device
+as encoded bytes: `torchvision.io.decode_jpeg(list, device=...)` decodes the whole batch at once (nvjpeg on CUDA,
+libjpeg on the CPU, so the same code runs and is tested on both), and every image is cropped and resized with
+torch's antialiased bicubic interpolation, rounded to 8 bits like PIL's output, flipped and normalized.
+
+Files that are not plain JPEGs (PNG, CMYK JPEGs, EXIF-rotated JPEGs) are decoded and rotated by PIL in the worker
+and travel as pixels; only their crop runs on the device.
+
+Differences from the CPU path: torch's bicubic kernel (a = -0.75) is not PIL's (a = -0.5), and nvjpeg's IDCT is
+not libjpeg-turbo's, so pixels differ by a few 8-bit levels (measured in tests/test_data.py); the crops and flips
+are the same.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import ExifTags, Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .decoding import to_rgb
+from .transforms import crop_params, sample_generator
+
+
+class EncodedCrop:
+    """The worker's half: an opened image -> {"data": JPEG bytes (1-D uint8) or RGB pixels (3, H, W) uint8,
+    "crop": (top, left, h, w), "flip": bool}. Use with `collate_encoded` and `augment_batch`."""
+
+    decodes = True
+    in_chans = 3
+
+    def __init__(self, scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.scale, self.ratio = scale, ratio
+
+    def __call__(self, img: Image.Image, entropy: Sequence[int]) -> dict:
+        generator = sample_generator(entropy)
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        if img.format == "JPEG" and img.mode in ("RGB", "L") and orientation == 1:
+            width, height = img.size
+            img.fp.seek(0)
+            data = torch.frombuffer(bytearray(img.fp.read()), dtype=torch.uint8)
+        else:
+            img = to_rgb(img)
+            width, height = img.size
+            data = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+        top, left, h, w = crop_params(height, width, self.scale, self.ratio, generator)
+        flip = torch.rand(1, generator=generator).item() < 0.5
+        return {"data": data, "crop": torch.tensor([top, left, h, w]), "flip": flip}
+
+
+def collate_encoded(items: list[dict]) -> dict:
+    """DataLoader collate_fn for datasets whose transform is `EncodedCrop`: images stay a list (their sizes
+    differ); crops, flips and the other fields are stacked."""
+    images = [item["image"] for item in items]
+    return {
+        "image": {"data": [image["data"] for image in images], "crop": torch.stack([i["crop"] for i in images]),
+                  "flip": torch.tensor([i["flip"] for i in images])},
+        **{key: torch.tensor([item[key] for item in items]) for key in ("label", "skipped", "readable")},
+    }
+
+
+def augment_batch(encoded: dict, size: tuple[int, int], device: torch.device | str,
+                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
+                  ) -> torch.Tensor:
+    """Decode, crop-resize (bicubic, antialiased), flip and normalize a collated batch on `device`:
+    (N, 3, H, W) float32."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+    data = encoded["data"]
+    jpegs = [i for i, d in enumerate(data) if d.dim() == 1]
+    pixels = [d.to(device, non_blocking=True) if d.dim() == 3 else None for d in data]
+    if jpegs:
+        decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        for i, image in zip(jpegs, decoded):
+            pixels[i] = image
+    out = torch.empty(len(data), 3, *size, device=device)
+    for n, (image, (top, left, h, w)) in enumerate(zip(pixels, encoded["crop"].tolist())):
+        crop = image[None, :, top:top + h, left:left + w].float()
+        out[n] = F.interpolate(crop, size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+    out = out.clamp_(0, 255).round_()  # PIL's resize output is 8-bit: the CPU path's values
+    flip = encoded["flip"].to(device)
+    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+    return out.sub_(mean_t).div_(std_t)
