@@ -47,7 +47,7 @@ def test_probe_runs_the_cli_path_end_to_end(probe, tmp_path):
                                              "timm init, 3 steps"]
     assert json.loads((tmp_path / "r.json").read_text()) == rows
     for row in rows:
-        assert 0 <= row["linear"] <= 100 and 0 <= row["knn"] <= 100
+        assert 0 <= row["linear"] <= 100 and 0 <= row["knn"] <= 100 and row["C"] in probe.PROBE_C
     # Each pretrained row went through pretrain.py (its metrics) and fcmae.convert (a timm file).
     for steps, row in ((2, rows[2]), (3, rows[3])):
         run = out / f"convnextv2_atto-timm-{steps}-seed0"
