@@ -154,11 +154,15 @@ def _run_files(path: Path) -> tuple[Path | None, Path | None, int | None]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A run's config.yaml, its model: section (a pretraining run's) spread at the top level, as older runs wrote it."""
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    model = data.get("model")
+    return {**data, **model, "model": model.get("name")} if isinstance(model, dict) else data
 
 
 def _records(run_dir: Path | None, name: str, step: int | None) -> list[dict[str, Any]]:
