@@ -13,7 +13,7 @@ Each row runs the path a user takes:
   3-fold cross-validation on train) and kNN (k=20, cosine) on val/.
 
     nice python benchmarks/probe.py                    # the table in benchmarks/README.md (< 20 min on 2 cores)
-    nice python benchmarks/probe.py --quick            # a few minutes: timm init only, 50 and 150 steps
+    nice python benchmarks/probe.py --quick            # timm init, 50 + 150 steps (10 min, shared 2-core CPU)
     python benchmarks/probe.py --steps 2000 8000 --device cuda   # longer rows on a GPU
 """
 
