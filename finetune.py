@@ -32,7 +32,7 @@ from fcmae.data import DataError, ImageFiles, find_labeled_images, resolve_data_
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
-from fcmae.models import load_state_dict_strict, read_model_file, write_safetensors
+from fcmae.checkpoints import load_state_dict_strict, read_model_file, write_safetensors
 from fcmae.training import Run, processes_without_gpu, run_cli
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"

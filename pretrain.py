@@ -36,7 +36,7 @@ def build_model(config: PretrainConfig) -> fcmae.FCMAE:
 
         state = to_fcmae(config.init_from, model=config.model, decoder_depth=config.decoder_depth,
                          decoder_embed_dim=config.decoder_embed_dim, drop_head=True)  # a fine-tuned model's head
-        fcmae.models.load_state_dict_strict(model, state, source=config.init_from)
+        fcmae.checkpoints.load_state_dict_strict(model, state, source=config.init_from)
     return model
 
 

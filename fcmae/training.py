@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, load_yaml, save_yaml
 from .data import seeded
-from .models import write_safetensors
+from .checkpoints import write_safetensors
 
 __all__ = [
     "Run", "TrainingError", "run_cli", "end_process_group", "find_checkpoint", "processes_without_gpu",

@@ -4,7 +4,7 @@ Each row shows one image: the original, the masked input (removed patches in gra
 the reconstruction with the visible patches pasted back. With norm_pix_loss the model predicts each patch
 normalized by its own mean and variance, so the prediction is mapped back with the target patch's statistics.
 
-    python -m fcmae.visualize --checkpoint output/model.safetensors --images DIR --out grid.png
+    python -m fcmae.visualize --checkpoint output/fcmae_model.safetensors --images DIR --out grid.png
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from .config import OneLineArgumentParser, PretrainConfig, from_dict, load_yaml
+from .checkpoints import load_model
+from .config import OneLineArgumentParser
 from .data import DataError, eval_transform, find_images, load_rgb
 from .fcmae import FCMAE
 from .masking import grid_size
-from .models import create_model, load_model, load_state_dict_strict, read_model_file
 
 __all__ = ["reconstruct", "reconstruction_grid", "save_reconstructions", "main"]
 
@@ -88,31 +88,11 @@ def load_images(paths: Sequence[Path], size: tuple[int, int]) -> Tensor:
     return torch.stack(images)
 
 
-def load_any_model(checkpoint: Path, **overrides) -> FCMAE:
-    """An fcmae model file, a run folder (its model.safetensors), or a training checkpoint folder.
-
-    A checkpoint folder's model.safetensors is Accelerate's: bare weights, no model config. The config comes from
-    the run's config.yaml saved beside it.
-    """
-    if not checkpoint.is_dir():
-        return load_model(checkpoint, **overrides)
-    weights, run_config = checkpoint / "model.safetensors", checkpoint / "config.yaml"
-    if not (checkpoint / "trainer_state.json").is_file() or not run_config.is_file():
-        return load_model(weights, **overrides)
-    saved = load_yaml(run_config)
-    if "mask_ratio" not in saved:
-        raise ValueError(f"{checkpoint} is a fine-tuning checkpoint, not an FCMAE pretraining one")
-    config = from_dict(PretrainConfig, saved)
-    model = create_model(config.model, **{**config.model_settings(), **overrides})
-    state, _ = read_model_file(weights)
-    load_state_dict_strict(model, state, source=str(weights))
-    return model
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="python -m fcmae.visualize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="an fcmae model file (model.safetensors), or a run or checkpoint folder holding one")
+                        help="an fcmae model file (fcmae_model.safetensors), a pretraining run folder, or one of its "
+                             "training-state folders (checkpoints/step_N)")
     parser.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
     parser.add_argument("--out", default="reconstructions.png", help="PNG to write")
     parser.add_argument("--num-images", type=int, default=8)
@@ -128,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if Path(args.out).is_dir() or Path(args.out).suffix.lower() != ".png":
             raise ValueError(f"--out must name a .png file, got {args.out}")
         overrides = {} if args.mask_ratio is None else {"mask_ratio": args.mask_ratio}
-        model = load_any_model(Path(args.checkpoint), **overrides).eval()
+        model = load_model(args.checkpoint, **overrides).eval()
         size = tuple(args.input_size * 2)[:2] if args.input_size else tuple(model.config["img_size"])
         grid_size(size, model.patch_size)
         source = Path(args.images)

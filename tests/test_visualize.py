@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import fcmae
-from fcmae.visualize import load_any_model, main, reconstruct, reconstruction_grid
+from fcmae.visualize import main, reconstruct, reconstruction_grid
 from helpers import SMALL, write_photos
 
 
@@ -55,7 +55,7 @@ def test_cli_writes_a_png_from_a_model_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "MISSING"], "no such model file"),
+    (["--checkpoint", "MISSING"], "no such checkpoint"),
     (["--images", "NOWHERE"], "data path not found"),
     (["--input-size", "70"], "not a multiple of the patch size 32"),
     (["--input-size", "0"], "not a multiple of the patch size 32"),
@@ -85,7 +85,7 @@ def test_a_training_checkpoint_folder_loads_with_its_run_config(tmp_path):
     (folder / "trainer_state.json").write_text('{"step": 2}')
     (folder / "config.yaml").write_text("model: convnextv2_atto\ninput_size: [64, 96]\nmask_ratio: 0.5\n"
                                         "decoder_depth: 1\ndecoder_embed_dim: 32\nnorm_pix_loss: false\n")
-    loaded = load_any_model(folder)
+    loaded = fcmae.load_model(folder)
     assert loaded.config == model.config
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    assert load_any_model(folder, mask_ratio=0.75).mask_ratio == 0.75
+    assert fcmae.load_model(folder, mask_ratio=0.75).mask_ratio == 0.75
