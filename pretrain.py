@@ -21,34 +21,38 @@ from torch.utils.data import DataLoader
 import fcmae
 from fcmae.config import PretrainConfig, parse_config
 from fcmae.data import pretrain_dataset
-from fcmae.training import Run, run_cli
-from fcmae.visualize import save_reconstructions
+from fcmae.checkpoints import names
+from fcmae.training import Run, quiet_worker, run_cli
+from fcmae.visualize import sample_indices, save_reconstructions
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 VIS_IMAGES = 8
 
 
-def build_model(config: PretrainConfig) -> fcmae.FCMAE:
-    """A fresh FCMAE model, or one whose weights come from config.init_from (not its training state)."""
+def build_model(config: PretrainConfig, say=print) -> fcmae.FCMAE:
+    """A fresh FCMAE model, or one whose weights come from config.init_from (not its training state), any input
+    `fcmae.load` reads; `say` gets the converter's notes (what was detected, dropped or freshly initialized)."""
     model = fcmae.create_model(config.model, **config.model_settings())
     if config.init_from:
-        from fcmae.convert import to_fcmae
+        from fcmae.convert import convert
 
-        state = to_fcmae(config.init_from, model=config.model, decoder_depth=config.decoder_depth,
+        result = convert(config.init_from, "fcmae", model=config.model, decoder_depth=config.decoder_depth,
                          decoder_embed_dim=config.decoder_embed_dim, drop_head=True)  # a fine-tuned model's head
-        fcmae.checkpoints.load_state_dict_strict(model, state, source=config.init_from)
+        for note in result.notes:
+            say(f"--init-from: {note}")
+        fcmae.checkpoints.load_state_dict_strict(model, result.state, source=config.init_from)
     return model
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(PretrainConfig, argv, description=__doc__, demo=DEMO_CONFIG)
     run = Run(config, project="fcmae-pretrain")
-    with run.accelerator.main_process_first():  # "digits:FOLDER" is written once, by the main process
-        dataset = pretrain_dataset(config.data_path, config.image_size, config.seed)
+    # "digits:FOLDER" is written once, by the main process; an error there ends every process with its message
+    dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed))
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False)  # fresh workers each epoch see the epoch's seed
-    model = build_model(config)
+                        persistent_workers=False, worker_init_fn=quiet_worker)  # fresh workers see the epoch's seed
+    model = build_model(config, run.print)
     run.plan_batches(len(dataset))
     for module in model.modules():  # conv weights in the activations' channels-last format, as their grads are
         if isinstance(module, torch.nn.Conv2d):
@@ -63,19 +67,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.print(f"{config.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(dataset)} images\n{run.describe()}")
 
-    # Fixed images for the reconstruction grids: the first few, with their epoch-0 augmentation.
-    vis_images = torch.stack([dataset[i]["image"] for i in range(min(VIS_IMAGES, len(dataset)))])
+    # Fixed images for the reconstruction grids: drawn at random with the run's seed, epoch-0 augmentation.
+    vis_images = torch.stack([dataset[i]["image"] for i in sample_indices(VIS_IMAGES, len(dataset), config.seed)])
 
     def visualize(step: int) -> None:
-        due = (config.vis_every and step % config.vis_every == 0) or step == run.total_steps
+        due = (config.vis_every and step % config.vis_every == 0) or run.at == run.total_steps
         if due and run.is_main:
-            model_ = run.unwrapped_model
             imgs = vis_images.to(run.accelerator.device)
             with run.accelerator.autocast():
-                save_reconstructions(model_, imgs, run.output_dir / "vis" / f"step_{step:08d}.png", seed=config.seed)
+                grid = save_reconstructions(run.unwrapped_model, imgs, run.output_dir / names.VIS /
+                                            f"step_{step:08d}.png", seed=config.seed)
+            if "tensorboard" in config.log_with:
+                run.accelerator.get_tracker("tensorboard", unwrap=True).add_image("reconstructions", grid, step)
 
     def save_model_file(checkpoint: Path) -> None:
-        fcmae.save_model(run.unwrapped_model, run.output_dir / "model.safetensors",
+        fcmae.save_model(run.unwrapped_model, run.output_dir / names.PRETRAINED_MODEL,
                          {"step": str(run.step), "checkpoint": checkpoint.name})
 
     def step_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -83,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return loss, batch["image"].shape[0]
 
     run.fit(step_fn, every_step=visualize, on_save=save_model_file)
-    run.print(f"done: {run.output_dir / 'model.safetensors'}, metrics in {run.metrics_path}")
+    run.print(f"done: {run.output_dir / names.PRETRAINED_MODEL}, metrics in {run.metrics_path}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ __all__ = ["OutputError", "check_output_folder", "explain_write_error", "file_mo
 class OutputError(OSError):
     """A file or folder could not be written; the message names the path and what to do."""
 
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno N] ..."
+        return self.strerror or super().__str__()
+
 
 _FIXES = {
     errno.ENOSPC: "no space left on the device; free some space or choose a folder on another disk",
@@ -37,19 +40,23 @@ def explain_write_error(error: BaseException, path: str | os.PathLike, what: str
     return OutputError(code or 0, f"cannot {what} {path}: {fix}")
 
 
-def check_output_folder(folder: str | os.PathLike, flag: str = "--output-dir") -> Path:
-    """Create `folder` if needed and check that files can be written in it; OutputError (one line) if not."""
+def check_output_folder(folder: str | os.PathLike, flag: str = "--output-dir", create: bool = True) -> Path:
+    """Check that `folder` can hold files (create it, or with create=False only check that it could be created);
+    OutputError (one line, naming the path and the fix) if not."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(errno.ENOTDIR, f"{flag} {folder} is a file, not a folder; remove it or choose another "
-                                         f"{flag}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(e.errno, f"cannot create {flag} {folder}: {_fix(e, flag)}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(errno.EACCES, f"cannot write in {flag} {folder}: permission denied; choose a folder you "
-                                        f"can write to with {flag}")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        where = f"{flag} {folder} is a file" if existing == folder else f"{existing} (on the way to {folder}) is a file"
+        raise OutputError(errno.ENOTDIR, f"{where}, not a folder; remove it or choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(errno.EACCES, f"cannot write in {existing}" + (f" to create {flag} {folder}" if existing
+                          != folder else f" ({flag})") + f": permission denied; choose a folder you can write to "
+                          f"with {flag}")
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(e.errno, f"cannot create {flag} {folder}: {_fix(e, flag)}") from None
     return folder
 
 

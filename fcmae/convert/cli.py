@@ -84,7 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = convert(args.input, args.to, args.model, conv_mlp=args.conv_mlp, decoder_depth=args.decoder_depth,
                          decoder_embed_dim=args.decoder_embed_dim, strict=args.strict, drop_head=bool(args.drop_head))
         save_conversion(result, args.output)
-    except (ValueError, OSError) as e:  # user mistakes: one line, no traceback
+    except (ValueError, OSError) as e:  # user mistakes: one line, no traceback (unless FCMAE_DEBUG=1)
+        from ..training.cli import debugging, show_causes
+
+        if debugging():
+            show_causes(e)
+            raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print("\n".join(result.notes))

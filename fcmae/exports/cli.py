@@ -3,7 +3,7 @@ folder (Hub-ready), and `--push-to-hub REPO` for the folders. `fcmae.convert.mai
 these targets to `export`, which is also the Python API:
 
     from fcmae.exports import export
-    print("\n".join(export("output/demo/model.safetensors", "atto-hf", "transformers")))
+    print("\n".join(export("output/demo/fcmae_model.safetensors", "atto-hf", "transformers")))
 """
 
 from __future__ import annotations
