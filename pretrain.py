@@ -32,7 +32,7 @@ VIS_IMAGES = 8
 def build_model(config: PretrainConfig, say=print) -> fcmae.FCMAE:
     """A fresh FCMAE model, or one whose weights come from config.init_from (not its training state), any input
     `fcmae.load` reads; `say` gets the converter's notes (what was detected, dropped or freshly initialized)."""
-    model = fcmae.create_model(config.model, **config.model_settings())
+    model = fcmae.FCMAE(config.model_config())
     if config.init_from:
         from fcmae.convert import convert
 

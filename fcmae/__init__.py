@@ -6,10 +6,12 @@ from .encoder import SparseConvNeXtV2
 from .fcmae import FCMAE
 from .masking import random_mask
 from .checkpoints import load, load_model, save_model
+from .model_config import FCMAEConfig
 from .models import create_model, list_models
 
 __all__ = [
-    "FCMAE", "SparseConvNeXtV2", "create_model", "list_models", "load", "load_model", "save_model", "random_mask",
+    "FCMAE", "FCMAEConfig", "SparseConvNeXtV2", "create_model", "list_models", "load", "load_model", "save_model",
+    "random_mask",
 ]
 __version__ = "0.1.0"
 

@@ -19,17 +19,13 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-from .encoder import BACKENDS
-from .models import resolve_name
+from .errors import ConfigError
+from .model_config import FCMAEConfig, resolve_name
 
 __all__ = [
     "ConfigError", "TrainConfig", "PretrainConfig", "FinetuneConfig", "parse_config", "load_yaml", "save_yaml",
     "OneLineArgumentParser", "LINEAR_PROBE_RECIPE",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad config value, key or file; the scripts print its one-line message and exit."""
 
 
 @dataclass
@@ -149,37 +145,21 @@ class PretrainConfig(TrainConfig):
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
     compile: bool = False  # torch.compile the forward and loss whole (fullgraph); ragged masks run eager
 
-    def model_settings(self) -> dict[str, Any]:
-        """The `fcmae.create_model` overrides this config asks for (with `model` as the name)."""
-        return {"img_size": self.image_size, "mask_ratio": self.mask_ratio, "decoder_depth": self.decoder_depth,
-                "decoder_embed_dim": self.decoder_embed_dim, "norm_pix_loss": self.norm_pix_loss,
-                "backend": self.backend, "init": self.init}
+    def model_config(self) -> FCMAEConfig:
+        """The FCMAE model this config asks for (validated there, once)."""
+        return FCMAEConfig(name=self.model, img_size=self.image_size, mask_ratio=self.mask_ratio,
+                           decoder_depth=self.decoder_depth, decoder_embed_dim=self.decoder_embed_dim,
+                           norm_pix_loss=self.norm_pix_loss, backend=self.backend, init=self.init)
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if self.decoder_depth < 0 or self.decoder_embed_dim < 1:
-            raise ConfigError("decoder_depth must be >= 0 and decoder_embed_dim >= 1")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.model_config()
         if self.backend.startswith("minkowski"):
             from .minkowski import require  # fails here, before anything is written, without MinkowskiEngine
 
             require()
-        if self.init not in ("timm", "official"):
-            raise ConfigError(f"unknown init {self.init!r}; choose timm or official")
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
-        height, width = self.image_size
-        patches = (height // 32) * (width // 32)
-        kept = int(patches * (1 - self.mask_ratio))
-        if kept == 0 or kept == patches:
-            raise ConfigError(
-                f"mask_ratio {self.mask_ratio} on a {height}x{width} input keeps {kept} of its {patches} patches of "
-                f"32 px: the encoder would see {'nothing' if kept == 0 else 'everything and the loss be 0'}; "
-                "change --input-size or --mask-ratio"
-            )
 
 
 # The MAE linear-probe protocol (He et al. 2022, main_linprobe.py): blr 0.1 for an effective batch of 16384, 90

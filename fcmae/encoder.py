@@ -87,6 +87,7 @@ class SparseConvNeXtV2(nn.Module):
         drop_path_rate: stochastic depth at the last block, rising linearly from 0 at the first (as timm does).
         backend: "sparse" (default) or "dense" (the masked-dense reference).
         patch_size: side of a mask patch in pixels; must equal the encoder's total stride (32).
+        in_chans: input channels (3 for RGB); only the stem's conv depends on it.
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class SparseConvNeXtV2(nn.Module):
         drop_path_rate: float = 0.0,
         backend: str = "sparse",
         patch_size: int = 32,
+        in_chans: int = 3,
     ):
         super().__init__()
         if len(depths) != len(dims) or not depths or min(depths) < 1 or min(dims) < 1:
@@ -107,11 +109,12 @@ class SparseConvNeXtV2(nn.Module):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.patch_size = patch_size
+        self.in_chans = in_chans
         self.backend = backend
         self.num_features = dims[-1]
 
         self.stem = nn.Sequential(
-            nn.Conv2d(3, dims[0], kernel_size=STEM_STRIDE, stride=STEM_STRIDE), LayerNorm(dims[0])
+            nn.Conv2d(in_chans, dims[0], kernel_size=STEM_STRIDE, stride=STEM_STRIDE), LayerNorm(dims[0])
         )
         rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         self.stages = nn.Sequential(
@@ -133,7 +136,7 @@ class SparseConvNeXtV2(nn.Module):
         """Encode the visible patches.
 
         Args:
-            imgs: (N, 3, H, W), H and W multiples of 32.
+            imgs: (N, in_chans, H, W), H and W multiples of 32.
             mask: (N, L) with 0 = keep, 1 = remove, L = (H / 32) * (W / 32); None keeps every patch.
         Returns:
             (N, C_last, H / 32, W / 32) features, exact zeros at removed patches.
@@ -162,9 +165,9 @@ class SparseConvNeXtV2(nn.Module):
 
     def check_input(self, imgs: Tensor) -> tuple[int, int]:
         """Validate an image batch and return its patch grid (gh, gw)."""
-        if not isinstance(imgs, Tensor) or imgs.ndim != 4 or imgs.shape[1] != 3 or imgs.shape[0] == 0:
+        if not isinstance(imgs, Tensor) or imgs.ndim != 4 or imgs.shape[1] != self.in_chans or imgs.shape[0] == 0:
             shape = tuple(imgs.shape) if isinstance(imgs, Tensor) else type(imgs).__name__
-            raise ValueError(f"expected a non-empty batch of images of shape (N, 3, H, W), got {shape}")
+            raise ValueError(f"expected a non-empty batch of images of shape (N, {self.in_chans}, H, W), got {shape}")
         weights = self.stem[0].weight
         if not imgs.is_floating_point() or (
             imgs.dtype != weights.dtype and not torch.is_autocast_enabled(imgs.device.type)
@@ -177,7 +180,7 @@ class SparseConvNeXtV2(nn.Module):
 
     def forward_sparse(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int], count: int | None = None) -> Tensor:
         layout = VisiblePatches(mask, grid, side=self.patch_size, count=count)
-        x = layout.gather(imgs.permute(0, 2, 3, 1))  # (P, 32, 32, 3): the visible image patches
+        x = layout.gather(imgs.permute(0, 2, 3, 1))  # (P, 32, 32, C): the visible image patches
         x = self.stem[1](strided_conv(x, self.stem[0]))
         layout = layout.downsampled(STEM_STRIDE)
         for i, stage in enumerate(self.stages):

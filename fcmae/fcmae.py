@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from .decoder import FCMAEDecoder
 from .encoder import SparseConvNeXtV2
-from .initialization import INIT_SCHEMES, initialize
+from .initialization import initialize
 from .masking import check_mask, grid_size, kept_per_sample, random_mask
+from .model_config import FCMAEConfig
 from .sparse import kept_count
 
 __all__ = ["FCMAE"]
@@ -22,73 +23,59 @@ class FCMAE(nn.Module):
     """Fully convolutional masked autoencoder (Woo et al., 2023).
 
     Args:
-        depths, dims: encoder stages (see `fcmae.list_models()` for the named sizes).
-        img_size: nominal input size, an int or (H, W), multiples of 32. It sets the grid of masks drawn without
-            images; any input whose sides are multiples of 32 is accepted.
-        patch_size: mask patch side in pixels; must be 32, the encoder's total stride.
-        mask_ratio: fraction of patches removed, in [0, 1).
-        decoder_depth, decoder_embed_dim: decoder blocks and width.
-        norm_pix_loss: normalize each target patch by its own mean and variance.
-        drop_path_rate: encoder stochastic depth.
-        backend: "sparse" (visible patches only) or "dense" (masked-dense reference); same function.
-        init: "timm" (std 0.02) or "official" (the official FCMAE re-init); see `fcmae.initialization`.
-        name: the model name, recorded in `config`.
+        config: the model (`FCMAEConfig`: size, img_size, in_chans, mask ratio, decoder, loss, backend, init),
+            already validated; `model.config` is this object. `fcmae.create_model(name, **settings)` builds both.
+
+    img_size sets the grid of masks drawn without images; any input whose sides are multiples of 32 is accepted.
     """
 
-    def __init__(
-        self,
-        depths: Sequence[int] = (2, 2, 6, 2),
-        dims: Sequence[int] = (40, 80, 160, 320),
-        img_size: int | Sequence[int] = 224,
-        patch_size: int = 32,
-        mask_ratio: float = 0.6,
-        decoder_depth: int = 1,
-        decoder_embed_dim: int = 512,
-        norm_pix_loss: bool = True,
-        drop_path_rate: float = 0.0,
-        backend: str = "sparse",
-        init: str = "timm",
-        name: str = "custom",
-    ):
+    def __init__(self, config: FCMAEConfig | None = None):
         super().__init__()
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        if not isinstance(norm_pix_loss, bool):
-            raise ValueError(f"norm_pix_loss must be True or False, got {norm_pix_loss!r}")
-        if init not in INIT_SCHEMES:
-            raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INIT_SCHEMES)}")
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.grid = grid_size(img_size, patch_size)
-        self.config: dict[str, Any] = dict(
-            name=name, depths=list(depths), dims=list(dims), img_size=list(img_size), patch_size=patch_size,
-            mask_ratio=mask_ratio, decoder_depth=decoder_depth, decoder_embed_dim=decoder_embed_dim,
-            norm_pix_loss=norm_pix_loss, drop_path_rate=drop_path_rate, backend=backend, init=init,
-        )  # fmt: skip
-        self.patch_size = patch_size
-        self.mask_ratio = mask_ratio
-        self.norm_pix_loss = norm_pix_loss
-
-        self.encoder = SparseConvNeXtV2(depths, dims, drop_path_rate, backend, patch_size)
-        self.decoder = FCMAEDecoder(dims[-1], decoder_embed_dim, decoder_depth, patch_size)
-        initialize(self, init)  # like the official code: the whole model, once built
+        config = FCMAEConfig() if config is None else config
+        if not isinstance(config, FCMAEConfig):
+            raise TypeError(f"FCMAE takes an FCMAEConfig, got {type(config).__name__}; for keyword settings use "
+                            "fcmae.create_model(name, **settings)")
+        self.config = config
+        self.grid = config.grid
+        self.encoder = SparseConvNeXtV2(config.depths, config.dims, config.drop_path_rate, config.backend,
+                                        config.patch_size, config.in_chans)
+        self.decoder = FCMAEDecoder(config.dims[-1], config.decoder_embed_dim, config.decoder_depth,
+                                    config.patch_size, config.in_chans)
+        initialize(self, config.init)  # like the official code: the whole model, once built
         self._compiled_step = None
         self._warned_ragged = False
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def in_chans(self) -> int:
+        return self.config.in_chans
+
+    @property
+    def mask_ratio(self) -> float:
+        return self.config.mask_ratio
+
+    @property
+    def norm_pix_loss(self) -> bool:
+        return self.config.norm_pix_loss
 
     # Patches ------------------------------------------------------------------------------------------------
 
     def patchify(self, imgs: Tensor) -> Tensor:
-        """(N, 3, H, W) -> (N, L, p * p * 3), each patch flattened in (p, q, c) order as in MAE."""
-        if imgs.ndim != 4 or imgs.shape[1] != 3:
-            raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(imgs.shape)}")
+        """(N, C, H, W) -> (N, L, p * p * C), each patch flattened in (p, q, c) order as in MAE; C = in_chans."""
+        if imgs.ndim != 4 or imgs.shape[1] != self.in_chans:
+            raise ValueError(f"expected images of shape (N, {self.in_chans}, H, W), got {tuple(imgs.shape)}")
         grid_size(tuple(imgs.shape[-2:]), self.patch_size)
         p = self.patch_size
         return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
 
     def unpatchify(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
-        """(N, L, p * p * 3) -> (N, 3, H, W). `grid` is (gh, gw); by default the square grid of L patches."""
-        p = self.patch_size
-        if x.ndim != 3 or x.shape[-1] != p * p * 3:
-            raise ValueError(f"expected patches of shape (N, L, {p * p * 3}), got {tuple(x.shape)}")
+        """(N, L, p * p * C) -> (N, C, H, W). `grid` is (gh, gw); by default the square grid of L patches."""
+        p, width = self.patch_size, self.patch_size**2 * self.in_chans
+        if x.ndim != 3 or x.shape[-1] != width:
+            raise ValueError(f"expected patches of shape (N, L, {width}), got {tuple(x.shape)}")
         if grid is None:
             side = round(x.shape[1] ** 0.5)
             if side * side != x.shape[1]:
@@ -111,11 +98,11 @@ class FCMAE(nn.Module):
     # The data path ------------------------------------------------------------------------------------------
 
     def forward_encoder(self, imgs: Tensor, mask: Tensor) -> Tensor:
-        """(N, 3, H, W), (N, L) -> (N, C_last, gh, gw), zeros at removed patches."""
+        """(N, in_chans, H, W), (N, L) -> (N, C_last, gh, gw), zeros at removed patches."""
         return self.encoder(imgs, mask)
 
     def forward_decoder(self, x: Tensor, mask: Tensor) -> Tensor:
-        """(N, C_last, gh, gw), (N, L) -> (N, L, p * p * 3) predicted pixels."""
+        """(N, C_last, gh, gw), (N, L) -> (N, L, p * p * in_chans) predicted pixels."""
         return self.decoder(x, mask).flatten(2).transpose(1, 2)
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
@@ -136,10 +123,10 @@ class FCMAE(nn.Module):
     def forward(self, imgs: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """
         Args:
-            imgs: (N, 3, H, W) normalized images, H and W multiples of 32.
+            imgs: (N, in_chans, H, W) normalized images, H and W multiples of 32.
             mask: (N, L), 0 is keep, 1 is remove; drawn at `mask_ratio` from the global RNG when None.
         Returns:
-            loss (scalar), pred (N, L, p * p * 3), mask (N, L) float.
+            loss (scalar), pred (N, L, p * p * in_chans), mask (N, L) float.
 
         A mask drawn here keeps the same known number of patches in every sample, so the step never waits on the
         device. A given mask is checked, and its per-sample counts read, on the host.

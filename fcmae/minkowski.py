@@ -70,7 +70,7 @@ def forward_minkowski(encoder: SparseConvNeXtV2, imgs: Tensor, mask: Tensor, gri
 
     Args:
         encoder: the encoder whose parameters are used.
-        imgs: (N, 3, H, W), checked by `encoder.check_input`.
+        imgs: (N, in_chans, H, W), checked by `encoder.check_input`.
         mask: (N, L) float, 0 = keep, 1 = remove, checked by `check_mask`.
         grid: the patch grid (gh, gw), L = gh * gw.
         batch_grn: GRN over the whole batch (the official code) instead of per sample.

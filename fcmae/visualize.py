@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--out must name a .png file, got {args.out}")
         overrides = {} if args.mask_ratio is None else {"mask_ratio": args.mask_ratio}
         model = load_model(args.checkpoint, **overrides).eval()
-        size = tuple(args.input_size * 2)[:2] if args.input_size else tuple(model.config["img_size"])
+        size = tuple(args.input_size * 2)[:2] if args.input_size else model.config.img_size
         grid_size(size, model.patch_size)
         source = Path(args.images)
         files = [source] if source.is_file() else find_images(source)

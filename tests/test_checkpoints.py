@@ -47,7 +47,7 @@ def test_load_recognizes_every_input_kind(tmp_path):
         assert (loaded.kind, loaded.layout) == (kind, layout), name
         assert not any(k.startswith("module.") for k in loaded.state)
     assert fcmae.load(tmp_path / "model.safetensors").model_config == model.config
-    assert fcmae.load(step).step == 2 and fcmae.load(step).model_config["name"] == "convnextv2_atto"
+    assert fcmae.load(step).step == 2 and fcmae.load(step).model_config.name == "convnextv2_atto"
 
 
 def test_unknown_inputs_fail_with_one_line_naming_the_known_formats(tmp_path):

@@ -188,7 +188,7 @@ def small_model(seed: int = 0) -> fcmae.FCMAE:
 
 def custom_model(seed: int = 0) -> fcmae.FCMAE:
     """SMALL as a custom size (the name records no named model)."""
-    return randomize_(fcmae.FCMAE(**SMALL), seed).eval()
+    return randomize_(fcmae.create_model("custom", **SMALL), seed).eval()
 
 
 def save_official(path, state: dict, wrapped: bool, args: argparse.Namespace | None = None):
@@ -576,7 +576,7 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"detected official-me layout in {partial}: custom")
     assert "non-strict: initialized 1 decoder tensor(s) missing from the input: 1 key(s): decoder.proj.bias" in printed
-    assert fcmae.load_model(out).config["decoder_embed_dim"] == 32
+    assert fcmae.load_model(out).config.decoder_embed_dim == 32
 
 
 def test_cli_as_a_process(tmp_path):

@@ -243,7 +243,7 @@ def test_timm_folder_from_a_fine_tuned_run_and_a_custom_official_file(runs, tmp_
     assert "val_acc1 of the saved weights" in card and "| layer_decay | 0.9 |" in card
 
     # A custom-size official ME checkpoint: model_args carry the depths, dims and Linear MLP.
-    model = randomize_(fcmae.FCMAE(**SMALL), seed=3).eval()
+    model = randomize_(fcmae.create_model("custom", **SMALL), seed=3).eval()
     path = save_official(tmp_path / "ckpt.pth", official_state(model.state_dict(), me=True), wrapped=True,
                          args=argparse.Namespace(input_size=SIZE, mask_ratio=0.6, epochs=1600))
     export(capsys, path, tmp_path / "custom", "--to", "timm")

@@ -14,7 +14,7 @@ DEPTHS, DIMS = (1, 1, 2, 1), (16, 24, 32, 48)
 
 def model(init: str, seed: int = 0) -> fcmae.FCMAE:
     torch.manual_seed(seed)
-    return fcmae.FCMAE(DEPTHS, DIMS, img_size=64, decoder_embed_dim=64, init=init)
+    return fcmae.FCMAE(fcmae.FCMAEConfig("custom", DEPTHS, DIMS, img_size=64, decoder_embed_dim=64, init=init))
 
 
 def weights(m: fcmae.FCMAE, pattern: str) -> list[tuple[str, torch.Tensor]]:
@@ -93,9 +93,9 @@ def test_official_init_trains_and_runs_finite():
 
 def test_init_option_in_create_model_config_and_files(tmp_path):
     m = fcmae.create_model("atto", img_size=64, init="official")
-    assert m.config["init"] == "official"
+    assert m.config.init == "official"
     fcmae.save_model(m, tmp_path / "m.safetensors")
-    assert fcmae.load_model(tmp_path / "m.safetensors").config["init"] == "official"
+    assert fcmae.load_model(tmp_path / "m.safetensors").config.init == "official"
     with pytest.raises(ValueError, match="unknown init 'jax'"):
         fcmae.create_model("atto", init="jax")
     with pytest.raises(ValueError, match="unknown init"):

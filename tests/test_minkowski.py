@@ -143,6 +143,19 @@ def test_same_parameters_and_checkpoints_across_backends(tmp_path):
 
 
 @needs_me
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_minkowski_stem_takes_other_channel_counts(in_chans):
+    models = {}
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        models[backend] = randomize_(fcmae.create_model("atto", img_size=64, in_chans=in_chans, backend=backend,
+                                                        **SMALL).encoder)
+    imgs = torch.randn(3, in_chans, 64, 96)
+    mask = fcmae.random_mask(3, (2, 3), 0.5, generator=torch.Generator().manual_seed(1))
+    assert_all_same(models, imgs, mask)
+
+
+@needs_me
 def test_minkowski_under_bf16_autocast_runs_the_encoder_in_float32(small_model):
     imgs, mask = torch.randn(2, 3, 64, 64), torch.tensor([[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
     small_model.encoder.backend = "minkowski"

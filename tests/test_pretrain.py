@@ -57,7 +57,7 @@ def test_loss_falls_on_real_photos_and_outputs_are_written(photos, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020", "step_00000040"]
     assert sorted(p.name for p in (out / "vis").iterdir()) == ["step_00000020.png", "step_00000040.png"]
     model = fcmae.load_model(out / "fcmae_model.safetensors")
-    assert model.config["img_size"] == [96, 96] and model.config["decoder_embed_dim"] == 64
+    assert model.config.img_size == (96, 96) and model.config.decoder_embed_dim == 64
     record = records(out)[-1]
     assert set(record) == {"step", "epoch", "loss", "lr", "images_per_s", "skipped_files"}
     assert record["step"] == 40 and record["images_per_s"] > 0 and record["epoch"] == 20.0

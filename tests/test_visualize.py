@@ -23,14 +23,14 @@ class Oracle(fcmae.FCMAE):
 
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_a_perfect_prediction_reconstructs_the_image(norm_pix):
-    model = Oracle(depths=SMALL["depths"], dims=SMALL["dims"], decoder_embed_dim=32, norm_pix_loss=norm_pix)
+    model = Oracle(fcmae.FCMAEConfig("custom", **SMALL, norm_pix_loss=norm_pix))
     imgs = torch.randn(2, 3, 64, 96)
     mask = model.random_masking(2, (2, 3))
     assert torch.allclose(reconstruct(model, imgs, mask), imgs, atol=1e-4)
 
 
 def test_grid_layout_masks_and_pastes():
-    model = Oracle(depths=SMALL["depths"], dims=SMALL["dims"], decoder_embed_dim=32)
+    model = Oracle(fcmae.FCMAEConfig("custom", **SMALL))
     imgs = torch.randn(3, 3, 64, 64) * 0.5
     mask = torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 1], [1, 1, 0, 0]])
     grid = reconstruction_grid(model, imgs, mask, labels=False)

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from . import names
 from .layouts import detect_layout, strip_wrappers
-from .model_file import config_from_metadata, read_model_file
+from ..model_config import FCMAEConfig
+from .model_file import read_model_file
 from .torch_file import read_torch_file
 
 __all__ = ["KINDS", "KNOWN", "Loaded", "load"]
@@ -63,14 +64,13 @@ class Loaded:
     step: int | None = None
 
     @property
-    def model_config(self) -> dict[str, Any] | None:
+    def model_config(self) -> FCMAEConfig | None:
         """The FCMAE model config this input records: its metadata's, or its pretraining run's; else None."""
-        config = config_from_metadata(self.metadata)
+        config = FCMAEConfig.from_metadata(self.metadata)
         if config is None and self.run_config and "mask_ratio" in self.run_config:
             from ..config import PretrainConfig, from_dict  # the run's config: only when asked
 
-            run = from_dict(PretrainConfig, self.run_config)
-            config = {"name": run.model, **run.model_settings()}
+            config = from_dict(PretrainConfig, self.run_config).model_config()
         return config
 
     def describe(self) -> str:

@@ -19,8 +19,6 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> FCMAE:
     Overrides change settings that keep the weights' shapes: backend, mask_ratio, img_size, norm_pix_loss,
     drop_path_rate. Anything that does not fit the stored weights fails with the offending keys.
     """
-    from ..models import create_model  # fcmae.models imports this package's names
-
     loaded = load(path)
     config = loaded.model_config
     if config is None:
@@ -30,8 +28,6 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> FCMAE:
                          "use `fcmae-convert --to fcmae` for official or timm checkpoints")
     if "name" in overrides:
         raise ValueError("load_model cannot change the model name; it comes from the file")
-    config = {**config, **overrides}
-    name = config.pop("name")
-    model = FCMAE(name=name, **config) if name == "custom" else create_model(name, **config)
+    model = FCMAE(config.replace(**overrides))
     load_state_dict_strict(model, loaded.state, source=str(loaded.file))
     return model

@@ -1,12 +1,11 @@
-"""Our model files: safetensors with the model config in the metadata (`save_model`), written atomically with the
-file mode the umask gives; and the strict state-dict check every loader reports mismatches with."""
+"""Our model files: safetensors with the model's FCMAEConfig in the metadata (`save_model`), written atomically
+with the file mode the umask gives; and the strict state-dict check every loader reports mismatches with."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import safetensors
 import safetensors.torch
@@ -15,24 +14,7 @@ from torch import nn
 
 from .output import explain_write_error, file_mode
 
-__all__ = [
-    "MODEL_FORMAT", "save_model", "write_safetensors", "read_model_file", "model_metadata", "config_from_metadata",
-    "load_state_dict_strict", "format_keys",
-]
-
-MODEL_FORMAT = "fcmae"
-
-
-def model_metadata(model: nn.Module) -> dict[str, str]:
-    """What every FCMAE model file records: the format and the model's config (as JSON)."""
-    return {"format": MODEL_FORMAT, "config": json.dumps(model.config)}
-
-
-def config_from_metadata(metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    """The FCMAE config a model file records, or None for a file without one."""
-    if metadata.get("format") != MODEL_FORMAT or "config" not in metadata:
-        return None
-    return json.loads(metadata["config"])
+__all__ = ["save_model", "write_safetensors", "read_model_file", "load_state_dict_strict", "format_keys"]
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -40,7 +22,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
 
     The write is atomic: a crash mid-save leaves any earlier file at `path` intact.
     """
-    write_safetensors(model.state_dict(), path, {**model_metadata(model), **(metadata or {})})
+    write_safetensors(model.state_dict(), path, {**model.config.to_metadata(), **(metadata or {})})
 
 
 def write_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:

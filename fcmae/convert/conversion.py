@@ -23,6 +23,7 @@ from ..checkpoints import detect_layout, format_keys, load, load_state_dict_stri
 from ..checkpoints.layouts import strip_wrappers
 from ..checkpoints.torch_file import unwrap_state
 from ..fcmae import FCMAE
+from ..model_config import FCMAEConfig
 from ..models import MODEL_SIZES
 from .key_rules import to_fcmae_names
 from .shapes import csv, decoder_shape, infer_decoder, infer_encoder, model_name, settings_hints
@@ -134,6 +135,7 @@ def convert(
         loaded = load(source)
         state, metadata, layout, where = loaded.state, loaded.metadata, loaded.layout, str(source)
         recorded = loaded.model_config  # a model file's config, or a pretraining checkpoint's run config
+        recorded = recorded.to_dict() if recorded is not None else None
     state, origin = to_fcmae_names(state, layout, where)
 
     depths, dims = infer_encoder(state, where)
@@ -160,8 +162,8 @@ def convert(
     else:
         fcmae_model = _finish_fcmae(state, origin, config, head, found_decoder is not None, strict, drop_head,
                                     where, notes)
-        result = Conversion(fcmae_model.state_dict(), to, layout, name, fcmae_model.config, where, model=fcmae_model,
-                            notes=notes)
+        result = Conversion(fcmae_model.state_dict(), to, layout, name, fcmae_model.config.to_dict(), where,
+                            model=fcmae_model, notes=notes)
     for note in notes:
         log.info(note)
     return result
@@ -188,7 +190,7 @@ def _finish_timm(state: StateDict, origin: dict[str, str], config: dict[str, Any
     if decoder:
         notes.append(f"dropped the decoder ({len(decoder)} tensors): a timm model has none")
     with torch.device("meta"):
-        reference = FCMAE(**config)
+        reference = FCMAE(FCMAEConfig.from_dict(config))
     encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     load_state_dict_strict(reference.encoder, _meta_copy(encoder), source=f"{where} ({config['name']} encoder)")
 
@@ -230,7 +232,7 @@ def _finish_fcmae(state: StateDict, origin: dict[str, str], config: dict[str, An
         notes.append(f"dropped the classifier head ({format_keys([origin[k] for k in head])})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = FCMAE(**config)
+        model = FCMAE(FCMAEConfig.from_dict(config))
     weights = {k: v for k, v in state.items() if not k.startswith("head.")}
     fresh = {k: v for k, v in model.state_dict().items() if k.startswith("decoder.") and k not in weights}
     if not has_decoder:

@@ -1,0 +1,190 @@
+"""FCMAEConfig: the one description of an FCMAE model, and the ConvNeXt V2 sizes it names.
+
+Built once, validated once (in `__post_init__`, a one-line ConfigError per problem), frozen afterwards. The model
+(`FCMAE(config)`), `create_model`, the training configs (`PretrainConfig.model`), every model file's metadata
+(`to_metadata` / `from_metadata`) and the loaders all use this one object:
+
+    config = FCMAEConfig("atto", img_size=96, mask_ratio=0.75)
+    model = FCMAE(config)                       # or fcmae.create_model("atto", img_size=96, mask_ratio=0.75)
+    model.config.mask_ratio                     # 0.75
+    FCMAEConfig.from_metadata(safetensors_metadata) == config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .encoder import BACKENDS
+from .errors import ConfigError
+from .fields import check_names, coerce
+from .initialization import INIT_SCHEMES
+from .masking import grid_size, kept_per_sample
+
+__all__ = ["FCMAEConfig", "MODEL_SIZES", "MODEL_FORMAT", "list_models", "resolve_name"]
+
+# name: (depths, dims), from the ConvNeXt V2 paper; the names are timm's.
+MODEL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "convnextv2_atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "convnextv2_femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "convnextv2_pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "convnextv2_nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "convnextv2_tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "convnextv2_base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "convnextv2_large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "convnextv2_huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+CUSTOM = "custom"
+MODEL_FORMAT = "fcmae"  # the "format" entry of a model file's metadata
+STEM_STRIDE = 4
+
+
+def list_models() -> list[str]:
+    """The model names `create_model` accepts (short forms such as "atto" work too)."""
+    return list(MODEL_SIZES)
+
+
+def resolve_name(name: str) -> str:
+    """'atto' or 'convnextv2_atto' -> 'convnextv2_atto'; ConfigError for an unknown name."""
+    if not isinstance(name, str):
+        raise ConfigError(f"model name must be a string such as 'convnextv2_atto', got {name!r}")
+    full = name if name.startswith("convnextv2_") else f"convnextv2_{name}"
+    if full not in MODEL_SIZES:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_SIZES)} (or custom with depths "
+                          "and dims)")
+    return full
+
+
+@dataclass(frozen=True)
+class FCMAEConfig:
+    """An FCMAE model: encoder size, input, masking, decoder, loss, backend and init."""
+
+    name: str = "convnextv2_atto"  # a ConvNeXt V2 size (atto ... huge), or custom (then give depths and dims)
+    depths: tuple[int, ...] = ()  # encoder blocks per stage; empty: the named size's
+    dims: tuple[int, ...] = ()  # encoder channels per stage; empty: the named size's
+    img_size: tuple[int, int] = (224, 224)  # nominal input H W (one int: square), multiples of patch_size
+    patch_size: int = 32  # side of a mask patch in pixels: the encoder's total stride
+    in_chans: int = 3  # input channels: 3 for RGB, 1 for grayscale, 4 for RGB + near infrared, ...
+    mask_ratio: float = 0.6  # fraction of the patches removed from each image
+    decoder_depth: int = 1  # ConvNeXt V2 blocks in the decoder
+    decoder_embed_dim: int = 512  # decoder width
+    norm_pix_loss: bool = True  # normalize each target patch by its own mean and variance
+    drop_path_rate: float = 0.0  # encoder stochastic depth at the last block (rising linearly from 0)
+    backend: str = "sparse"  # encoder backend: sparse, dense (masked-dense reference), minkowski, minkowski-official
+    init: str = "timm"  # weight init: timm (std 0.02) or official (the official FCMAE re-init, std 1)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # types first: a YAML string or a list becomes what the field holds
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name), _hints()[f.name]))
+        if self.name == CUSTOM:
+            if not self.depths or not self.dims:
+                raise ConfigError("a custom model needs depths and dims, e.g. depths (2, 2, 6, 2) dims (40, 80, 160, "
+                                  "320)")
+        else:
+            object.__setattr__(self, "name", resolve_name(self.name))
+            depths, dims = MODEL_SIZES[self.name]
+            object.__setattr__(self, "depths", self.depths or depths)
+            object.__setattr__(self, "dims", self.dims or dims)
+        self._validate()
+
+    def _validate(self) -> None:
+        depths, dims = self.depths, self.dims
+        if len(depths) != len(dims) or min(depths) < 1 or min(dims) < 1:
+            raise ConfigError(f"depths {list(depths)} and dims {list(dims)} must be positive and of equal length")
+        stride = STEM_STRIDE * 2 ** (len(depths) - 1)
+        if self.patch_size != stride:
+            raise ConfigError(f"patch_size must equal the encoder's total stride {stride} ({len(depths)} stages), "
+                              f"got {self.patch_size}")
+        if self.in_chans < 1:
+            raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
+        try:
+            grid_size(self.img_size, self.patch_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        kept = self.kept_patches
+        if kept == 0 or kept == self.num_patches:
+            height, width = self.img_size
+            raise ConfigError(
+                f"mask_ratio {self.mask_ratio} on a {height}x{width} input keeps {kept} of its {self.num_patches} "
+                f"patches of {self.patch_size} px: the encoder would see "
+                f"{'nothing' if kept == 0 else 'everything and the loss be 0'}; change the input size or mask ratio"
+            )
+        if self.decoder_depth < 0 or self.decoder_embed_dim < 1:
+            raise ConfigError(f"decoder_depth must be >= 0 and decoder_embed_dim >= 1, got {self.decoder_depth} and "
+                              f"{self.decoder_embed_dim}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        # MinkowskiEngine itself is imported only when the backend runs (or a training run asks for it), so a
+        # model file written with it loads anywhere.
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.init not in INIT_SCHEMES:
+            raise ConfigError(f"unknown init {self.init!r}; choose one of {', '.join(INIT_SCHEMES)}")
+
+    # Derived sizes ------------------------------------------------------------------------------------------
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(gh, gw): the patch grid of img_size."""
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def kept_patches(self) -> int:
+        """Patches each image keeps at img_size (the official int(L * (1 - mask_ratio)))."""
+        return kept_per_sample(self.num_patches, self.mask_ratio)
+
+    # Conversions --------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON / YAML values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "the model config") -> FCMAEConfig:
+        """A config from a mapping of field names; an unknown name fails with a "did you mean" naming `source`."""
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        check_names(values, [f.name for f in dataclasses.fields(cls)], "key", source)
+        return cls(**values)
+
+    def to_metadata(self) -> dict[str, str]:
+        """What every model file stores about its model: {"format": "fcmae", "config": JSON of to_dict()}."""
+        return {"format": MODEL_FORMAT, "config": json.dumps(self.to_dict())}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> FCMAEConfig | None:
+        """The config a model file's metadata holds; None if it holds none (not an fcmae model file).
+
+        Files written before FCMAEConfig existed hold the same JSON, without in_chans (3, which they all are).
+        """
+        if metadata.get("format") != MODEL_FORMAT or "config" not in metadata:
+            return None
+        try:
+            values = json.loads(metadata["config"])
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"the file's fcmae model config is not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"the file's fcmae model config is not a mapping: {metadata['config'][:80]}")
+        return cls.from_dict(values, source="the file's model config")
+
+    def replace(self, **changes: Any) -> FCMAEConfig:
+        """A copy with `changes`, validated. A new name brings its own depths and dims unless they are given (or
+        this config's were not the old name's)."""
+        check_names(changes, [f.name for f in dataclasses.fields(self)], "key", "FCMAEConfig.replace")
+        if "name" in changes and self.name in MODEL_SIZES and (self.depths, self.dims) == MODEL_SIZES[self.name]:
+            changes = {"depths": (), "dims": (), **changes}
+        return dataclasses.replace(self, **changes)
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(FCMAEConfig)
