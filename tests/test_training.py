@@ -127,11 +127,16 @@ def test_an_all_warmup_run_warns_once_and_progress_can_be_turned_off(photos, tmp
     assert "train:" not in capsys.readouterr().err
 
 
-def test_unreadable_file_warnings_do_not_repeat_every_epoch(photos, tmp_path, capfd):
+def test_unreadable_file_warnings_do_not_repeat_every_epoch(photos, tmp_path):
+    """Workers start afresh each epoch; their warning about a file shows in the first only. (A process of its own:
+    pytest records the warnings of the workers it forks instead of printing them.)"""
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 garbage")
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "run"), "--epochs", "3",
-                       "--num-workers", "1"]) == 0
-    assert capfd.readouterr().err.count("skipping unreadable image") == 1
+    result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *FAST, "--data-path", str(photos),
+                             "--output-dir", str(tmp_path / "run"), "--epochs", "4", "--num-workers", "1"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # One from the first epoch's worker, and at most one from the main process drawing the grid images.
+    assert 1 <= result.stderr.count("skipping unreadable image") <= 2, result.stderr
 
 
 def test_the_loop_reads_nothing_from_the_device_per_micro_batch(photos, tmp_path, monkeypatch):
