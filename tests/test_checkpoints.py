@@ -38,7 +38,22 @@ def test_load_recognizes_every_input_kind(tmp_path):
     (step / "trainer_state.json").write_text('{"step": 2}')
     (step / "config.yaml").write_text("model: convnextv2_atto\nmask_ratio: 0.6\n")
 
-    expected = {"model.safetensors": ("model file", "fcmae"), "me.pth": ("torch file", "official-me"),
+    for name in ("pre", "old"):  # a run folder: its model file (the old name too) and config.yaml
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("model: convnextv2_atto\nmask_ratio: 0.6\n")
+    fcmae.save_model(model, tmp_path / "pre" / "fcmae_model.safetensors")
+    fcmae.save_model(model, tmp_path / "old" / "model.safetensors")
+    (tmp_path / "exported").mkdir()  # what fcmae-convert --to timm writes into a folder
+    safetensors.torch.save_file(timm_state, str(tmp_path / "exported" / "model.safetensors"))
+    (tmp_path / "exported" / "config.json").write_text('{"architecture": "convnextv2_atto", "num_classes": 0}')
+    (tmp_path / "hf").mkdir()
+    safetensors.torch.save_file(timm_state, str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "convnextv2"}')
+    with pytest.raises(ValueError, match="is a transformers folder: load it with transformers"):
+        fcmae.load(tmp_path / "hf")
+
+    expected = {"model.safetensors": ("model file", "fcmae"), "pre": ("run folder", "fcmae"),
+                "old": ("run folder", "fcmae"), "exported": ("timm folder", "timm"), "me.pth": ("torch file", "official-me"),
                 "dense.pt": ("torch file", "official-dense"), "timm_ddp.pth": ("torch file", "timm"),
                 "timm.safetensors": ("safetensors weights", "timm"),
                 "run/checkpoints/step_00000002": ("training-state folder", "fcmae")}

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from safetensors.torch import load_file
 from torch import nn
 
+from ..errors import UserError
 from . import names
 from .model_file import write_safetensors
 from .output import OutputError, explain_write_error, file_mode
@@ -30,7 +31,7 @@ from .output import OutputError, explain_write_error, file_mode
 __all__ = ["Position", "CheckpointStore", "find_checkpoint", "ResumeError"]
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A checkpoint cannot be resumed by this run; the message names the file or setting and the fix."""
 
 
