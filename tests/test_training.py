@@ -220,3 +220,19 @@ def test_a_data_error_under_two_processes_ends_every_rank_with_one_line(tmp_path
     assert ranks.count(f"error: data path not found or not a folder: {tmp_path / 'nowhere'}") == 2, ranks
     assert "gloo" not in ranks.lower() and "Traceback" not in ranks, ranks
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_has_a_progress_bar(capsys):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from fcmae.evaluation import evaluate
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    batches = [{"image": torch.randn(4, 3, 2, 2), "label": torch.arange(4) % 3, "readable": torch.ones(4, dtype=bool)}
+               for _ in range(3)]
+    try:
+        result = evaluate(model, batches, Accelerator(cpu=True), progress=True)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert result["images"] == 12 and "eval:   0%|          | 0/3" in capsys.readouterr().err
