@@ -27,12 +27,12 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fcmae.checkpoints import load, load_state_dict_strict, names, write_safetensors
 from fcmae.config import ConfigError, FinetuneConfig, from_dict, load_yaml, parse_config
 from fcmae.data import DataError, ImageFiles, find_labeled_images, resolve_data_path
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
-from fcmae.checkpoints import load, load_state_dict_strict, names, write_safetensors
 from fcmae.training import Run, main_process_first, processes_without_gpu, quiet_worker, run_cli
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         hint = " (the demo starts from: python pretrain.py --config configs/pretrain/digits.yaml)" if (
             "digits-pretrain" in config.finetune) else ""
         raise FileNotFoundError(f"--finetune checkpoint not found: {config.finetune}{hint}")
-    run = Run(config, project="fcmae-finetune", step_log="train_log.jsonl")
+    run = Run(config, project="fcmae-finetune", step_log=names.TRAIN_LOG)
     # "digits:FOLDER" is written once, by the main process; an error there ends every process with its message
     train_set, val_set, classes = run.main_process_first(lambda: datasets(config))
     model = build_model(config, len(classes), run.print)
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if ema is not None and config.model_ema_eval:
             candidates["ema"] = (ema.module, evaluate(ema.module, val_loader, run.accelerator, run.show_progress))
             record.update(ema_acc1=candidates["ema"][1]["acc1"], ema_acc5=candidates["ema"][1]["acc5"])
-        run.write_record(record, run.output_dir / "metrics.jsonl")
+        run.write_record(record, run.output_dir / names.METRICS)
         which, (best_model, result) = max(candidates.items(), key=lambda item: item[1][1]["acc1"])
         run.print(f"epoch {epoch}: train_loss {record['train_loss']:.4f} val_acc1 {record['val_acc1']:.2f}"
                   + (f" ema_acc1 {record['ema_acc1']:.2f}" if "ema_acc1" in record else ""))

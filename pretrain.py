@@ -19,9 +19,9 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader
 
 import fcmae
+from fcmae.checkpoints import names
 from fcmae.config import PretrainConfig, parse_config
 from fcmae.data import pretrain_dataset
-from fcmae.checkpoints import names
 from fcmae.training import Run, quiet_worker, run_cli
 from fcmae.visualize import sample_indices, save_reconstructions
 
