@@ -1,8 +1,8 @@
 """Fine-tune (or linearly probe) a dense timm ConvNeXt V2 on an ImageFolder dataset, with the paper's recipe.
 
     accelerate launch finetune.py --config configs/finetune/convnextv2_base.yaml --data-path /data/imagenet \
-        --finetune output/pretrain/model.safetensors
-    accelerate launch finetune.py --eval --resume output/finetune/model.safetensors --data-path /data/imagenet
+        --finetune output/pretrain/fcmae_model.safetensors
+    accelerate launch finetune.py --eval --resume output/finetune/classifier.safetensors --data-path /data/imagenet
     python finetune.py                                   # the demo: digits, from the pretrain demo's weights
     python finetune.py --config configs/finetune/demo.yaml --epochs 2   # the demo, with overrides
 
@@ -27,13 +27,13 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fcmae.checkpoints import load, load_state_dict_strict, names, write_safetensors
 from fcmae.config import ConfigError, FinetuneConfig, from_dict, load_yaml, parse_config
 from fcmae.data import DataError, ImageFiles, find_labeled_images, resolve_data_path
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
-from fcmae.models import load_state_dict_strict, read_model_file, write_safetensors
-from fcmae.training import Run, processes_without_gpu, run_cli
+from fcmae.training import Run, main_process_first, processes_without_gpu, quiet_worker, run_cli
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
 EVAL_SETTINGS = ("input_size", "crop_pct", "interpolation")  # what --eval takes from the model it evaluates
@@ -100,16 +100,19 @@ def eval_transform(config: FinetuneConfig):
 # Model ----------------------------------------------------------------------------------------------------------
 
 
-def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
-    """timm's ConvNeXt V2 with a fresh classifier, its encoder from config.finetune if given."""
+def build_model(config: FinetuneConfig, num_classes: int, say=print) -> nn.Module:
+    """timm's ConvNeXt V2 with a fresh classifier, its encoder from config.finetune if given (any input
+    `fcmae.load` reads); `say` gets the converter's notes (what was detected, dropped or inferred)."""
     drop_path = 0.0 if config.linear_probe else config.drop_path
     model = timm.create_model(config.model, num_classes=num_classes, drop_path_rate=drop_path,
                               head_init_scale=config.head_init_scale, in_chans=config.in_chans)
     if config.finetune:
-        from fcmae.convert import to_timm
+        from fcmae.convert import convert
 
-        state = to_timm(config.finetune, model=config.model, drop_head=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        result = convert(config.finetune, "timm", model=config.model, drop_head=True)
+        for note in result.notes:
+            say(f"--finetune: {note}")
+        missing, unexpected = model.load_state_dict(result.state, strict=False)
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:
             raise ValueError(f"{config.finetune} does not fit {config.model}: missing {missing[:5]}, "
@@ -120,13 +123,16 @@ def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
 
 
 def load_for_eval(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict]:
-    """The model named by --resume: a model file written by finetune.py (timm layout) or a checkpoint folder."""
-    path = Path(config.resume)
-    file = path / "model.safetensors" if path.is_dir() else path
-    state, metadata = read_model_file(file)
-    if any(key.startswith(("encoder.", "decoder.")) for key in state):
+    """The model named by --resume: finetune.py's classifier file, its run folder or a training-state folder, or
+    any other timm-layout weights `fcmae.load` reads."""
+    loaded = load(config.resume)
+    state, metadata, file = loaded.state, loaded.metadata, loaded.file
+    if loaded.layout == "fcmae":
         raise ConfigError(f"{file} is an FCMAE pretraining model, not a classifier: fine-tune it with "
                           f"--finetune {config.resume}, then evaluate the result")
+    if loaded.layout != "timm":
+        raise ConfigError(f"{file} holds {loaded.layout} weights; convert them first: fcmae-convert {file} "
+                          "classifier.safetensors --to timm")
     if metadata.get("model", config.model) != config.model:
         raise ConfigError(f"{file} holds a {metadata['model']}; pass --model {metadata['model']}")
     model = timm.create_model(config.model, num_classes=num_classes, in_chans=config.in_chans)
@@ -158,19 +164,16 @@ def optimizer_for(model: nn.Module, config: FinetuneConfig, lr: float) -> torch.
 def saved_eval_settings(resume: str) -> dict:
     """input_size, crop_pct and interpolation the model named by --resume was evaluated with when it was saved:
     from the model file's metadata, else from the config.yaml of its run or checkpoint folder ({} if neither)."""
-    path = Path(resume)
-    file = path / "model.safetensors" if path.is_dir() else path
     try:
-        _, metadata = read_model_file(file)
+        loaded = load(resume)
     except (OSError, ValueError):
         return {}  # load_for_eval reports it
-    if all(key in metadata for key in EVAL_SETTINGS):
-        return {key: json.loads(metadata[key]) for key in EVAL_SETTINGS}
-    for folder in (path, file.parent) if path.is_dir() else (file.parent,):
-        if (folder / "config.yaml").is_file():
-            saved = load_yaml(folder / "config.yaml")
-            return {key: saved[key] for key in EVAL_SETTINGS if key in saved}
-    return {}
+    if all(key in loaded.metadata for key in EVAL_SETTINGS):
+        return {key: json.loads(loaded.metadata[key]) for key in EVAL_SETTINGS}
+    saved = loaded.run_config
+    if saved is None and (loaded.file.parent / names.RUN_CONFIG).is_file():
+        saved = load_yaml(loaded.file.parent / names.RUN_CONFIG)
+    return {key: saved[key] for key in EVAL_SETTINGS if key in saved} if saved else {}
 
 
 def evaluate_only(config: FinetuneConfig) -> dict:
@@ -184,12 +187,11 @@ def evaluate_only(config: FinetuneConfig) -> dict:
     accelerator = Accelerator(cpu=processes_without_gpu())
     accelerator.print("eval at " + ", ".join(f"{k} {getattr(config, k)}" + (" (saved with the model)" if k in saved
                                                                             else "") for k in EVAL_SETTINGS))
-    with accelerator.main_process_first():
-        _, val_set, classes = datasets(config)
+    _, val_set, classes = main_process_first(accelerator, lambda: datasets(config))
     model, metadata = load_for_eval(config, len(classes))
     loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
     model, loader = accelerator.prepare(model, loader)
-    result = evaluate(model, loader, accelerator)
+    result = evaluate(model, loader, accelerator, progress=config.progress and sys.stdout.isatty())
     recorded = f" (recorded when saved: {float(metadata['val_acc1']):.2f})" if "val_acc1" in metadata else ""
     accelerator.print(f"{config.resume}: val_acc1 {result['acc1']:.2f} val_acc5 {result['acc5']:.2f} on "
                       f"{result['images']} images{recorded}")
@@ -209,16 +211,17 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         hint = " (the demo starts from: python pretrain.py --config configs/pretrain/digits.yaml)" if (
             "digits-pretrain" in config.finetune) else ""
         raise FileNotFoundError(f"--finetune checkpoint not found: {config.finetune}{hint}")
-    run = Run(config, project="fcmae-finetune", step_log="train_log.jsonl")
-    with run.accelerator.main_process_first():  # "digits:FOLDER" is written once, by the main process
-        train_set, val_set, classes = datasets(config)
+    run = Run(config, project="fcmae-finetune", step_log=names.TRAIN_LOG)
+    # "digits:FOLDER" is written once, by the main process; an error there ends every process with its message
+    train_set, val_set, classes = run.main_process_first(lambda: datasets(config))
     config.check_data_channels(train_set[0]["image"].shape[0])
-    model = build_model(config, len(classes))
+    model = build_model(config, len(classes), run.print)
     run.plan_batches(len(train_set))
     lr = run.base_lr()
     optimizer = optimizer_for(model, config, lr)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                              num_workers=config.num_workers, pin_memory=torch.cuda.is_available())
+                              num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
+                              worker_init_fn=quiet_worker)
     val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
     model, optimizer, train_loader = run.prepare(model, optimizer, train_loader)
     val_loader = run.accelerator.prepare(val_loader)
@@ -257,22 +260,22 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         epoch_loss.zero_()
         record = {"step": run.step, "epoch": epoch, "train_loss": float(sums[0] / sums[1].clamp_min(1)),
                   "lr": max(group["lr"] for group in optimizer.param_groups)}
-        candidates = {"raw": (run.unwrapped_model, evaluate(model, val_loader, run.accelerator))}
+        candidates = {"raw": (run.unwrapped_model, evaluate(model, val_loader, run.accelerator, run.show_progress))}
         record.update(val_acc1=candidates["raw"][1]["acc1"], val_acc5=candidates["raw"][1]["acc5"])
         if ema is not None and config.model_ema_eval:
-            candidates["ema"] = (ema.module, evaluate(ema.module, val_loader, run.accelerator))
+            candidates["ema"] = (ema.module, evaluate(ema.module, val_loader, run.accelerator, run.show_progress))
             record.update(ema_acc1=candidates["ema"][1]["acc1"], ema_acc5=candidates["ema"][1]["acc5"])
-        run.write_record(record, run.output_dir / "metrics.jsonl")
+        run.write_record(record, run.output_dir / names.METRICS)
         which, (best_model, result) = max(candidates.items(), key=lambda item: item[1][1]["acc1"])
         run.print(f"epoch {epoch}: train_loss {record['train_loss']:.4f} val_acc1 {record['val_acc1']:.2f}"
                   + (f" ema_acc1 {record['ema_acc1']:.2f}" if "ema_acc1" in record else ""))
         if result["acc1"] > run.info.get("best_acc1", -1.0):
             run.info.update(best_acc1=result["acc1"], best_epoch=epoch, best_weights=which)
             if run.is_main:
-                save_best(best_model, config, classes, which, epoch, result, run.output_dir / "model.safetensors")
+                save_best(best_model, config, classes, which, epoch, result, run.output_dir / names.CLASSIFIER)
 
     run.fit(step_fn, every_step=update_ema, on_epoch_end=end_of_epoch)
-    best = run.output_dir / "model.safetensors"
+    best = run.output_dir / names.CLASSIFIER
     where = best if best.is_file() else "not rewritten here (no epoch beat the resumed checkpoint's best)"
     run.print(f"best val_acc1 {run.info.get('best_acc1', float('nan')):.2f} ({run.info.get('best_weights')} "
               f"weights, epoch {run.info.get('best_epoch')}): {where}")

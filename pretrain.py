@@ -19,38 +19,43 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader
 
 import fcmae
+from fcmae.checkpoints import names
 from fcmae.config import PretrainConfig, parse_config
 from fcmae.data import pretrain_dataset, pretrain_sampler
-from fcmae.training import Run, run_cli
-from fcmae.visualize import save_reconstructions
+from fcmae.training import Run, quiet_worker, run_cli
+from fcmae.visualize import sample_indices, save_reconstructions
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 VIS_IMAGES = 8
 
 
-def build_model(config: PretrainConfig) -> fcmae.FCMAE:
-    """A fresh FCMAE model, or one whose weights come from config.init_from (not its training state)."""
+def build_model(config: PretrainConfig, say=print) -> fcmae.FCMAE:
+    """A fresh FCMAE model, or one whose weights come from config.init_from (not its training state), any input
+    `fcmae.load` reads; `say` gets the converter's notes (what was detected, dropped or freshly initialized)."""
     model = fcmae.FCMAE(config.model)
     if config.init_from:
-        from fcmae.convert import to_fcmae
+        from fcmae.convert import convert
 
-        state = to_fcmae(config.init_from, model=config.model.name, decoder_depth=config.model.decoder_depth,
+        result = convert(config.init_from, "fcmae", model=config.model.name, decoder_depth=config.model.decoder_depth,
                          decoder_embed_dim=config.model.decoder_embed_dim, drop_head=True)  # a fine-tuned model's head
-        fcmae.models.load_state_dict_strict(model, state, source=config.init_from)
+        for note in result.notes:
+            say(f"--init-from: {note}")
+        fcmae.checkpoints.load_state_dict_strict(model, result.state, source=config.init_from)
     return model
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(PretrainConfig, argv, description=__doc__, demo=DEMO_CONFIG)
     run = Run(config, project="fcmae-pretrain")
-    with run.accelerator.main_process_first():  # digits written, a folder indexed, shards counted: by one process
-        dataset = pretrain_dataset(config.data_path, config.image_size, config.seed)
+    # digits written, a folder indexed, shards counted: by the main process; an error there ends every process
+    # with its one-line message
+    dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed))
     sampler = pretrain_sampler(dataset, config.batch_size, run.accelerator.num_processes, config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
                         drop_last=True, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False)  # fresh workers each epoch see the epoch's seed
+                        persistent_workers=False, worker_init_fn=quiet_worker)  # fresh workers see the epoch's seed
     config.check_data_channels(dataset[0]["image"].shape[0])
-    model = build_model(config)
+    model = build_model(config, run.print)
     run.plan_batches(len(dataset))
     for module in model.modules():  # conv weights in the activations' channels-last format, as their grads are
         if isinstance(module, torch.nn.Conv2d):
@@ -65,19 +70,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.print(f"{config.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(dataset)} images\n{run.describe()}")
 
-    # Fixed images for the reconstruction grids: the first few, with their epoch-0 augmentation.
-    vis_images = torch.stack([dataset[i]["image"] for i in range(min(VIS_IMAGES, len(dataset)))])
+    # Fixed images for the reconstruction grids: drawn at random with the run's seed, epoch-0 augmentation.
+    vis_images = torch.stack([dataset[i]["image"] for i in sample_indices(VIS_IMAGES, len(dataset), config.seed)])
 
     def visualize(step: int) -> None:
-        due = (config.vis_every and step % config.vis_every == 0) or step == run.total_steps
+        due = (config.vis_every and step % config.vis_every == 0) or run.at == run.total_steps
         if due and run.is_main:
-            model_ = run.unwrapped_model
             imgs = vis_images.to(run.accelerator.device)
             with run.accelerator.autocast():
-                save_reconstructions(model_, imgs, run.output_dir / "vis" / f"step_{step:08d}.png", seed=config.seed)
+                grid = save_reconstructions(run.unwrapped_model, imgs, run.output_dir / names.VIS /
+                                            f"step_{step:08d}.png", seed=config.seed)
+            if "tensorboard" in config.log_with:
+                run.accelerator.get_tracker("tensorboard", unwrap=True).add_image("reconstructions", grid, step)
 
     def save_model_file(checkpoint: Path) -> None:
-        fcmae.save_model(run.unwrapped_model, run.output_dir / "model.safetensors",
+        fcmae.save_model(run.unwrapped_model, run.output_dir / names.PRETRAINED_MODEL,
                          {"step": str(run.step), "checkpoint": checkpoint.name})
 
     def step_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -85,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return loss, batch["image"].shape[0]
 
     run.fit(step_fn, every_step=visualize, on_save=save_model_file)
-    run.print(f"done: {run.output_dir / 'model.safetensors'}, metrics in {run.metrics_path}")
+    run.print(f"done: {run.output_dir / names.PRETRAINED_MODEL}, metrics in {run.metrics_path}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ pretraining. Crops vary in size (so in scale) and are saved at 128 px: a 4x4 gri
 
 Each row runs the path a user takes:
   python pretrain.py --data-path DATA ...           (unlabeled: train/ only; skipped for random-init rows)
-  python -m fcmae.convert model.safetensors timm.safetensors --to timm
+  python -m fcmae.convert fcmae_model.safetensors timm.safetensors --to timm
   timm.create_model(..., pretrained_cfg_overlay=dict(file=timm.safetensors)) -> global-average-pooled stage-4
   features -> standardized with the train statistics -> logistic regression (linear probe, its C chosen by
   3-fold cross-validation on train) and kNN (k=20, cosine) on val/.
@@ -98,8 +98,8 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def pretrain(data: Path, out: Path, init: str, steps: int, args: argparse.Namespace) -> Path:
-    """python pretrain.py on data/train; returns its model.safetensors."""
-    if not (out / "model.safetensors").is_file():
+    """python pretrain.py on data/train; returns its fcmae_model.safetensors."""
+    if not (out / "fcmae_model.safetensors").is_file():
         run([sys.executable, "pretrain.py", "--data-path", str(data), "--output-dir", str(out), "--model",
              args.model, "--input-size", str(CROP), "--batch-size", str(args.batch_size), "--max-steps", str(steps),
              "--warmup-steps", str(max(steps // 10, 1)), "--lr", str(args.lr), "--mask-ratio", str(args.mask_ratio),
@@ -107,12 +107,12 @@ def pretrain(data: Path, out: Path, init: str, steps: int, args: argparse.Namesp
              "--norm-pix-loss" if args.norm_pix_loss else "--no-norm-pix-loss", "--seed", str(args.seed),
              "--num-workers", str(args.num_workers), "--save-every", str(steps), "--log-every", "25"],
             out.with_suffix(".log"))
-    return out / "model.safetensors"
+    return out / "fcmae_model.safetensors"
 
 
 def random_model(out: Path, init: str, seed: int, model: str) -> Path:
     """A freshly initialized FCMAE model file, as pretrain.py would start from it."""
-    path = out / "model.safetensors"
+    path = out / "fcmae_model.safetensors"
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)

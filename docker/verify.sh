@@ -137,7 +137,7 @@ say "run: 5-step demo pretraining, 2 processes under accelerate launch"
 in_image accelerate launch --multi_gpu --num_processes 2 pretrain.py --config configs/demo.yaml --max-steps 5 --warmup-steps 1 --log-every 1 \
     || fail "demo pretraining"
 say "run: conversion to timm"
-in_image fcmae-convert output/demo/model.safetensors output/demo/atto_timm.safetensors --to timm \
+in_image fcmae-convert output/demo/fcmae_model.safetensors output/demo/atto_timm.safetensors --to timm \
     || fail "fcmae-convert"
 say "run: 1-epoch fine-tune on the digits"
 in_image python finetune.py --config configs/finetune/demo.yaml --epochs 1 --finetune output/demo/atto_timm.safetensors || fail "fine-tuning"
@@ -153,7 +153,7 @@ assert len(losses) == 5 and losses[-1] < losses[0], f"pretraining loss did not f
 record = [json.loads(line) for line in open("output/finetune-demo/metrics.jsonl")][-1]
 assert record["val_acc1"] > 20.0, f"fine-tune top-1 not above twice chance (10%): {record}"
 model = timm.create_model("convnextv2_atto", num_classes=10)
-model.load_state_dict(safetensors.torch.load_file("output/finetune-demo/model.safetensors"))  # strict
+model.load_state_dict(safetensors.torch.load_file("output/finetune-demo/classifier.safetensors"))  # strict
 owners = {os.stat(os.path.join(d, f)).st_uid for d, _, fs in os.walk("output") for f in fs}
 assert owners == {os.getuid()}, f"outputs owned by {owners}"
 print(f"pretraining loss {losses[0]:.4f} -> {losses[-1]:.4f}; fine-tune top-1 {record['val_acc1']:.2f}% "

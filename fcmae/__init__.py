@@ -5,16 +5,18 @@ import importlib
 from .encoder import SparseConvNeXtV2
 from .fcmae import FCMAE
 from .masking import random_mask
+from .checkpoints import load, load_model, save_model
 from .model_config import FCMAEConfig
-from .models import create_model, list_models, load_model, save_model
+from .models import create_model, list_models
 
 __all__ = [
-    "FCMAE", "FCMAEConfig", "SparseConvNeXtV2", "create_model", "list_models", "load_model", "save_model",
+    "FCMAE", "FCMAEConfig", "SparseConvNeXtV2", "create_model", "list_models", "load", "load_model", "save_model",
     "random_mask",
 ]
 __version__ = "0.1.0"
 
-_SUBMODULES = ("convert", "visualize", "data", "config", "training", "layer_decay", "evaluation", "linear_probe")
+_SUBMODULES = ("convert", "visualize", "data", "config", "training", "layer_decay", "evaluation", "linear_probe",
+               "checkpoints")
 
 
 def __getattr__(name: str):

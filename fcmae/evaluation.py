@@ -5,23 +5,26 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = ["evaluate"]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, accelerator: Accelerator, progress: bool = False) -> dict[str, float]:
     """Accuracies in percent and the image count, over the whole (sharded) loader.
 
     Accelerate pads the last batches so that every process gets one; `gather_for_metrics` drops those
     duplicates, so each image of the dataset is counted once whatever the number of processes. Unreadable files
-    (`readable` False, see fcmae.data.ImageFiles) are left out of every count.
+    (`readable` False, see fcmae.data.ImageFiles) are left out of every count. `progress`: a progress bar (on the
+    main process).
     """
     was_training = model.training
     model.eval()
     correct1 = correct5 = total = 0
     loss_sum = 0.0
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
+                      disable=not (progress and accelerator.is_main_process)):
         with accelerator.autocast():
             logits = model(batch["image"])
         k = min(5, logits.shape[1])

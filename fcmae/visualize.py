@@ -1,10 +1,11 @@
 """Reconstruction grids: what the model sees and what it fills in.
 
-Each row shows one image: the original, the masked input (removed patches in gray), the reconstruction, and
-the reconstruction with the visible patches pasted back. With norm_pix_loss the model predicts each patch
-normalized by its own mean and variance, so the prediction is mapped back with the target patch's statistics.
+Each row shows one image, in labeled columns: the original; the masked input (removed patches in gray); the
+reconstruction, which with norm_pix_loss is mapped back with each hidden patch's true mean and std (the hidden
+pixels lend it brightness and contrast, so it flatters the model); the same with the true pixels pasted at the
+visible positions; and the prediction alone, each patch stretched on its own, borrowing nothing from hidden pixels.
 
-    python -m fcmae.visualize --checkpoint output/model.safetensors --images DIR --out grid.png
+    python -m fcmae.visualize --checkpoint output/fcmae_model.safetensors --images DIR --out grid.png
 """
 
 from __future__ import annotations
@@ -13,65 +14,133 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from .config import OneLineArgumentParser, PretrainConfig, from_dict, load_yaml
+from .checkpoints import load_model
+from .config import OneLineArgumentParser
 from .data import DataError, eval_transform, find_images, load_rgb
 from .fcmae import FCMAE
 from .masking import grid_size
-from .models import load_model, load_state_dict_strict, read_model_file
 
-__all__ = ["reconstruct", "reconstruction_grid", "save_reconstructions", "main"]
+__all__ = ["COLUMNS", "reconstruct", "reconstruction_grid", "draw_reconstructions", "save_reconstructions",
+           "sample_indices", "main"]
 
 
-def _denormalize(imgs: Tensor) -> Tensor:
-    mean = imgs.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = imgs.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    return (imgs * std + mean).clamp(0, 1)
+COLUMNS = ("original", "masked", "reconstruction (with the true patch mean/std)", "reconstruction + visible pasted",
+           "prediction alone (normalized, per patch)")
+
+
+def _preview(imgs: Tensor) -> Tensor:
+    """(N, C, H, W) normalized images -> (N, 3, H, W) in [0, 1] to look at: RGB un-normalized with ImageNet's
+    mean/std; one channel as gray; more than three as their first three (each image stretched to [0, 1])."""
+    if imgs.shape[1] == 3:
+        mean = imgs.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+        std = imgs.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+        return (imgs * std + mean).clamp(0, 1)
+    rgb = imgs[:, :3] if imgs.shape[1] > 3 else imgs.expand(-1, 3, -1, -1)
+    low = rgb.amin(dim=(1, 2, 3), keepdim=True)
+    high = rgb.amax(dim=(1, 2, 3), keepdim=True)
+    return (rgb - low) / (high - low).clamp_min(1e-6)
 
 
 @torch.no_grad()
-def reconstruct(model: FCMAE, imgs: Tensor, mask: Tensor) -> Tensor:
-    """(N, 3, H, W) normalized images, (N, L) mask -> (N, 3, H, W) reconstruction in the same normalized space."""
+def reconstruct(model: FCMAE, imgs: Tensor, mask: Tensor, true_stats: bool = True) -> Tensor:
+    """(N, C, H, W) normalized images, (N, L) mask -> (N, C, H, W) reconstruction in the same normalized space.
+
+    With norm_pix_loss the model predicts each patch normalized by its own mean and variance. true_stats=True
+    maps it back with the target patch's statistics: the hidden pixels lend the reconstruction its brightness and
+    contrast, so even an untrained model looks fair. true_stats=False borrows nothing: each predicted patch is
+    stretched to the range of the visible pixels, which shows only what the model itself predicts.
+    """
     grid = model.encoder.check_input(imgs)
     _, pred, mask = model(imgs, mask)
     pred = pred.float()
-    if model.norm_pix_loss:  # undo the per-patch normalization with each target patch's own statistics
+    if model.norm_pix_loss and true_stats:
         target = model.patchify(imgs).float()
         pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    elif model.norm_pix_loss:  # per patch, min-max to the visible pixels' range: nothing from hidden ones
+        visible = model.patchify(imgs).float()[~mask.bool()]
+        low, high = (visible.min(), visible.max()) if visible.numel() else (imgs.min(), imgs.max())
+        p_low, p_high = pred.amin(dim=-1, keepdim=True), pred.amax(dim=-1, keepdim=True)
+        pred = low + (pred - p_low) / (p_high - p_low).clamp_min(1e-6) * (high - low)
     return model.unpatchify(pred, grid)
 
 
 @torch.no_grad()
-def reconstruction_grid(model: FCMAE, imgs: Tensor, mask: Tensor) -> Tensor:
-    """A (3, H', W') picture in [0, 1]: one row per image of original | masked | reconstruction | pasted."""
+def reconstruction_grid(model: FCMAE, imgs: Tensor, mask: Tensor, labels: bool = True) -> Tensor:
+    """A (3, H', W') picture in [0, 1]: one row per image, the COLUMNS under a header that names them.
+
+    Visible positions of the pasted column hold the true pixels; the masked column shows removed patches gray.
+    """
     was_training = model.training
     model.eval()
     recon = reconstruct(model, imgs, mask)
+    alone = reconstruct(model, imgs, mask, true_stats=False)
     model.train(was_training)
     grid = model.encoder.check_input(imgs)
     p = model.patch_size
     removed = mask.view(-1, 1, grid[0], 1, grid[1], 1).expand(-1, 1, -1, p, -1, p)
-    removed = removed.reshape(imgs.shape[0], 1, *imgs.shape[-2:]).to(imgs.dtype)
-    original, recon = _denormalize(imgs.float()), _denormalize(recon)
-    masked = original * (1 - removed) + 0.5 * removed
+    removed = removed.reshape(imgs.shape[0], 1, *imgs.shape[-2:]).float()
+    original = imgs.float()
     pasted = original * (1 - removed) + recon * removed
-    rows = torch.stack([original, masked, recon, pasted], dim=1).flatten(0, 1)  # (N * 4, 3, H, W)
-    return make_grid(rows.cpu(), nrow=4, padding=2, pad_value=1.0)
+    original, recon, pasted, alone = (_preview(x) for x in (original, recon, pasted, alone))
+    masked = original * (1 - removed) + 0.5 * removed
+    rows = torch.stack([original, masked, recon, pasted, alone], dim=1).flatten(0, 1)  # (N * 5, 3, H, W)
+    picture = make_grid(rows.cpu(), nrow=len(COLUMNS), padding=2, pad_value=1.0)
+    return _with_header(picture, imgs.shape[-1] + 2) if labels else picture
 
 
-def save_reconstructions(model: FCMAE, imgs: Tensor, path: str | Path, seed: int = 0) -> Path:
-    """Draw a reproducible mask (from `seed`), build the grid and write it as a PNG."""
+def _with_header(picture: Tensor, column: int) -> Tensor:
+    """The picture under a white strip naming each column (words wrapped to the column width)."""
+    font = ImageFont.load_default()
+    lines = [_wrap(name, font, column - 4) for name in COLUMNS]
+    line_height = font.getbbox("Ag")[3] + 2
+    header = Image.new("RGB", (picture.shape[-1], 4 + line_height * max(len(x) for x in lines)), "white")
+    draw = ImageDraw.Draw(header)
+    for c, text in enumerate(lines):
+        for i, line in enumerate(text):
+            draw.text((2 + c * column + 2, 2 + i * line_height), line, fill="black", font=font)
+    strip = torch.from_numpy(np.asarray(header).copy()).permute(2, 0, 1).float() / 255
+    return torch.cat([strip, picture], dim=1)
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if lines[-1] and font.getlength(candidate) > width:
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return lines
+
+
+def draw_reconstructions(model: FCMAE, imgs: Tensor, seed: int = 0) -> Tensor:
+    """The labeled grid for `imgs` under a reproducible mask drawn from `seed`: (3, H', W') in [0, 1]."""
     grid = model.encoder.check_input(imgs)
     generator = torch.Generator(imgs.device).manual_seed(seed)
     mask = model.random_masking(imgs.shape[0], grid, generator=generator, device=imgs.device)
+    return reconstruction_grid(model, imgs, mask)
+
+
+def save_reconstructions(model: FCMAE, imgs: Tensor, path: str | Path, seed: int = 0) -> Tensor:
+    """Draw the grid (`draw_reconstructions`) and write it as a PNG; returns the grid."""
+    picture = draw_reconstructions(model, imgs, seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(reconstruction_grid(model, imgs, mask), path)
-    return path
+    save_image(picture, path)
+    return picture
+
+
+def sample_indices(count: int, available: int, seed: int) -> list[int]:
+    """`count` distinct indices of `available`, drawn at random from `seed` (not the first files in order)."""
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:count].tolist())
 
 
 def load_images(paths: Sequence[Path], size: tuple[int, int]) -> Tensor:
@@ -88,37 +157,17 @@ def load_images(paths: Sequence[Path], size: tuple[int, int]) -> Tensor:
     return torch.stack(images)
 
 
-def load_any_model(checkpoint: Path, **overrides) -> FCMAE:
-    """An fcmae model file, a run folder (its model.safetensors), or a training checkpoint folder.
-
-    A checkpoint folder's model.safetensors is Accelerate's: bare weights, no model config. The config comes from
-    the run's config.yaml saved beside it.
-    """
-    if not checkpoint.is_dir():
-        return load_model(checkpoint, **overrides)
-    weights, run_config = checkpoint / "model.safetensors", checkpoint / "config.yaml"
-    if not (checkpoint / "trainer_state.json").is_file() or not run_config.is_file():
-        return load_model(weights, **overrides)
-    saved = load_yaml(run_config)
-    if not isinstance(saved.get("model"), dict) and "mask_ratio" not in saved:  # (flat: written before)
-        raise ValueError(f"{checkpoint} is a fine-tuning checkpoint, not an FCMAE pretraining one")
-    config = from_dict(PretrainConfig, saved)
-    model = FCMAE(config.model.replace(**overrides))
-    state, _ = read_model_file(weights)
-    load_state_dict_strict(model, state, source=str(weights))
-    return model
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="python -m fcmae.visualize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="an fcmae model file (model.safetensors), or a run or checkpoint folder holding one")
+                        help="an fcmae model file (fcmae_model.safetensors), a pretraining run folder, or one of its "
+                             "training-state folders (checkpoints/step_N)")
     parser.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
     parser.add_argument("--out", default="reconstructions.png", help="PNG to write")
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--input-size", type=int, nargs="+", default=None, help="H [W]; default: the model's")
     parser.add_argument("--mask-ratio", type=float, default=None, help="default: the model's")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mask and of the images sampled")
     try:
         args = parser.parse_args(argv)
         if args.num_images < 1:
@@ -128,18 +177,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if Path(args.out).is_dir() or Path(args.out).suffix.lower() != ".png":
             raise ValueError(f"--out must name a .png file, got {args.out}")
         overrides = {} if args.mask_ratio is None else {"mask_ratio": args.mask_ratio}
-        model = load_any_model(Path(args.checkpoint), **overrides).eval()
+        model = load_model(args.checkpoint, **overrides).eval()
         size = tuple(args.input_size * 2)[:2] if args.input_size else model.config.img_size
         grid_size(size, model.patch_size)
         source = Path(args.images)
-        paths = [source] if source.is_file() else find_images(source)[: args.num_images]
+        files = [source] if source.is_file() else find_images(source)
+        paths = [files[i] for i in sample_indices(args.num_images, len(files), args.seed)]
         imgs = load_images(paths, size)
         model.encoder.check_input(imgs)
-        out = save_reconstructions(model, imgs, args.out, seed=args.seed)
+        save_reconstructions(model, imgs, args.out, seed=args.seed)
     except (ValueError, OSError) as e:
+        from .training.cli import debugging, show_causes
+
+        if debugging():
+            show_causes(e)
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({len(imgs)} images, mask ratio {model.mask_ratio})")
+    print(f"wrote {args.out} ({len(imgs)} images, mask ratio {model.mask_ratio})")
     return 0
 
 

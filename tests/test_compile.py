@@ -98,7 +98,7 @@ def test_pretrain_with_compile_and_bf16_on_cpu(tmp_path, monkeypatch, capsys):
     assert "mixed precision bf16" in capsys.readouterr().out
     assert len(records(tmp_path / "run")) == 6 and all(r["loss"] > 0 for r in records(tmp_path / "run"))
     assert compiled.count(True) == 6  # every training step ran the graph (the reconstruction grid runs eager)
-    assert fcmae.load_model(tmp_path / "run" / "model.safetensors").config.backend == "sparse"
+    assert fcmae.load_model(tmp_path / "run" / "fcmae_model.safetensors").config.backend == "sparse"
 
 
 def test_fp16_without_cuda_is_a_one_line_error(tmp_path, capsys):

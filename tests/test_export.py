@@ -41,7 +41,7 @@ def runs(tmp_path_factory):
         folder.mkdir(parents=True, exist_ok=True)
         load_rgb(photo).save(folder / f"{i}.png")
     assert call(finetune.main, ["--model", "atto", "--data-path", str(tmp / "labeled"), "--finetune",
-                                str(tmp / "pre" / "model.safetensors"), "--output-dir", str(tmp / "ft"),
+                                str(tmp / "pre" / "fcmae_model.safetensors"), "--output-dir", str(tmp / "ft"),
                                 "--input-size", str(SIZE), "--batch-size", "4", "--max-steps", "2", "--num-workers",
                                 "0", "--mixup", "0", "--cutmix", "0", "--aa", "", "--reprob", "0",
                                 "--warmup-steps", "0", "--layer-decay", "0.9", "--layer-decay-type", "single"]) == 0
@@ -100,7 +100,7 @@ def check_transformers_equals_timm(folder, reference: torch.nn.Module, imgs: tor
 
 def test_transformers_from_a_pretraining_run_and_its_checkpoint(runs, tmp_path, capsys):
     run = runs / "pre"
-    printed = export(capsys, run / "model.safetensors", tmp_path / "hf", "--to", "transformers")
+    printed = export(capsys, run / "fcmae_model.safetensors", tmp_path / "hf", "--to", "transformers")
     assert "wrote a transformers folder" in printed and "no final LayerNorm in the input" in printed
     folder = tmp_path / "hf"
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
@@ -111,8 +111,8 @@ def test_transformers_from_a_pretraining_run_and_its_checkpoint(runs, tmp_path, 
 
     # Both classes load every key, and nothing else (num_labels 0: the classifier is an Identity).
     pictures, batch = images()
-    model = fcmae.load_model(run / "model.safetensors").eval()
-    reference = timm_reference(conv.to_timm(run / "model.safetensors"), 0)
+    model = fcmae.load_model(run / "fcmae_model.safetensors").eval()
+    reference = timm_reference(conv.to_timm(run / "fcmae_model.safetensors"), 0)
     hf = check_transformers_equals_timm(folder, reference, batch, 0)
     assert hf.layernorm.eps == 1e-6
     assert hf.encoder.stages[1].layers[0].grn.weight.shape == (1, 1, 1, 320)
@@ -144,7 +144,7 @@ def test_transformers_from_a_pretraining_run_and_its_checkpoint(runs, tmp_path, 
 
 
 def test_transformers_from_a_fine_tuned_run_keeps_its_classifier_and_labels(runs, tmp_path, capsys):
-    source = runs / "ft" / "model.safetensors"
+    source = runs / "ft" / "classifier.safetensors"
     export(capsys, source, tmp_path / "hf", "--to", "transformers")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["id2label"] == {"0": "cat", "1": "dog", "2": "fox"} and config["layer_norm_eps"] == 1e-6
@@ -197,7 +197,7 @@ def test_timm_folder_from_a_pretraining_run_loads_through_local_dir(runs, tmp_pa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = runs / "pre"
     folder = tmp_path / "convnextv2_atto.fcmae"  # a dotted name is still a folder
-    printed = export(capsys, run / "model.safetensors", folder, "--to", "timm")
+    printed = export(capsys, run / "fcmae_model.safetensors", folder, "--to", "timm")
     assert f"timm.create_model('local-dir:{folder}', pretrained=True)" in printed
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
@@ -206,7 +206,7 @@ def test_timm_folder_from_a_pretraining_run_loads_through_local_dir(runs, tmp_pa
     assert cfg["input_size"] == [3, SIZE, SIZE] and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
     assert cfg["mean"] == list(timm.data.IMAGENET_DEFAULT_MEAN) and cfg["std"] == list(timm.data.IMAGENET_DEFAULT_STD)
 
-    model = fcmae.load_model(run / "model.safetensors").eval()
+    model = fcmae.load_model(run / "fcmae_model.safetensors").eval()
     built = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     assert built.num_classes == 0 and tuple(timm.data.resolve_data_config(model=built)["input_size"]) == (3, SIZE, SIZE)
     _, batch = images()
@@ -220,7 +220,7 @@ def test_timm_folder_from_a_pretraining_run_loads_through_local_dir(runs, tmp_pa
         assert rel_err(overlay.forward_features(batch), model.encoder(batch)) <= 1e-5
 
     card = (folder / "README.md").read_text()
-    assert "library_name: timm" in card and f"`{run / 'model.safetensors'}` (pretraining run)" in card
+    assert "library_name: timm" in card and f"`{run / 'fcmae_model.safetensors'}` (pretraining run)" in card
     for setting in ("| mask_ratio | 0.5 |", "| input_size | [64] |", "| max_steps | 4 |", "| lr | 0.001 |"):
         assert setting in card
     assert "pretraining loss" in card and "at step 4 (epoch" in card and "output_dir" not in card
@@ -228,7 +228,7 @@ def test_timm_folder_from_a_pretraining_run_loads_through_local_dir(runs, tmp_pa
 
 def test_timm_folder_from_a_fine_tuned_run_and_a_custom_official_file(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    source = runs / "ft" / "model.safetensors"
+    source = runs / "ft" / "classifier.safetensors"
     export(capsys, source, tmp_path / "ft", "--to", "timm")
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert config["num_classes"] == 3 and config["label_names"] == ["cat", "dog", "fox"]
@@ -316,7 +316,7 @@ def test_feature_pyramid_from_an_exported_folder(runs, tmp_path, capsys, monkeyp
         for stage in full.stages:  # stage by stage, not through timm's feature code
             x = stage(x)
             by_hand.append(x)
-        encoder = fcmae.load_model(runs / "pre" / "model.safetensors").encoder.eval()
+        encoder = fcmae.load_model(runs / "pre" / "fcmae_model.safetensors").encoder.eval()
         assert rel_err(final, encoder(batch)) <= 1e-5
     for stride, channels, ours, theirs, manual in zip((4, 8, 16, 32), (40, 80, 160, 320), maps, intermediates, by_hand):
         assert ours.shape == (2, channels, SIZE // stride, 96 // stride)
@@ -331,9 +331,9 @@ def test_feature_pyramid_from_an_exported_folder(runs, tmp_path, capsys, monkeyp
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_official_layout_export_matches_the_official_names(runs, tmp_path, capsys, suffix):
-    model = fcmae.load_model(runs / "pre" / "model.safetensors")
+    model = fcmae.load_model(runs / "pre" / "fcmae_model.safetensors")
     out = tmp_path / f"detection{suffix}"
-    printed = export(capsys, runs / "pre" / "model.safetensors", out, "--to", "official")
+    printed = export(capsys, runs / "pre" / "fcmae_model.safetensors", out, "--to", "official")
     assert "official ConvNeXt V2 layout" in printed
     if suffix == ".pth":
         written = torch.load(out, weights_only=True)["model"]
@@ -347,7 +347,7 @@ def test_official_layout_export_matches_the_official_names(runs, tmp_path, capsy
     again = conv.to_timm(out, conv_mlp=False)
     assert all(torch.equal(again[k], v) for k, v in conv.to_timm(model.state_dict(), conv_mlp=False).items())
     # A fine-tuned model keeps its classifier as the official `norm` and `head`.
-    export(capsys, runs / "ft" / "model.safetensors", tmp_path / "ft.pth", "--to", "official")
+    export(capsys, runs / "ft" / "classifier.safetensors", tmp_path / "ft.pth", "--to", "official")
     head = torch.load(tmp_path / "ft.pth", weights_only=True)["model"]
     assert head["head.weight"].shape == (3, 320) and head["norm.weight"].shape == (320,)
 
@@ -363,16 +363,16 @@ def one_line_error(capsys, argv) -> str:
 
 
 def test_bad_export_inputs_end_with_one_line(runs, tmp_path, capsys, monkeypatch):
-    source = runs / "pre" / "model.safetensors"
+    source = runs / "pre" / "fcmae_model.safetensors"
     folder = tmp_path / "hf"
     export(capsys, source, folder, "--to", "transformers")
     before = (folder / "model.safetensors").read_bytes()
     assert "hf exists; pass --overwrite" in one_line_error(capsys, [source, folder, "--to", "transformers"])
-    export(capsys, runs / "ft" / "model.safetensors", folder, "--to", "transformers", "--overwrite")
+    export(capsys, runs / "ft" / "classifier.safetensors", folder, "--to", "transformers", "--overwrite")
     assert (folder / "model.safetensors").read_bytes() != before
     assert "holds files no export writes (checkpoints, config.yaml" in one_line_error(
-        capsys, [runs / "ft" / "model.safetensors", runs / "pre", "--to", "timm", "--overwrite"])
-    assert (runs / "pre" / "model.safetensors").is_file()
+        capsys, [runs / "ft" / "classifier.safetensors", runs / "pre", "--to", "timm", "--overwrite"])
+    assert (runs / "pre" / "fcmae_model.safetensors").is_file()
     assert "holds the input" in one_line_error(capsys, [runs / "pre" / "checkpoints" / "step_00000002",
                                                         runs / "pre" / "checkpoints", "--to", "timm", "--overwrite"])
     assert "is a file; this export writes a folder" in one_line_error(capsys, [runs / "pre", source, "--to",

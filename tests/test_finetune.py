@@ -52,9 +52,9 @@ def trained(tmp_path_factory):
                                 "--batch-size", "32", "--max-steps", "90", "--lr", "1e-3", "--warmup-steps", "10",
                                 "--decoder-embed-dim", "64", "--num-workers", "0", "--vis-every", "0"]) == 0
     out = tmp / "ft"
-    assert call(finetune.main, FAST + ["--data-path", str(data), "--finetune", str(tmp / "pre/model.safetensors"),
+    assert call(finetune.main, FAST + ["--data-path", str(data), "--finetune", str(tmp / "pre/fcmae_model.safetensors"),
                                        "--output-dir", str(out), "--epochs", "3"]) == 0
-    return data, tmp / "pre" / "model.safetensors", out
+    return data, tmp / "pre" / "fcmae_model.safetensors", out
 
 
 def metrics(out):
@@ -73,8 +73,8 @@ def test_fine_tuning_reaches_the_stated_accuracy(trained):
 
 def test_saved_model_loads_strictly_in_timm_and_eval_reproduces_its_accuracy(trained, capsys):
     data, _, out = trained
-    state = safetensors.torch.load_file(out / "model.safetensors")
-    with safetensors.safe_open(str(out / "model.safetensors"), "pt") as f:
+    state = safetensors.torch.load_file(out / "classifier.safetensors")
+    with safetensors.safe_open(str(out / "classifier.safetensors"), "pt") as f:
         meta = f.metadata()
     model = timm.create_model("convnextv2_atto", num_classes=10)
     model.load_state_dict(state)  # strict
@@ -82,7 +82,7 @@ def test_saved_model_loads_strictly_in_timm_and_eval_reproduces_its_accuracy(tra
     assert json.loads(meta["input_size"]) == [64] and json.loads(meta["crop_pct"]) == 0.875
     capsys.readouterr()
     # No --input-size: the eval runs at the 64 px the model was trained and saved with, not the default 224.
-    result = finetune.main(["--eval", "--resume", str(out / "model.safetensors"), "--data-path", str(data),
+    result = finetune.main(["--eval", "--resume", str(out / "classifier.safetensors"), "--data-path", str(data),
                             "--model", "atto", "--num-workers", "0"])
     AcceleratorState._reset_state(reset_partial_state=True)
     assert result["acc1"] == pytest.approx(float(meta["val_acc1"]), abs=1e-3)
@@ -95,13 +95,14 @@ def test_eval_settings_explicit_flags_win_and_old_files_use_their_run_config(tra
     data, _, out = trained
     common = ["--eval", "--data-path", str(data), "--model", "atto", "--num-workers", "0"]
     capsys.readouterr()
-    call(finetune.main, common + ["--resume", str(out / "model.safetensors"), "--input-size", "96",
+    call(finetune.main, common + ["--resume", str(out / "classifier.safetensors"), "--input-size", "96",
                                   "--interpolation", "bilinear"])
     printed = capsys.readouterr().out
     assert "eval at input_size [96], crop_pct 0.875 (saved with the model), interpolation bilinear" in printed
-    # A model file without these metadata keys (written before they existed) takes them from its run's config.
-    state, meta = safetensors.torch.load_file(out / "model.safetensors"), None
-    with safetensors.safe_open(str(out / "model.safetensors"), "pt") as f:
+    # A model file without these metadata keys (written before they existed, under the old name) takes them from
+    # its run's config.
+    state, meta = safetensors.torch.load_file(out / "classifier.safetensors"), None
+    with safetensors.safe_open(str(out / "classifier.safetensors"), "pt") as f:
         meta = {k: v for k, v in f.metadata().items() if k not in finetune.EVAL_SETTINGS}
     old = tmp_path / "old"
     old.mkdir()
@@ -118,11 +119,11 @@ def test_two_processes_count_every_validation_image_once(trained, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
-           "--eval", "--resume", str(out / "model.safetensors"), "--data-path", str(data), "--model", "atto",
+           "--eval", "--resume", str(out / "classifier.safetensors"), "--data-path", str(data), "--model", "atto",
            "--input-size", "64", "--num-workers", "0", "--batch-size", "7", "--output-dir", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, launcher_failure(result.stderr)
-    with safetensors.safe_open(str(out / "model.safetensors"), "pt") as f:
+    with safetensors.safe_open(str(out / "classifier.safetensors"), "pt") as f:
         recorded = float(f.metadata()["val_acc1"])
     line = next(l for l in result.stdout.splitlines() if "val_acc1" in l)
     assert "on 359 images" in line  # odd, in batches of 7 on 2 processes: the padding duplicates are dropped
@@ -140,7 +141,7 @@ def test_linear_probe_trains_only_the_head_and_saves_a_timm_model(trained, tmp_p
     assert "accum_steps 44: the dataset holds only 44 batch(es) of 32 per epoch" in printed
     assert "effective batch 1408 = 32 x 1 x 44; lr 5.500e-01 = blr 0.1 x 1408 / 256" in printed
     probe = timm.create_model("convnextv2_atto", num_classes=10)
-    probe.load_state_dict(safetensors.torch.load_file(out / "model.safetensors"))
+    probe.load_state_dict(safetensors.torch.load_file(out / "classifier.safetensors"))
     start = finetune.build_model(finetune.parse_config(finetune.FinetuneConfig, PROBE + [
         "--data-path", str(data), "--finetune", str(pretrained)]), 10)
     trained_state, start_state = probe.state_dict(), start.state_dict()
@@ -351,7 +352,7 @@ def test_a_max_steps_run_evaluates_and_saves_at_its_last_step(trained, tmp_path)
     assert call(finetune.main, FAST + ["--data-path", str(data), "--finetune", str(pretrained), "--output-dir",
                                        str(out), "--max-steps", "3", "--no-model-ema"]) == 0
     assert [(r["step"], r["epoch"]) for r in metrics(out)] == [(3, 0)]  # mid-epoch: 44 steps per epoch
-    assert (out / "model.safetensors").is_file()
+    assert (out / "classifier.safetensors").is_file()
 
 
 def test_end_to_end_pretrain_convert_finetune_against_random_init(trained, tmp_path):

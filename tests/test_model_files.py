@@ -31,7 +31,7 @@ def test_overrides_apply_on_load(tmp_path):
 
 
 def test_clear_errors_for_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such model file"):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         fcmae.load_model(tmp_path / "missing.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 100)
@@ -45,8 +45,8 @@ def test_clear_errors_for_bad_files(tmp_path):
         fcmae.load_model(truncated)
     foreign = tmp_path / "foreign.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(2)}, str(foreign))
-    with pytest.raises(ValueError, match="not an fcmae model file"):
-        fcmae.load_model(foreign)
+    with pytest.raises(ValueError, match="no ConvNeXt V2 encoder weights found.*expected an fcmae model file"):
+        fcmae.load_model(foreign)  # `load` names the inputs it knows
 
 
 def test_mismatched_weights_list_the_offending_keys(tmp_path):

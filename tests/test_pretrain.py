@@ -68,7 +68,7 @@ def test_loss_falls_on_real_photos_and_outputs_are_written(photos, tmp_path):
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020", "step_00000040"]
     assert sorted(p.name for p in (out / "vis").iterdir()) == ["step_00000020.png", "step_00000040.png"]
-    model = fcmae.load_model(out / "model.safetensors")
+    model = fcmae.load_model(out / "fcmae_model.safetensors")
     assert model.config.img_size == (96, 96) and model.config.decoder_embed_dim == 64
     record = records(out)[-1]
     assert set(record) == {"step", "epoch", "loss", "lr", "images_per_s", "skipped_files"}
@@ -98,7 +98,7 @@ def test_exact_resume_is_bit_identical(data, tmp_path, monkeypatch):
     assert run(common + ["--output-dir", str(interrupted), "--resume", "auto"]) == 0
     assert [r["step"] for r in records(interrupted)] == list(range(1, 9))  # cut back to the checkpoint, resumed
 
-    for name in ["model.safetensors", "checkpoints/step_00000008/model.safetensors"]:
+    for name in ["fcmae_model.safetensors", "checkpoints/step_00000008/model.safetensors"]:
         a = safetensors.torch.load_file(tmp_path / "straight" / name)
         b = safetensors.torch.load_file(interrupted / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -138,11 +138,11 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(photos, tmp_path
 
     other = tmp_path / "other"  # another run's checkpoint cannot take over a folder holding a run
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(other), "--max-steps", "2"]) == 0
-    before = (other / "model.safetensors").read_bytes()
+    before = (other / "fcmae_model.safetensors").read_bytes()
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(other), "--max-steps", "6", "--resume",
                        str(older)]) == 2
     assert "is not one of" in capsys.readouterr().err
-    assert (other / "model.safetensors").read_bytes() == before
+    assert (other / "fcmae_model.safetensors").read_bytes() == before
 
 
 def test_unreadable_files_are_skipped_and_counted(photos, tmp_path, capsys):
@@ -170,7 +170,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(photos, tmp_path, m
     err = error_lines(capsys)
     assert len(err) == 1 and "non-finite (nan) at step 5" in err[0] and "step_00000004" in err[0]
     assert fcmae.training.find_checkpoint(out).name == "step_00000004"
-    saved = safetensors.torch.load_file(out / "model.safetensors")
+    saved = safetensors.torch.load_file(out / "fcmae_model.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
 
 
@@ -180,7 +180,7 @@ def test_init_from_a_model_file(photos, tmp_path):
     out = tmp_path / "run"
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "1", "--lr", "1e-12",
                        "--init-from", str(tmp_path / "init.safetensors")]) == 0
-    trained = fcmae.load_model(out / "model.safetensors").state_dict()
+    trained = fcmae.load_model(out / "fcmae_model.safetensors").state_dict()
     close = [torch.allclose(trained[k], v, atol=1e-6) for k, v in source.state_dict().items()]
     assert all(close)
 
@@ -190,7 +190,7 @@ def test_init_from_a_model_file(photos, tmp_path):
     out = tmp_path / "from_classifier"
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "1", "--lr", "1e-12",
                        "--init-from", str(tmp_path / "classifier.safetensors")]) == 0
-    encoder = fcmae.load_model(out / "model.safetensors").encoder.state_dict()
+    encoder = fcmae.load_model(out / "fcmae_model.safetensors").encoder.state_dict()
     kept = [torch.allclose(encoder[k], v.reshape(encoder[k].shape), atol=1e-6)  # timm's atto MLP: 1x1 convs
             for k, v in classifier.state_dict().items() if k in encoder]
     assert len(kept) == len(encoder) and all(kept)
@@ -221,7 +221,7 @@ def test_a_fresh_run_refuses_to_overwrite_checkpoints(photos, tmp_path, capsys):
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]) == 0
     before = sorted((out / "checkpoints").rglob("*"))
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]) == 2
-    assert "already holds a run (checkpoints, model.safetensors, metrics.jsonl)" in capsys.readouterr().err
+    assert "already holds a run (checkpoints, fcmae_model.safetensors, metrics.jsonl)" in capsys.readouterr().err
     assert sorted((out / "checkpoints").rglob("*")) == before
     config_before = (out / "config.yaml").read_text()
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2", "--model",

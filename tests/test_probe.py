@@ -55,7 +55,7 @@ def test_probe_runs_the_cli_path_end_to_end(probe, tmp_path):
         assert records[-1]["step"] == steps and row["loss"] == records[-1]["loss"]
         assert (run / "timm.safetensors").is_file()
     # The features are the pooled stage-4 maps of the FCMAE encoder with every patch visible.
-    model = fcmae.load_model(out / "convnextv2_atto-timm-3-seed0" / "model.safetensors").eval()
+    model = fcmae.load_model(out / "convnextv2_atto-timm-3-seed0" / "fcmae_model.safetensors").eval()
     imgs = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         expected = model.encoder(imgs).mean((2, 3)).double().numpy()

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import fcmae
-from fcmae.visualize import load_any_model, main, reconstruct, reconstruction_grid
+from fcmae.visualize import main, reconstruct, reconstruction_grid, sample_indices
 from helpers import SMALL, write_photos
 
 
@@ -33,13 +33,40 @@ def test_grid_layout_masks_and_pastes():
     model = Oracle(fcmae.FCMAEConfig("custom", **SMALL))
     imgs = torch.randn(3, 3, 64, 64) * 0.5
     mask = torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 1], [1, 1, 0, 0]])
-    grid = reconstruction_grid(model, imgs, mask)
-    assert grid.shape == (3, 2 + 3 * 66, 2 + 4 * 66) and grid.min() >= 0 and grid.max() <= 1
+    grid = reconstruction_grid(model, imgs, mask, labels=False)
+    assert grid.shape == (3, 2 + 3 * 66, 2 + 5 * 66) and grid.min() >= 0 and grid.max() <= 1
     cell = lambda r, c: grid[:, 2 + r * 66 : 66 + r * 66, 2 + c * 66 : 66 + c * 66]  # noqa: E731
     masked = cell(0, 1)
     assert torch.allclose(masked[:, :32, :32], torch.full((3, 32, 32), 0.5))  # patch 0 removed: gray
     assert torch.allclose(masked[:, :32, 32:], cell(0, 0)[:, :32, 32:])  # patch 1 visible: original
     assert torch.allclose(cell(1, 3), cell(1, 0), atol=1e-4)  # perfect recon pasted = original
+    labeled = reconstruction_grid(model, imgs, mask)
+    header = labeled.shape[1] - grid.shape[1]
+    assert header > 8 and torch.equal(labeled[:, header:], grid)  # a header strip over the same picture
+    assert (labeled[:, :header] < 0.5).any()  # with text in it
+
+
+def test_visible_positions_hold_the_true_pixels_and_one_column_borrows_nothing_hidden():
+    model = fcmae.create_model("atto", img_size=64, **SMALL).eval()
+    imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 0]])
+    hidden = torch.nn.functional.interpolate(mask.view(2, 1, 2, 2), scale_factor=32)  # 1 where removed
+    changed = imgs + hidden * torch.randn_like(imgs) * 3  # other pixels under the removed patches only
+    grid_a = reconstruction_grid(model, imgs, mask, labels=False)
+    grid_b = reconstruction_grid(model, changed, mask, labels=False)
+    cell = lambda g, r, c: g[:, 2 + r * 66 : 66 + r * 66, 2 + c * 66 : 66 + c * 66]  # noqa: E731
+    for r in range(2):
+        visible = (1 - hidden[r, 0]).bool()
+        assert torch.allclose(cell(grid_a, r, 3)[:, visible], cell(grid_a, r, 0)[:, visible])  # true pixels pasted
+        assert not torch.allclose(cell(grid_a, r, 2), cell(grid_b, r, 2))  # the true patch mean/std leak in
+        assert torch.allclose(cell(grid_a, r, 4), cell(grid_b, r, 4), atol=1e-5)  # prediction alone: no leak
+
+
+def test_images_are_sampled_at_random_with_the_seed():
+    assert sample_indices(3, 10, seed=0) == sample_indices(3, 10, seed=0)
+    draws = {tuple(sample_indices(3, 10, seed=s)) for s in range(5)}
+    assert len(draws) > 1  # other seeds, other images; not always the first files
+    assert sample_indices(8, 3, seed=0) == [0, 1, 2]  # fewer images than asked: all of them
 
 
 def test_cli_writes_a_png_from_a_model_file(tmp_path, capsys):
@@ -50,12 +77,13 @@ def test_cli_writes_a_png_from_a_model_file(tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert main(["--checkpoint", str(tmp_path / "model.safetensors"), "--images", str(tmp_path / "images"),
                  "--out", str(out), "--num-images", "4"]) == 0
-    assert np.asarray(Image.open(out)).shape == (2 + 3 * 66, 2 + 4 * 66, 3)
+    height, width, _ = np.asarray(Image.open(out)).shape
+    assert height > 2 + 3 * 66 and width == 2 + 5 * 66  # a labeled header over 3 rows of 5 columns
     assert "skipping unreadable image" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "MISSING"], "no such model file"),
+    (["--checkpoint", "MISSING"], "no such checkpoint"),
     (["--images", "NOWHERE"], "data path not found"),
     (["--input-size", "70"], "not a multiple of the patch size 32"),
     (["--input-size", "0"], "not a multiple of the patch size 32"),
@@ -85,7 +113,7 @@ def test_a_training_checkpoint_folder_loads_with_its_run_config(tmp_path):
     (folder / "trainer_state.json").write_text('{"step": 2}')
     (folder / "config.yaml").write_text("model: convnextv2_atto\ninput_size: [64, 96]\nmask_ratio: 0.5\n"
                                         "decoder_depth: 1\ndecoder_embed_dim: 32\nnorm_pix_loss: false\n")
-    loaded = load_any_model(folder)
+    loaded = fcmae.load_model(folder)
     assert loaded.config == model.config
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    assert load_any_model(folder, mask_ratio=0.75).mask_ratio == 0.75
+    assert fcmae.load_model(folder, mask_ratio=0.75).mask_ratio == 0.75

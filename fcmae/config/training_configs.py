@@ -60,6 +60,8 @@ class TrainConfig:
     keep_last: int = 3  # training-state checkpoints to keep
     log_every: int = 20  # steps between metrics records
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb
+    progress: bool = True  # progress bars (--no-progress: none; also none when stdout is not a terminal)
+    allow_resume_change: bool = False  # resume with another batch size/processes/accum/seed/data: same epoch point
     # The keys given as command-line flags (set by parse_config; not a setting itself).
     explicit: typing.ClassVar[frozenset[str]] = frozenset()
     # Speed

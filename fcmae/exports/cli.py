@@ -3,14 +3,14 @@ folder (Hub-ready), and `--push-to-hub REPO` for the folders. `fcmae.convert.mai
 these targets to `export`, which is also the Python API:
 
     from fcmae.exports import export
-    print("\n".join(export("output/demo/model.safetensors", "atto-hf", "transformers")))
+    print("\n".join(export("output/demo/fcmae_model.safetensors", "atto-hf", "transformers")))
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..convert import _check_output, convert
+from ..convert import check_output, convert
 from .hub import push_folder
 from .official_layout import OFFICIAL_SUFFIXES, write_official
 from .output_folder import check_output_folder, write_folder
@@ -52,7 +52,7 @@ def export(source: str, output: str, to: str, model: str | None = None, *, conv_
     if folder:
         check_output_folder(source, output, overwrite)
     else:
-        _check_output(source, output, overwrite, OFFICIAL_SUFFIXES)  # the plain conversion's check
+        check_output(source, output, overwrite, OFFICIAL_SUFFIXES)  # the plain conversion's check
     # timm's names are the hub between layouts; transformers and the official model use Linear MLPs.
     result = convert(source, "timm", model, conv_mlp=conv_mlp if to == "timm" else False, strict=strict,
                      drop_head=drop_head)

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..convert import KEY_TABLE, Conversion, _regex
-from ..models import write_safetensors
+from ..convert import KEY_TABLE, Conversion, template_regex
+from ..checkpoints import write_safetensors
 
 __all__ = ["OFFICIAL_SUFFIXES", "to_official_names", "write_official"]
 
@@ -29,7 +29,8 @@ OFFICIAL_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 # Our encoder/head names (timm's, with `encoder.` on the encoder) -> the official dense names; the decoder rules of
 # KEY_TABLE are left out: detection and fine-tuning read the encoder only.
-_RULES = [(_regex(rule.ours), rule.official, rule.kind) for rule in KEY_TABLE if not rule.ours.startswith("decoder.")]
+_RULES = [(template_regex(rule.ours), rule.official, rule.kind) for rule in KEY_TABLE
+          if not rule.ours.startswith("decoder.")]
 
 
 def to_official_names(timm_state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,9 +1,9 @@
 """What an input of `fcmae-convert` is and what its run recorded, for model cards and preprocessing configs.
 
-A pretraining run folder (pretrain.py's output dir) holds `model.safetensors`, `config.yaml` and `metrics.jsonl`;
+A pretraining run folder (pretrain.py's output dir) holds `fcmae_model.safetensors`, `config.yaml` and `metrics.jsonl`;
 a checkpoint `checkpoints/step_N/` holds `config.yaml` and `trainer_state.json`, with the run's metrics two levels
-up; a fine-tuning run holds the same files, and its `model.safetensors` records the accuracies and class names in
-its metadata, while its config names the pretrained weights it started from (whose run is read as well). An
+up; a fine-tuning run holds `classifier.safetensors` (`model.safetensors` in older runs), which records the
+accuracies and class names in its metadata, while its config names the pretrained weights it started from (whose run is read as well). An
 official checkpoint records its training arguments inside the file. Nothing here is required: what is missing or
 unreadable is simply not reported.
 """
@@ -20,6 +20,7 @@ import safetensors
 import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..checkpoints.names import ACCELERATE_WEIGHTS, run_model_file
 from ..convert import Conversion, load_checkpoint
 
 __all__ = ["SourceInfo", "describe_source", "RUN_CONTROL_KEYS"]
@@ -125,7 +126,7 @@ def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
 
 def _file_metadata(path: Path) -> dict[str, str]:
     """The safetensors header metadata (cheap), or an official torch file's args (the file is read again)."""
-    file = path / "model.safetensors" if path.is_dir() else path
+    file = (run_model_file(path) or path / ACCELERATE_WEIGHTS) if path.is_dir() else path
     if not file.is_file():
         return {}
     try:

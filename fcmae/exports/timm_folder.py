@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..convert import Conversion
-from ..models import write_safetensors
+from ..checkpoints import write_safetensors
 from .model_card import render_card
 from .source_info import SourceInfo
 

@@ -1,0 +1,155 @@
+"""The training loop, in the spirit of MAE's engine_pretrain.py: epochs of optimizer steps, each a few
+accumulated micro-batches; a log record every log_every steps; callbacks; a checkpoint every save_every steps.
+
+Exact resume. The position in training is the optimizer step. From it the loop derives the epoch and the
+batches to skip inside it (Accelerate's seedable sampler gives each epoch the same order, and augmentation is
+seeded per sample, see fcmae.data), and the learning rate (a pure function of the step). The global RNG is
+re-seeded from (seed, step, micro-batch, process) before every micro-batch, so masks and drop-path draws do not
+depend on what ran before. Nothing here waits on the device: losses are summed on it and read every log_every
+steps and before every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from ..data import seeded
+from .cli import TrainingError
+
+if TYPE_CHECKING:
+    from .run import Run
+
+__all__ = ["fit", "StepFn"]
+
+StepFn = Callable[[nn.Module, dict], tuple[Tensor, int]]
+
+
+def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = None,
+        on_epoch_end: Callable[[int], None] | None = None, on_save: Callable | None = None) -> None:
+    """Train from run.step (after resuming) to run.total_steps.
+
+    step_fn(model, batch) -> (loss, images in the batch). Callbacks: every_step(step) after each optimizer step
+    (e.g. visualization, EMA); on_epoch_end(epoch) when an epoch's last step is done, and at the run's last step
+    if that ends an epoch early (--max-steps), before the checkpoint (e.g. evaluation); on_save(checkpoint
+    folder), on the main process after each checkpoint.
+    """
+    run.resume()
+    run.start()
+    run.scheduler.step_update(run.at)
+    epoch, skip = divmod(run.at, run.steps_per_epoch)
+    window = Window(run.accelerator.device)
+    with run.progress_bar(total=run.total_steps, initial=run.at, desc="train") as bar:  # closed on errors too
+        run.model.train()
+        while run.at < run.total_steps:
+            run.loader.set_epoch(epoch)
+            batches = run.loader
+            if skip:  # resumed mid-epoch: the epoch's order, less the batches already trained on
+                batches = run.accelerator.skip_first_batches(run.loader, skip * run.config.accum_steps)
+            for _ in optimizer_steps(run, batches, step_fn, window):
+                bar.update(1)
+                last = run.at >= run.total_steps
+                save_due = run.step % run.config.save_every == 0 or last
+                if run.step % run.config.log_every == 0 or last:
+                    log(run, window, bar)
+                elif save_due:
+                    check_finite(run, window)
+                if every_step is not None:
+                    every_step(run.step)
+                if on_epoch_end is not None and (run.at % run.steps_per_epoch == 0 or last):
+                    on_epoch_end(epoch)
+                if save_due:
+                    run.save_checkpoint(on_save)
+                if last:
+                    break
+            epoch, skip = epoch + 1, 0
+    run.accelerator.end_training()
+
+
+def optimizer_steps(run: "Run", batches, step_fn: StepFn, window: "Window") -> Iterator[None]:
+    """Run the batches of one epoch; yields after each optimizer step (accumulation done by Accelerate)."""
+    micro = 0
+    for batch in batches:
+        seeded([run.config.seed, run.step, micro, run.accelerator.process_index])  # draws independent of history
+        with run.accelerator.accumulate(run.model):
+            loss, images = step_fn(run.model, batch)
+            run.accelerator.backward(loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        window.add(loss.detach(), images, batch.get("skipped"), run.step + 1)
+        micro += 1
+        if run.accelerator.sync_gradients:
+            run.step, micro = run.step + 1, 0
+            run.scheduler.step_update(run.at)
+            yield
+
+
+def check_finite(run: "Run", window: "Window") -> None:
+    """Stop, on every process at once, if a loss since the last check was non-finite: before it reaches a
+    checkpoint or a metrics record. The weights it reached in memory are dropped with the process."""
+    bad = window.first_bad(run.accelerator)
+    if bad is None:
+        return
+    step, value = bad
+    last = run.store.find()
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+    raise TrainingError(f"the loss became non-finite ({value}) at step {step}; stopped without saving, {kept}. "
+                        "Try a lower --blr, more warmup, or bf16 instead of fp16")
+
+
+def log(run: "Run", window: "Window", bar) -> dict:
+    """A metrics record of the window since the last one: to the step log, the trackers and the progress bar."""
+    check_finite(run, window)
+    loss, images, skipped, seconds = window.reduce(run.accelerator)
+    run.skipped_files += skipped
+    record = {
+        "step": run.step, "epoch": round(run.at / run.steps_per_epoch, 4), "loss": loss,
+        "lr": max(group["lr"] for group in run.optimizer.param_groups),  # the undecayed group's
+        "images_per_s": round(images / max(seconds, 1e-9), 2), "skipped_files": run.skipped_files,
+    }  # fmt: skip
+    run.write_record(record)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+    return record
+
+
+class Window:
+    """Loss, image and skipped-file sums since the last log record, and the first non-finite loss since the last
+    check, all kept on the device: adding to them never waits on it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bad = torch.tensor([math.inf, 0.0], device=device, dtype=torch.float64)  # first bad step, its loss
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss*n, n batches, images, skipped
+        self.start = time.perf_counter()
+
+    def add(self, loss: Tensor, images: int, skipped: Tensor | None, step: int) -> None:
+        loss = loss.double()
+        self.sums[0] += loss
+        self.sums[1] += 1
+        self.sums[2] += images
+        if skipped is not None:
+            self.sums[3] += skipped.sum().double()
+        first = ~torch.isfinite(loss) & torch.isinf(self.bad[0])  # python scalars, not tensors: no host copy
+        self.bad[0] = torch.where(first, float(step), self.bad[0])
+        self.bad[1] = torch.where(first, loss, self.bad[1])
+
+    def first_bad(self, accelerator: Accelerator) -> tuple[int, float] | None:
+        """(step, loss) of the earliest non-finite loss on any process, or None."""
+        bad = accelerator.gather(self.bad[None]).view(-1, 2).tolist()
+        step, value = min(bad, key=lambda b: b[0])
+        return None if math.isinf(step) else (int(step), value)
+
+    def reduce(self, accelerator: Accelerator) -> tuple[float, int, int, float]:
+        """(mean loss, images, skipped files, seconds), summed over processes; then starts a new window."""
+        sums = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
+        seconds = time.perf_counter() - self.start
+        self.reset()
+        return sums[0] / max(sums[1], 1), int(sums[2]), int(sums[3]), seconds
