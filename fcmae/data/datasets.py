@@ -43,6 +43,7 @@ class Samples(Dataset):
         self.transform, self.seed, self.substitute = transform, seed, substitute
         self.labels = np.asarray(labels if labels is not None else np.full(len(self), -1), dtype=np.int64)
         self.epoch = 0
+        self._reported: set[int] = set()  # positions already warned about as unreadable
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -83,7 +84,9 @@ class Samples(Dataset):
                 raise
             except Exception as e:  # PIL, tifffile and numpy raise many types for truncated, corrupt or foreign data
                 error = e
-                warnings.warn(f"skipping unreadable image {self._name(position)}: {e}", stacklevel=2)
+                if position not in self._reported:  # once per file and process, whichever call site reads it
+                    self._reported.add(position)
+                    warnings.warn(f"skipping unreadable image {self._name(position)}: {e}", stacklevel=2)
                 if self.substitute:
                     continue
                 black = np.zeros((32, 32, getattr(self.transform, "in_chans", 3)), dtype=np.float32)
