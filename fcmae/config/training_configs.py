@@ -43,6 +43,8 @@ class TrainConfig:
     accum_steps: int = 1  # gradient accumulation: effective batch = batch_size x processes x accum_steps
     effective_batch_size: int = 0  # > 0: choose accum_steps to reach this effective batch
     num_workers: int = 8  # DataLoader worker processes per process
+    mean: list[float] = field(default_factory=list)  # per-channel mean of [0, 1] pixels; empty: ImageNet's (RGB)
+    std: list[float] = field(default_factory=list)  # per-channel std, as many as mean (fcmae-stats DATA computes both)
     # Schedule: a per-step cosine with linear warmup
     epochs: int = 800  # passes over the data
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
@@ -150,6 +152,10 @@ class TrainConfig:
                 setattr(self, name, os.path.expanduser(value))
         if self.mixed_precision not in ("", "no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if len(self.mean) != len(self.std):
+            raise ConfigError(f"mean has {len(self.mean)} value(s) and std {len(self.std)}: give both, one per channel")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std must be > 0 for every channel, got {self.std}")
         unknown = sorted(set(self.log_with) - {"tensorboard", "wandb"})
         if unknown:
             raise ConfigError(f"unknown tracker(s) {', '.join(unknown)} in log_with; choose tensorboard or wandb")
@@ -163,6 +169,7 @@ class PretrainConfig(TrainConfig):
     init_from: str = ""  # start from a model file's weights (not its training state)
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
     compile: bool = False  # torch.compile the forward and loss whole (fullgraph); ragged masks run eager
+    gpu_augment: bool = False  # decode JPEGs (nvjpeg) and crop, flip, normalize on the device; workers only read files
 
     def validate(self) -> None:
         """Also builds `model` (from its settings, if given as a mapping), with img_size = input_size."""
