@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 import fcmae
 from fcmae.checkpoints import names
 from fcmae.config import PretrainConfig, parse_config
-from fcmae.data import pretrain_dataset, pretrain_sampler
+from fcmae.data import augment_batch, collate_encoded, pretrain_dataset, pretrain_sampler
 from fcmae.training import Run, quiet_worker, run_cli
 from fcmae.visualize import sample_indices, save_reconstructions
 
@@ -49,12 +50,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = Run(config, project="fcmae-pretrain")
     # digits written, a folder indexed, shards counted: by the main process; an error there ends every process
     # with its one-line message
-    dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed))
+    dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed,
+                                                              encoded=config.gpu_augment))
     sampler = pretrain_sampler(dataset, config.batch_size, run.accelerator.num_processes, config.seed)
+    collate = collate_encoded if config.gpu_augment else default_collate
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
                         drop_last=True, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False, worker_init_fn=quiet_worker)  # fresh workers see the epoch's seed
-    config.check_data_channels(dataset[0]["image"].shape[0])
+                        collate_fn=collate, persistent_workers=False,
+                        worker_init_fn=quiet_worker)  # fresh workers see the epoch's seed
+    device = run.accelerator.device
+
+    def images_of(batch: dict) -> torch.Tensor:
+        """The batch's images on the device: (N, C, H, W), augmented there first with --gpu-augment."""
+        if config.gpu_augment:
+            return augment_batch(batch["image"], config.image_size, device, config.mean or IMAGENET_DEFAULT_MEAN,
+                                 config.std or IMAGENET_DEFAULT_STD)
+        return batch["image"].to(device, non_blocking=True)  # a no-op where Accelerate placed the batch
+
+    # Fixed images for the reconstruction grids: drawn at random with the run's seed, epoch-0 augmentation.
+    vis_images = images_of(collate([dataset[i] for i in sample_indices(VIS_IMAGES, len(dataset), config.seed)]))
+    config.check_data_channels(vis_images.shape[1])
     model = build_model(config, run.print)
     run.plan_batches(len(dataset))
     for module in model.modules():  # conv weights in the activations' channels-last format, as their grads are
@@ -66,19 +81,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     cuda = run.accelerator.device.type == "cuda"  # fused AdamW: one kernel for all parameters on the GPU
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
                                     fused=cuda or None)
-    model, optimizer, loader = run.prepare(model, optimizer, loader)
+    model, optimizer, loader = run.prepare(model, optimizer, loader, place_batches=not config.gpu_augment)
     run.print(f"{config.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(dataset)} images\n{run.describe()}")
-
-    # Fixed images for the reconstruction grids: drawn at random with the run's seed, epoch-0 augmentation.
-    vis_images = torch.stack([dataset[i]["image"] for i in sample_indices(VIS_IMAGES, len(dataset), config.seed)])
 
     def visualize(step: int) -> None:
         due = (config.vis_every and step % config.vis_every == 0) or run.at == run.total_steps
         if due and run.is_main:
-            imgs = vis_images.to(run.accelerator.device)
             with run.accelerator.autocast():
-                grid = save_reconstructions(run.unwrapped_model, imgs, run.output_dir / names.VIS /
+                grid = save_reconstructions(run.unwrapped_model, vis_images, run.output_dir / names.VIS /
                                             f"step_{step:08d}.png", seed=config.seed)
             if "tensorboard" in config.log_with:
                 run.accelerator.get_tracker("tensorboard", unwrap=True).add_image("reconstructions", grid, step)
@@ -88,8 +99,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                          {"step": str(run.step), "checkpoint": checkpoint.name})
 
     def step_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        loss, _, _ = model(batch["image"])
-        return loss, batch["image"].shape[0]
+        images = images_of(batch)
+        loss, _, _ = model(images)
+        return loss, images.shape[0]
 
     run.fit(step_fn, every_step=visualize, on_save=save_model_file)
     run.print(f"done: {run.output_dir / names.PRETRAINED_MODEL}, metrics in {run.metrics_path}")

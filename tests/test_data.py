@@ -250,6 +250,7 @@ def test_multichannel_and_16_bit_images(tmp_path, channels, dtype, suffix):
     not torch.cuda.is_available(), reason="nvjpeg needs a CUDA GPU"))])
 def test_gpu_augment_makes_the_crops_and_flips_of_the_cpu_path(tmp_path, device):
     """--gpu-augment's device half, run on the CPU here (decode_jpeg works there too) and on CUDA with nvjpeg."""
+    import tifffile
     from torch.utils.data import DataLoader
 
     from fcmae.data import PretrainTransform
@@ -259,12 +260,13 @@ def test_gpu_augment_makes_the_crops_and_flips_of_the_cpu_path(tmp_path, device)
     exif = Image.Exif()
     exif[0x0112] = 6
     load_rgb(files[0]).save(tmp_path / "rotated.jpg", exif=exif, quality=95)  # EXIF-rotated: decoded by PIL
-    files.append(tmp_path / "rotated.jpg")
+    tifffile.imwrite(tmp_path / "deep.tif", (np.asarray(load_rgb(files[1])).astype(np.uint16) * 257))  # 16-bit RGB
+    files += [tmp_path / "rotated.jpg", tmp_path / "deep.tif"]
     encoded = ImageFiles(files, EncodedCrop(), seed=4)
     batch = next(iter(DataLoader(encoded, batch_size=len(files), collate_fn=collate_encoded)))
-    assert [d.dim() for d in batch["image"]["data"]] == [3, 1, 3, 1, 3, 1, 3]  # JPEG bytes travel encoded
+    assert [d.dim() for d in batch["image"]["data"]] == [3, 1, 3, 1, 3, 1, 3, 3]  # JPEG bytes travel encoded
     out = augment_batch(batch["image"], (64, 64), device)
-    assert out.shape == (7, 3, 64, 64) and out.device.type == device
+    assert out.shape == (8, 3, 64, 64) and out.device.type == device
     reference = torch.stack([ImageFiles(files, PretrainTransform((64, 64), draft=False), seed=4)[i]["image"]
                              for i in range(len(files))])
     level = 1 / (255 * 0.225)  # one 8-bit level, normalized

@@ -30,16 +30,19 @@ def photos(tmp_path):
     return tmp_path / "photos"
 
 
-@pytest.fixture(params=["folder", "shards"])
-def data(request, photos, tmp_path):
-    """The photos as a folder, or as webdataset shards of 5 (3 shards: batches cross shard boundaries)."""
+@pytest.fixture(params=["folder", "shards", "gpu-augment"])
+def data(request, photos, tmp_path) -> list[str]:
+    """The data flags: the photos as a folder, as webdataset shards of 5 (3 shards: batches cross shard
+    boundaries), or as a folder with --gpu-augment (decoded and augmented in the step: on the CPU here)."""
     if request.param == "folder":
-        return photos
+        return ["--data-path", str(photos)]
+    if request.param == "gpu-augment":
+        return ["--data-path", str(photos), "--gpu-augment"]
     pytest.importorskip("wids")
     from fcmae.data.shard_writer import write_shards
 
     write_shards(photos, tmp_path / "shards", maxcount=5)
-    return tmp_path / "shards" / "train-{000000..000002}.tar"
+    return ["--data-path", str(tmp_path / "shards" / "train-{000000..000002}.tar")]
 
 
 def error_lines(capsys):
@@ -76,7 +79,7 @@ def test_loss_falls_on_real_photos_and_outputs_are_written(photos, tmp_path):
 
 
 def test_exact_resume_is_bit_identical(data, tmp_path, monkeypatch):
-    common = FAST + ["--data-path", str(data), "--max-steps", "8", "--save-every", "4", "--seed", "3",
+    common = FAST + [*data, "--max-steps", "8", "--save-every", "4", "--seed", "3",
                      "--mask-ratio", "0.5"]
     assert run(common + ["--output-dir", str(tmp_path / "straight")]) == 0
 
@@ -240,7 +243,7 @@ def test_two_processes_on_cpu(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "pretrain.py"),
-           *FAST, "--data-path", str(data), "--output-dir", str(out), "--max-steps", "3"]
+           *FAST, *data, "--output-dir", str(out), "--max-steps", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, launcher_failure(result.stderr)
     assert "2 process(es)" in result.stdout and "effective batch 8 = 4 x 2 x 1" in result.stdout

@@ -185,6 +185,8 @@ class PretrainConfig(TrainConfig):
             require()
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
+        if self.gpu_augment and self.model.in_chans != 3:
+            raise ConfigError(f"gpu_augment decodes RGB photos; with in_chans {self.model.in_chans} leave it off")
 
 
 # The MAE linear-probe protocol (He et al. 2022, main_linprobe.py): blr 0.1 for an effective batch of 16384, 90

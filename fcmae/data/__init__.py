@@ -7,6 +7,7 @@
 - `decoding`: one file -> 8-bit RGB, or a float array of any channel count and bit depth.
 - `transforms`: the pretraining augmentation (fast, seeded per sample) and the evaluation transform.
 - `datasets`: the datasets over files, with unreadable-sample skipping.
+- `gpu_augment`: `--gpu-augment`, JPEGs decoded (nvjpeg) and augmented on the device in batches.
 - `stats`: `fcmae-stats`, per-channel mean and std over a sample of the data.
 """
 
@@ -24,6 +25,7 @@ from .file_index import FileIndex
 from .folders import (
     IMAGE_EXTENSIONS, demo_image_files, find_images, find_labeled_images, resolve_data_path, walk_images, write_digits,
 )
+from .gpu_augment import EncodedCrop, augment_batch, collate_encoded
 from .seeding import preserved_rng, seeded
 from .shards import ShardImages, ShardOrder, is_shards, shard_dataset
 from .transforms import PretrainTransform, eval_transform, pretrain_transform
@@ -32,12 +34,12 @@ __all__ = [
     "IMAGE_EXTENSIONS", "DataError", "find_images", "find_labeled_images", "demo_image_files", "load_rgb",
     "load_array", "ImageFiles", "Samples", "ShardImages", "ShardOrder", "FileIndex", "PretrainTransform",
     "pretrain_transform", "eval_transform", "pretrain_dataset", "pretrain_sampler", "seeded", "preserved_rng",
-    "write_digits", "resolve_data_path", "walk_images", "is_shards",
+    "write_digits", "resolve_data_path", "walk_images", "is_shards", "EncodedCrop", "augment_batch", "collate_encoded",
 ]
 
 
 def pretrain_dataset(data_path: str, size: tuple[int, int], seed: int, mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None, draft: bool = True) -> Samples:
+                     std: Sequence[float] | None = None, draft: bool = True, encoded: bool = False) -> Samples:
     """Unlabeled images for pretraining, by --data-path:
 
     - "demo": the embedded photos; "digits:FOLDER": scikit-learn's digits written to FOLDER;
@@ -46,10 +48,15 @@ def pretrain_dataset(data_path: str, size: tuple[int, int], seed: int, mean: Seq
     - an image folder (its train/ if present), indexed once and cached (`FileIndex`).
 
     mean / std: per-channel normalization (their length is the channel count; ImageNet's 3 by default).
+    encoded: items are `gpu_augment.EncodedCrop`'s (bytes + crop + flip, collated by `collate_encoded`, finished
+    on the device by `augment_batch`, which normalizes) instead of `PretrainTransform`'s tensors.
     """
     if (mean is None) != (std is None):
         raise DataError("give both mean and std (one value per channel), or neither for ImageNet's")
-    transform = PretrainTransform(size, *(() if mean is None else (mean, std)), draft=draft)
+    if encoded:
+        transform = EncodedCrop()
+    else:
+        transform = PretrainTransform(size, *(() if mean is None else (mean, std)), draft=draft)
     if data_path == "demo":
         return ImageFiles(demo_image_files(), transform, seed=seed)
     if data_path and not data_path.startswith("digits:") and is_shards(data_path):

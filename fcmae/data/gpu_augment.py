@@ -7,7 +7,11 @@ libjpeg on the CPU, so the same code runs and is tested on both), and every imag
 torch's antialiased bicubic interpolation, rounded to 8 bits like PIL's output, flipped and normalized.
 
 Files that are not plain JPEGs (PNG, CMYK JPEGs, EXIF-rotated JPEGs) are decoded and rotated by PIL in the worker
-and travel as pixels; only their crop runs on the device.
+and travel as pixels; only their crop runs on the device. 16-bit files and arrays travel as 8-bit RGB pixels (this
+path is for photos; N-channel data uses the CPU path).
+
+In pretrain.py (`--gpu-augment`) the loader's batches stay on the host (nvjpeg reads the encoded bytes from host
+memory) and `augment_batch` runs at the start of each step, on the training device.
 
 Differences from the CPU path: torch's bicubic kernel (a = -0.75) is not PIL's (a = -0.5), and nvjpeg's IDCT is
 not libjpeg-turbo's, so pixels differ by a few 8-bit levels (measured in tests/test_data.py); the crops and flips
@@ -25,6 +29,7 @@ from PIL import ExifTags, Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .decoding import to_rgb
+from .errors import FatalDataError
 from .transforms import crop_params, sample_generator
 
 
@@ -38,10 +43,16 @@ class EncodedCrop:
     def __init__(self, scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         self.scale, self.ratio = scale, ratio
 
-    def __call__(self, img: Image.Image, entropy: Sequence[int]) -> dict:
+    def __call__(self, img: Image.Image | np.ndarray, entropy: Sequence[int]) -> dict:
         generator = sample_generator(entropy)
-        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-        if img.format == "JPEG" and img.mode in ("RGB", "L") and orientation == 1:
+        if isinstance(img, np.ndarray):  # (H, W, C) floats in [0, 1] (16-bit PNG / TIFF, .npy): as 8-bit RGB pixels
+            pixels = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
+            if pixels.shape[-1] != 3:
+                raise FatalDataError(f"--gpu-augment takes RGB images, this one has {pixels.shape[-1]} channels")
+            data = torch.from_numpy(np.clip(pixels * 255 + 0.5, 0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous()
+            height, width = pixels.shape[:2]
+        elif img.format == "JPEG" and img.mode in ("RGB", "L") and \
+                img.getexif().get(ExifTags.Base.Orientation, 1) == 1:
             width, height = img.size
             img.fp.seek(0)
             data = torch.frombuffer(bytearray(img.fp.read()), dtype=torch.uint8)

@@ -174,9 +174,13 @@ class Run:
         if note:
             self.print(note)
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader):
-        """Wrap model, optimizer and loader for the processes and devices; sets the schedule's length."""
-        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
+                place_batches: bool = True):
+        """Wrap model, optimizer and loader for the processes and devices; sets the schedule's length.
+        place_batches=False leaves the loader's batches on the host (the step moves them, e.g. --gpu-augment's
+        JPEG bytes, which nvjpeg reads from host memory)."""
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(
+            model, optimizer, loader, device_placement=[None, None, None if place_batches else False])
         config = self.config
         # Accelerate steps the optimizer at the end of every epoch, after a partial accumulation too.
         self.steps_per_epoch = math.ceil(len(self.loader) / config.accum_steps)
