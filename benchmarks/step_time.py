@@ -174,7 +174,7 @@ def profile_sparse(args, name: str, batch_size: int) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if imgs.is_cuda else [])
     with profile(activities=activities) as prof:
         variant()
-    sort = "self_cuda_time_total" if imgs.is_cuda else "self_cpu_time_total"
+    sort = "self_device_time_total" if imgs.is_cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=20))
 
 
