@@ -3,9 +3,11 @@
 # --gpu-augment, the CUDA tests, and a short bf16 + compile pretraining run through accelerate launch whose loss
 # must fall. Offline; installs nothing; runs from
 # the source tree in an environment that has torch >= 2.11, timm and accelerate (plus pytest, and scikit-image for
-# the demo photos). About 8 minutes on one H100 or H200.
+# the demo photos). About 15 minutes on one H100 or H200, most of it compiling; where one call is limited to 10
+# minutes, run --timings (part 1, about 9) and --checks (parts 2-3, about 6) as two calls.
 #
 #     bash benchmarks/gpu_check.sh [RESULTS_DIR]          # RESULTS_DIR defaults to $OUT, else gpu_check_results
+#     bash benchmarks/gpu_check.sh --timings | --checks [RESULTS_DIR]   # part 1 | parts 2 and 3
 #     bash benchmarks/gpu_check.sh --short [RESULTS_DIR]  # ~2.5 minutes: CUDA equivalence fp32 / bf16, compiled vs
 #                                                         # eager on CUDA, eager bf16 benchmark rows for atto, tiny
 #
@@ -13,8 +15,12 @@
 # RESULTS_DIR/step_time_cuda_{eager,compiled}.md (rewritten after each model, so a run cut short keeps what it
 # measured), the throughput table to throughput_cuda.md, the loader's to loader_cuda.md.
 set -u
-SHORT=0
-if [ "${1:-}" = "--short" ]; then SHORT=1; shift; fi
+SHORT=0 TIMINGS=1 CHECKS=1
+case "${1:-}" in
+    --short) SHORT=1; shift ;;
+    --timings) CHECKS=0; shift ;;
+    --checks) TIMINGS=0; shift ;;
+esac
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-gpu_check_results}}
 mkdir -p "$RESULTS"
@@ -46,15 +52,20 @@ if [ $SHORT = 1 ]; then
     exit
 fi
 
-# 1. The step-time benchmark, bf16, batch 128, atto / tiny / base at 224 px: eager (with a profile of each sparse
-#    step), then compiled. Timings first, on an idle GPU.
-part "step-time benchmark, eager" 110 $PYTHON benchmarks/step_time.py --device cuda --model atto tiny base \
-    --batch-size 128 128 128 --modes eager --precisions bf16 --repeats 5 --profile \
+# 1. The step-time benchmark, bf16, batch 128, atto / tiny / base at 224 px: eager, a profile of tiny's sparse
+#    step, then compiled (about 100 s of compilation per model on an H200). Timings first, on an idle GPU.
+if [ $TIMINGS = 1 ]; then
+part "step-time benchmark, eager" 120 $PYTHON benchmarks/step_time.py --device cuda --model atto tiny base \
+    --batch-size 128 128 128 --modes eager --precisions bf16 --repeats 5 \
     --output "$RESULTS/step_time_cuda_eager.md"
-part "step-time benchmark, compiled" 160 $PYTHON benchmarks/step_time.py --device cuda --model atto tiny base \
+part "profile, tiny sparse eager" 60 $PYTHON benchmarks/step_time.py --device cuda --model tiny --batch-size 128 \
+    --modes eager --precisions bf16 --repeats 2 --no-memory --profile
+part "step-time benchmark, compiled" 360 $PYTHON benchmarks/step_time.py --device cuda --model atto tiny base \
     --batch-size 128 128 128 --modes compiled --precisions bf16 --repeats 5 \
     --output "$RESULTS/step_time_cuda_compiled.md"
+fi
 
+if [ $CHECKS = 1 ]; then
 # 2. Does the loader keep up? pretrain.py end to end, CPU augmentation vs --gpu-augment (nvjpeg), atto bf16.
 part "throughput, cpu vs gpu augment" 120 $PYTHON benchmarks/throughput.py --batch-size 128 --num-workers 14 \
     --mixed-precision bf16 --steps 30 --images 2048 --output "$RESULTS/throughput_cuda.md"
@@ -64,10 +75,11 @@ part "loader benchmark, gpu-augment" 40 $PYTHON benchmarks/loader.py --images 25
 # 3. Together (timings are done): the CUDA tests (backends in fp32 / bf16, compiled vs eager on CUDA, nvjpeg), and
 #    30 steps of bf16 + compile pretraining through accelerate launch whose loss must fall. One process: two on
 #    one GPU is not a configuration NCCL supports; the 2-process path runs in the CPU tests (gloo).
-part "cuda tests" 130 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_compile.py \
+export FCMAE_INDUCTOR_TESTS=1  # inductor on CUDA too (the CPU suite checks graphs with aot_eager only)
+part "cuda tests" 200 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_compile.py \
     tests/test_data.py -k "cuda and not aot_eager" > "$WORK/tests.log" 2>&1 &
 TESTS=$!
-part "pretrain bf16 + compile, 30 steps" 100 $PYTHON -m accelerate.commands.launch --num_processes 1 \
+part "pretrain bf16 + compile, 30 steps" 200 $PYTHON -m accelerate.commands.launch --num_processes 1 \
     --mixed_precision bf16 pretrain.py --data-path demo --input-size 96 --batch-size 16 --num-workers 4 \
     --max-steps 30 --warmup-steps 5 --lr 2e-3 --decoder-embed-dim 128 --log-every 5 --save-every 30 --vis-every 0 \
     --compile --no-progress --output-dir "$WORK/pretrain"
@@ -75,6 +87,7 @@ part "loss falls" 20 $PYTHON benchmarks/loss_falls.py "$WORK/pretrain/metrics.js
 wait $TESTS
 tail -n 5 "$WORK/tests.log"
 grep -q "^PASS cuda tests" "$WORK/tests.log" || FAILED+=("cuda tests")
+fi
 
 echo "=== done in $((SECONDS - START)) s; failed: ${FAILED[*]:-none}"
 rm -rf "$WORK"

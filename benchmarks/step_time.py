@@ -11,9 +11,10 @@ Columns:
   peak           tensor memory a step allocates beyond the model and its inputs (CUDA: the allocator's peak
                  counter; CPU: torch.profiler's allocation record), GiB;
   TFLOP/s        the FLOPs of the step / its time. FLOPs are counted by torch.utils.flop_counter on the eager
-                 step of that backend: 2 x multiply-adds of every matmul and convolution, forward and backward
-                 (elementwise ops, norms and the loss not counted). The sparse backend's count is its own: matmuls
-                 over visible sites only, depthwise convs over the canvas.
+                 forward of that backend, 2 x multiply-adds of every matmul and convolution, times 3 for forward
+                 and backward (elementwise ops, norms and the loss not counted; see step_flops for why the
+                 backward is not counted directly). The sparse backend's count is its own: matmuls over visible
+                 sites only, depthwise convs over the canvas.
   diff           max |pred - pred of eager fp32 dense| / max |pred of eager fp32 dense|.
 
     python benchmarks/step_time.py                      # CPU: tiny b8 and atto b16 at 224, every column
@@ -78,12 +79,17 @@ def build(name: str, batch_size: int, img_size: int, mask_ratio: float, device: 
 
 
 def step_flops(variant: Variant) -> int:
+    """3 x the forward's FLOPs (forward + backward, the usual convention). The backward is not counted itself:
+    torch.utils.flop_counter's convolution_backward formula ignores groups, so it counts a depthwise conv's
+    backward as a dense conv's, C times too many (checked on torch 2.11 and 2.14)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        variant()
-    return counter.get_total_flops()
+    with counter, torch.no_grad():
+        torch.manual_seed(0)  # the same mask as the timed step
+        with torch.autocast(variant.imgs.device.type, enabled=False):
+            variant.model(variant.imgs)
+    return 3 * counter.get_total_flops()
 
 
 def peak_memory(variant: Variant) -> float:
