@@ -3,7 +3,7 @@
 On CPU the suite compiles with the "aot_eager" backend: Dynamo captures the whole forward (fullgraph, so any
 graph break or data-dependent op fails the test) and AOTAutograd builds the joint forward/backward graph, without
 inductor's code generation, which takes minutes per model on a 2-core machine. Set FCMAE_INDUCTOR_TESTS=1 to add
-inductor (benchmarks/gpu_check.sh does, on CPU and CUDA).
+inductor (benchmarks/gpu_check.sh does, on CUDA).
 """
 
 import os

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_STD
 
 from fcmae.data import (
     DataError, ImageFiles, eval_transform, find_images, find_labeled_images, load_rgb, pretrain_dataset, walk_images,
@@ -147,8 +148,9 @@ def test_evaluation_leaves_unreadable_files_out_instead_of_counting_another_twic
 
 
 def test_fast_transform_is_the_torchvision_pipeline_without_draft(tmp_path):
-    """PretrainTransform draws its crop and flip as pretrain_transform does under seeded(): same pixels, bit for
-    bit, without touching the global RNGs. With draft on, a large JPEG is decoded reduced and stays close."""
+    """PretrainTransform draws its crop and flip as pretrain_transform does under seeded(), without touching the
+    global RNGs: the same pixels to within a few 8-bit levels (torch's antialiased bicubic resize, PIL's filter). With
+    draft on, a large JPEG is decoded reduced and stays close."""
     from fcmae.data import PretrainTransform, seeded
     from fcmae.data.decoding import open_image
 
@@ -158,15 +160,18 @@ def test_fast_transform_is_the_torchvision_pipeline_without_draft(tmp_path):
     photo.resize((800, 800)).save(large, quality=95)
     exact, drafted = PretrainTransform((64, 64), draft=False), PretrainTransform((64, 64))
     reference = pretrain_transform((64, 64))
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
     diffs = []
     for path in (small, large):
         for index in range(6):
             seeded([3, 1, index])
             expected = reference(load_rgb(path))
             state = torch.get_rng_state()
-            assert torch.equal(exact(open_image(path), [3, 1, index]), expected)
+            out = exact(open_image(path), [3, 1, index])
+            levels = ((out - expected) * std * 255).abs()  # in 8-bit levels: a flip or another crop is far more
+            assert levels.max() < 6.01 and levels.mean() < 0.3, (levels.max(), levels.mean())
             assert torch.equal(torch.get_rng_state(), state)
-            diffs.append((drafted(open_image(path), [3, 1, index]) - expected).abs().mean().item())
+            diffs.append((drafted(open_image(path), [3, 1, index]) - out).abs().mean().item())
     assert diffs[:6] == [0.0] * 6  # 120x90: every crop is too small to decode reduced
     assert 0 < max(diffs[6:]) < 0.05, diffs  # of a value range of about 4.5 (normalized)
 
