@@ -13,9 +13,9 @@ path is for photos; N-channel data uses the CPU path).
 In pretrain.py (`--gpu-augment`) the loader's batches stay on the host (nvjpeg reads the encoded bytes from host
 memory) and `augment_batch` runs at the start of each step, on the training device.
 
-Differences from the CPU path: torch's bicubic kernel (a = -0.75) is not PIL's (a = -0.5), and nvjpeg's IDCT is
-not libjpeg-turbo's, so pixels differ by a few 8-bit levels (measured in tests/test_data.py); the crops and flips
-are the same.
+Differences from the CPU path: the resize runs on float pixels rather than 8-bit ones (the same antialiased bicubic
+filter), the draft decode is not used, and nvjpeg's IDCT is not libjpeg-turbo's, so pixels differ by a few 8-bit
+levels (measured in tests/test_data.py); the crops and flips are the same.
 """
 
 from __future__ import annotations
