@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finetune")
     data = write_digits(tmp / "digits")
     assert call(pretrain.main, ["--data-path", str(data), "--output-dir", str(tmp / "pre"), "--input-size", "64",
-                                "--batch-size", "32", "--max-steps", "90", "--lr", "1e-3", "--warmup-steps", "10",
+                                "--batch-size", "32", "--max-steps", "90", "--lr", "3e-4", "--warmup-steps", "10",
                                 "--decoder-embed-dim", "64", "--num-workers", "0", "--vis-every", "0"]) == 0
     out = tmp / "ft"
     assert call(finetune.main, FAST + ["--data-path", str(data), "--finetune", str(tmp / "pre/fcmae_model.safetensors"),
