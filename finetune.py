@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from fcmae.checkpoints import load, load_state_dict_strict, names, write_safetensors
 from fcmae.config import ConfigError, FinetuneConfig, from_dict, load_yaml, parse_config
-from fcmae.data import DataError, ImageFiles, find_labeled_images, resolve_data_path
+from fcmae.data import DataError, EvalTransform, ImageFiles, PretrainTransform, find_labeled_images, resolve_data_path
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
@@ -61,15 +61,28 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
     if config.num_classes and config.num_classes != len(classes):
         raise DataError(f"--num-classes {config.num_classes} does not match the {len(classes)} class folders "
                         f"in {root / 'train'}")
-    train_tf = create_transform(  # config.aa and config.interpolation were checked when the config was read
-        config.image_size, is_training=True, auto_augment=config.aa or None, interpolation=config.interpolation,
-        color_jitter=config.color_jitter, re_prob=config.reprob, re_mode="pixel", re_count=1,
-    )  # fmt: skip
-    for op in _augment_ops(train_tf):
-        if op.aug_fn is auto_augment.posterize:
-            op.aug_fn = posterize
+    if config.in_chans != 3:  # arrays of any channel count: crop, flip and resize in torch (see the README, Data)
+        mean, std = config.normalization()
+        train_tf = PretrainTransform(config.image_size, mean, std, draft=False, scale=(0.08, 1.0))  # timm's scale
+        val_tf = EvalTransform(config.image_size, mean, std, config.crop_pct)
+    else:
+        train_tf = create_transform(  # config.aa and config.interpolation were checked when the config was read
+            config.image_size, is_training=True, auto_augment=config.aa or None, interpolation=config.interpolation,
+            color_jitter=config.color_jitter, re_prob=config.reprob, re_mode="pixel", re_count=1,
+            **normalization_kwargs(config),
+        )  # fmt: skip
+        for op in _augment_ops(train_tf):
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize
+        val_tf = eval_transform(config)
     return (ImageFiles(train_files, train_tf, train_labels, seed=config.seed),
-            ImageFiles(val_files, eval_transform(config), val_labels, substitute=False), classes)
+            ImageFiles(val_files, val_tf, val_labels, substitute=False), classes)
+
+
+def normalization_kwargs(config: FinetuneConfig) -> dict:
+    """timm's create_transform mean / std: the config's, if given, else timm's ImageNet defaults."""
+    mean, std = config.normalization()
+    return {} if mean is None else {"mean": tuple(mean), "std": tuple(std)}
 
 
 def _augment_ops(transform) -> list[auto_augment.AugmentOp]:
@@ -94,7 +107,7 @@ def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
 def eval_transform(config: FinetuneConfig):
     """Resize to input_size / crop_pct, then center crop (crop_pct 0.875: 256 -> 224, the same ratio elsewhere)."""
     return create_transform(config.image_size, is_training=False, interpolation=config.interpolation,
-                            crop_pct=config.crop_pct)
+                            crop_pct=config.crop_pct, **normalization_kwargs(config))
 
 
 # Model ----------------------------------------------------------------------------------------------------------
@@ -215,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     # "digits:FOLDER" is written once, by the main process; an error there ends every process with its message
     train_set, val_set, classes = run.main_process_first(lambda: datasets(config))
     config.check_data_channels(train_set[0]["image"].shape[0])
+    rgb_only = [f"--{name.replace('_', '-')}" for name in ("aa", "color_jitter", "reprob") if getattr(config, name)]
+    if config.in_chans != 3 and rgb_only:
+        run.print(f"note: {', '.join(rgb_only)} apply to RGB photos only: off for {config.in_chans}-channel data "
+                  "(random resized crop, flip, mixup and cutmix stay)")
     model = build_model(config, len(classes), run.print)
     run.plan_batches(len(train_set))
     lr = run.base_lr()

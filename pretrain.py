@@ -50,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = Run(config, project="fcmae-pretrain")
     # digits written, a folder indexed, shards counted: by the main process; an error there ends every process
     # with its one-line message
-    dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed,
-                                                              encoded=config.gpu_augment))
+    mean, std = config.normalization()
+    dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed, mean,
+                                                              std, encoded=config.gpu_augment))
     sampler = pretrain_sampler(dataset, config.batch_size, run.accelerator.num_processes, config.seed)
     collate = collate_encoded if config.gpu_augment else default_collate
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -63,8 +64,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def images_of(batch: dict) -> torch.Tensor:
         """The batch's images on the device: (N, C, H, W), augmented there first with --gpu-augment."""
         if config.gpu_augment:
-            return augment_batch(batch["image"], config.image_size, device, config.mean or IMAGENET_DEFAULT_MEAN,
-                                 config.std or IMAGENET_DEFAULT_STD)
+            return augment_batch(batch["image"], config.image_size, device, mean or IMAGENET_DEFAULT_MEAN,
+                                 std or IMAGENET_DEFAULT_STD)
         return batch["image"].to(device, non_blocking=True)  # a no-op where Accelerate placed the batch
 
     # Fixed images for the reconstruction grids: drawn at random with the run's seed, epoch-0 augmentation.

@@ -53,12 +53,14 @@ def test_model_settings_at_the_top_level_as_config_files_wrote_them_before(tmp_p
 def test_round_trip_through_saved_yaml(tmp_path):
     config = parse_config(PretrainConfig, ["--data-path", "d", "--input-size", "64", "96", "--lr", "2e-3",
                                            "--log-with", "tensorboard", "--max-steps", "7", "--mask-ratio", "0.5",
-                                           "--in-chans", "4"])
+                                           "--in-chans", "4", "--mean", "0.1", "0.2", "0.3", "0.4", "--std", "0.2",
+                                           "0.2", "0.2", "0.25"])
     save_yaml(config, tmp_path / "config.yaml")
     again = parse_config(PretrainConfig, ["--config", str(tmp_path / "config.yaml")])
     assert dataclasses.asdict(again) == dataclasses.asdict(config)
     saved = load_yaml(tmp_path / "config.yaml")
     assert saved["input_size"] == [64, 96] and saved["model"]["mask_ratio"] == 0.5 and saved["model"]["in_chans"] == 4
+    assert saved["mean"] == [0.1, 0.2, 0.3, 0.4] and saved["std"] == [0.2, 0.2, 0.2, 0.25]
     assert "img_size" not in saved["model"] and "depths" not in saved["model"]  # input_size; the named size's
     assert from_dict(PretrainConfig, saved) == again
 
@@ -143,7 +145,8 @@ def test_valid_timm_transform_strings_pass():
 
 
 def test_finetune_config_names_its_model_and_channels():
-    config = parse_config(FinetuneConfig, ["--data-path", "x", "--model", "tiny", "--in-chans", "4"])
+    config = parse_config(FinetuneConfig, ["--data-path", "x", "--model", "tiny", "--in-chans", "4", "--mean",
+                                           *["0.5"] * 4, "--std", *["0.25"] * 4])
     assert config.model == config.model_name == "convnextv2_tiny" and config.in_chans == 4
     with pytest.raises(ConfigError, match="unknown flag --mask-ratio in the command line"):  # a pretraining setting
         parse_config(FinetuneConfig, ["--data-path", "x", "--mask-ratio", "0.5"])

@@ -270,7 +270,7 @@ def test_layer_ids_follow_the_official_release():
     ("odd-batch", "batch_size must be even with mixup/cutmix"),
     ("eval-without-resume", "--eval needs --resume FILE"),
     ("eval-pretrained", "is an FCMAE pretraining model, not a classifier: fine-tune it with --finetune"),
-    ("channels", "load with 3 channel(s) but the model takes 4 (--in-chans 4); set --in-chans 3"),
+    ("channels", "image has 3 channels, the data config expects 4 (--in-chans, and one --mean / --std value"),
 ])
 def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message):
     data, pretrained, _ = trained
@@ -292,7 +292,7 @@ def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message
     elif change == "odd-batch":
         argv += ["--mixup", "0.8", "--batch-size", "31"]
     elif change == "channels":
-        argv += ["--in-chans", "4"]
+        argv += ["--in-chans", "4", "--mean", *["0.5"] * 4, "--std", *["0.25"] * 4]
     else:
         argv += ["--eval"]
     assert call(finetune.main, argv) == 2

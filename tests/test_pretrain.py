@@ -206,7 +206,8 @@ def test_init_from_a_model_file(photos, tmp_path):
     (["--data-path", "PHOTOS", "--mask-ratoi", "0.5"], "unknown flag --mask-ratoi in the command line; did you mean "
                                                        "--mask-ratio\\?"),
     (["--data-path", "PHOTOS", "--batch-size", "64"], "the dataset is too small for one batch"),
-    (["--data-path", "PHOTOS", "--in-chans", "1"], "load with 3 channel\\(s\\) but the model takes 1 \\(--in-chans 1\\)"),
+    (["--data-path", "PHOTOS", "--in-chans", "1", "--mean", "0.5", "--std", "0.25"],
+     "image has 3 channels, the data config expects 1 \\(--in-chans"),
     (["--data-path", "PHOTOS", "--init-from", "/no/model.safetensors"], "/no/model.safetensors"),
     (["--data-path", "PHOTOS", "--resume", "/no/checkpoint"], "checkpoint not found: /no/checkpoint"),
     (["--data-path", "PHOTOS", "--log-with", "wandb"], "--log-with wandb needs the wandb package"),

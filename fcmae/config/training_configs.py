@@ -90,6 +90,20 @@ class TrainConfig:
             raise ConfigError(f"the images of {self.data_path} load with {channels} channel(s) but the model takes "
                               f"{self.in_channels} (--in-chans {self.in_channels}); set --in-chans {channels}")
 
+    def normalization(self) -> tuple[list[float], list[float]] | tuple[None, None]:
+        """(mean, std) per channel from the config, or (None, None) for ImageNet's (RGB only)."""
+        return (list(self.mean), list(self.std)) if self.mean else (None, None)
+
+    def check_normalization(self) -> None:
+        """ConfigError unless mean / std fit the model's channels (called once the model is known)."""
+        channels = self.in_channels
+        if self.mean and len(self.mean) != channels:
+            raise ConfigError(f"mean and std have {len(self.mean)} value(s) but the model takes {channels} "
+                              f"channel(s): give one per channel")
+        if not self.mean and channels != 3:
+            raise ConfigError(f"in_chans {channels} needs --mean and --std, one value per channel (ImageNet's are "
+                              f"for RGB); fcmae-stats DATA --in-chans {channels} computes them")
+
     def to_dict(self) -> dict[str, Any]:
         """The config as YAML / JSON values, the model as a nested mapping (what config.yaml holds)."""
         values: dict[str, Any] = {}
@@ -185,6 +199,7 @@ class PretrainConfig(TrainConfig):
             require()
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
+        self.check_normalization()
         if self.gpu_augment and self.model.in_chans != 3:
             raise ConfigError(f"gpu_augment decodes RGB photos; with in_chans {self.model.in_chans} leave it off")
 
@@ -248,6 +263,7 @@ class FinetuneConfig(TrainConfig):
         self.model = resolve_name(self.model)
         if self.in_chans < 1:
             raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
+        self.check_normalization()
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0 (0: count the class folders), got {self.num_classes}")
         if self.layer_decay_type not in ("single", "group"):

@@ -26,7 +26,7 @@ from ..fcmae import FCMAE
 from ..model_config import FCMAEConfig
 from ..models import MODEL_SIZES
 from .key_rules import to_fcmae_names
-from .shapes import csv, decoder_shape, infer_decoder, infer_encoder, model_name, settings_hints
+from .shapes import csv, decoder_shape, infer_decoder, infer_encoder, infer_in_chans, model_name, settings_hints
 
 __all__ = ["TARGETS", "Conversion", "convert", "to_timm", "to_fcmae", "save_conversion", "load_checkpoint"]
 
@@ -81,6 +81,8 @@ class Conversion:
         if self.name not in MODEL_SIZES or list(MODEL_SIZES[self.name][0]) != self.config["depths"] or \
                 list(MODEL_SIZES[self.name][1]) != self.config["dims"]:
             kwargs.update(depths=tuple(self.config["depths"]), dims=tuple(self.config["dims"]))
+        if self.config.get("in_chans", 3) != 3:
+            kwargs["in_chans"] = self.config["in_chans"]
         if self.conv_mlp is not None and self.conv_mlp != _timm_default_conv_mlp(self.timm_name):
             kwargs["conv_mlp"] = self.conv_mlp
         return kwargs
@@ -150,9 +152,11 @@ def convert(
     depth, width = decoder_shape(found_decoder, decoder_depth, decoder_embed_dim, where)
     settings = {k: hints[k] for k in ("img_size", "mask_ratio", "norm_pix_loss", "drop_path_rate", "backend")
                 if k in hints}
+    in_chans = infer_in_chans(state)
     config = dict(name=name, depths=list(depths), dims=list(dims), patch_size=4 * 2 ** (len(depths) - 1),
-                  decoder_depth=depth, decoder_embed_dim=width, **settings)
-    notes = [f"detected {layout} layout in {where}: {name} (depths {csv(depths)}, dims {csv(dims)}), "
+                  in_chans=in_chans, decoder_depth=depth, decoder_embed_dim=width, **settings)
+    channels = f", {in_chans} input channels" if in_chans != 3 else ""
+    notes = [f"detected {layout} layout in {where}: {name} (depths {csv(depths)}, dims {csv(dims)}{channels}), "
              + (f"decoder depth {depth} width {width}, " if found_decoder else "no decoder, ")
              + (_describe_head(state, head) if head else "no classifier head")]
 
@@ -210,7 +214,8 @@ def _finish_timm(state: StateDict, origin: dict[str, str], config: dict[str, Any
         out.update({k: state[k] for k in head})
 
     num_classes = out["head.fc.weight"].shape[0] if "head.fc.weight" in out else 0
-    timm_model = _timm_model(config["name"], config["depths"], config["dims"], conv_mlp, num_classes)
+    timm_model = _timm_model(config["name"], config["depths"], config["dims"], conv_mlp, num_classes,
+                             config["in_chans"])
     use_conv_mlp = _uses_conv_mlp(timm_model)
     if use_conv_mlp:  # timm's conv_mlp form: the MLP's Linears as 1x1 convs
         out = {k: v[:, :, None, None] if ".mlp.fc" in k and k.endswith(".weight") else v for k, v in out.items()}
@@ -248,9 +253,10 @@ def _finish_fcmae(state: StateDict, origin: dict[str, str], config: dict[str, An
 
 
 def _timm_model(name: str, depths: Sequence[int], dims: Sequence[int], conv_mlp: bool | None,
-                num_classes: int) -> nn.Module:
+                num_classes: int, in_chans: int = 3) -> nn.Module:
     """timm's ConvNeXt V2 of this size on the meta device; conv_mlp None keeps timm's default for the name."""
-    kwargs: dict[str, Any] = dict(depths=tuple(depths), dims=tuple(dims), num_classes=num_classes)
+    kwargs: dict[str, Any] = dict(depths=tuple(depths), dims=tuple(dims), num_classes=num_classes,
+                                  in_chans=in_chans)
     if conv_mlp is not None:
         kwargs["conv_mlp"] = conv_mlp
     with torch.device("meta"):

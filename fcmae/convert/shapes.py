@@ -43,6 +43,12 @@ def infer_encoder(state: StateDict, where: str) -> tuple[tuple[int, ...], tuple[
     return tuple(depths), tuple(dims)
 
 
+def infer_in_chans(state: StateDict) -> int:
+    """The input channels of an "fcmae"-layout encoder: its stem conv's (C_out, C_in, 4, 4) weight; 3 without one."""
+    stem = state.get("encoder.stem.0.weight")
+    return int(stem.shape[1]) if stem is not None and stem.ndim == 4 else 3
+
+
 def infer_decoder(state: StateDict, where: str) -> tuple[int, int] | None:
     """(depth, width) of the decoder in an "fcmae"-layout state, None if it has no decoder weights."""
     keys = [k for k in state if k.startswith("decoder.")]

@@ -28,12 +28,12 @@ from .folders import (
 from .gpu_augment import EncodedCrop, augment_batch, collate_encoded
 from .seeding import preserved_rng, seeded
 from .shards import ShardImages, ShardOrder, is_shards, shard_dataset
-from .transforms import PretrainTransform, eval_transform, pretrain_transform
+from .transforms import EvalTransform, PretrainTransform, eval_transform, pretrain_transform
 
 __all__ = [
     "IMAGE_EXTENSIONS", "DataError", "find_images", "find_labeled_images", "demo_image_files", "load_rgb",
     "load_array", "ImageFiles", "Samples", "ShardImages", "ShardOrder", "FileIndex", "PretrainTransform",
-    "pretrain_transform", "eval_transform", "pretrain_dataset", "pretrain_sampler", "seeded", "preserved_rng",
+    "EvalTransform", "pretrain_transform", "eval_transform", "pretrain_dataset", "pretrain_sampler", "seeded", "preserved_rng",
     "write_digits", "resolve_data_path", "walk_images", "is_shards", "EncodedCrop", "augment_batch", "collate_encoded",
 ]
 

@@ -153,10 +153,7 @@ class PretrainTransform:
         return self._normalize(pixels.float().div_(255).contiguous())
 
     def _array(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        if pixels.shape[-1] == 1 and self.in_chans == 3:  # grayscale in an RGB run, as PIL's convert("RGB") does
-            pixels = np.repeat(pixels, 3, axis=-1)
-        if pixels.shape[-1] != self.in_chans:  # the data and the config disagree: no sample would be usable
-            raise FatalDataError(f"image has {pixels.shape[-1]} channels, the data config expects {self.in_chans}")
+        pixels = match_channels(pixels, self.in_chans)
         height, width = pixels.shape[:2]
         top, left, h, w = crop_params(height, width, self.scale, self.ratio, generator)
         flip = torch.rand(1, generator=generator).item() < 0.5
@@ -165,3 +162,48 @@ class PretrainTransform:
         if flip:
             out = out.flip(-1)
         return self._normalize(out.contiguous())
+
+
+def match_channels(pixels: np.ndarray, in_chans: int) -> np.ndarray:
+    """(H, W, C) pixels with the channels a run expects: grayscale in an RGB run is repeated (as PIL's
+    convert("RGB") does); any other disagreement is a config mistake, so no sample is skipped for it."""
+    if pixels.shape[-1] == 1 and in_chans == 3:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    if pixels.shape[-1] != in_chans:
+        raise FatalDataError(f"image has {pixels.shape[-1]} channels, the data config expects {in_chans} "
+                             "(--in-chans, and one --mean / --std value per channel)")
+    return pixels
+
+
+class EvalTransform:
+    """Evaluation for images of any channel count (16-bit PNG / TIFF, .npy, N channels): resize the shorter side
+    to max(size) / crop_pct (bicubic, antialiased), center crop `size`, per-channel normalization; what
+    `eval_transform` does for RGB photos. Called as `transform(array, entropy)` with a (H, W, C) float32 array, as
+    `PretrainTransform` is (entropy unused); returns (C, H, W) float32."""
+
+    decodes = True
+
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875):
+        if len(mean) != len(std):
+            raise DataError(f"mean has {len(mean)} values and std {len(std)}: give one per channel")
+        self.size, self.crop_pct = tuple(size), crop_pct
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    @property
+    def in_chans(self) -> int:
+        return len(self.mean)
+
+    def __call__(self, pixels: np.ndarray, entropy: Sequence[int] = ()) -> torch.Tensor:
+        if not isinstance(pixels, np.ndarray):
+            raise DataError("EvalTransform takes (H, W, C) arrays (fcmae.data.load_array)")
+        pixels = match_channels(pixels, self.in_chans)
+        height, width = pixels.shape[:2]
+        short = int(max(self.size) / self.crop_pct)
+        scale = short / min(height, width)
+        resized_hw = (max(round(height * scale), self.size[0]), max(round(width * scale), self.size[1]))
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float()
+        image = F.interpolate(image, size=resized_hw, mode="bicubic", antialias=True, align_corners=False)[0]
+        top, left = (resized_hw[0] - self.size[0]) // 2, (resized_hw[1] - self.size[1]) // 2
+        crop = image[:, top:top + self.size[0], left:left + self.size[1]]
+        return crop.sub(self.mean).div_(self.std).contiguous()
