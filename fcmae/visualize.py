@@ -37,12 +37,13 @@ COLUMNS = ("original", "masked", "reconstruction (with the true patch mean/std)"
 
 def _preview(imgs: Tensor) -> Tensor:
     """(N, C, H, W) normalized images -> (N, 3, H, W) in [0, 1] to look at: RGB un-normalized with ImageNet's
-    mean/std; one channel as gray; more than three as their first three (each image stretched to [0, 1])."""
+    mean/std; one or two channels: the first as gray; more than three: the first three as RGB (each image stretched
+    to [0, 1], since their mean/std are not known here)."""
     if imgs.shape[1] == 3:
         mean = imgs.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
         std = imgs.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
         return (imgs * std + mean).clamp(0, 1)
-    rgb = imgs[:, :3] if imgs.shape[1] > 3 else imgs.expand(-1, 3, -1, -1)
+    rgb = imgs[:, :3] if imgs.shape[1] > 3 else imgs[:, :1].expand(-1, 3, -1, -1)
     low = rgb.amin(dim=(1, 2, 3), keepdim=True)
     high = rgb.amax(dim=(1, 2, 3), keepdim=True)
     return (rgb - low) / (high - low).clamp_min(1e-6)

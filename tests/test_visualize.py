@@ -117,3 +117,16 @@ def test_a_training_checkpoint_folder_loads_with_its_run_config(tmp_path):
     assert loaded.config == model.config
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert fcmae.load_model(folder, mask_ratio=0.75).mask_ratio == 0.75
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_preview_of_other_channel_counts(channels):
+    """One or two channels: the first as gray; more than three: the first three as RGB; stretched to [0, 1]."""
+    from fcmae.visualize import _preview
+
+    imgs = torch.randn(2, channels, 8, 8)
+    out = _preview(imgs)
+    assert out.shape == (2, 3, 8, 8) and out.min() >= 0 and out.max() <= 1
+    first = imgs[:, :3] if channels > 3 else imgs[:, :1].expand(-1, 3, -1, -1)
+    low, high = first.amin(dim=(1, 2, 3), keepdim=True), first.amax(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(out, (first - low) / (high - low))
