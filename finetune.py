@@ -20,7 +20,7 @@ import timm
 import torch
 from accelerate import Accelerator
 from PIL import Image
-from timm.data import Mixup, auto_augment, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars, create_optimizer_v2
 from timm.utils import ModelEmaV3
@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from fcmae.checkpoints import load, load_state_dict_strict, names, write_safetensors
 from fcmae.config import ConfigError, FinetuneConfig, from_dict, load_yaml, parse_config
 from fcmae.data import DataError, EvalTransform, ImageFiles, PretrainTransform, find_labeled_images, resolve_data_path
+from fcmae.data.datasets import ARRAY_SUFFIXES
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
@@ -61,8 +62,11 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
     if config.num_classes and config.num_classes != len(classes):
         raise DataError(f"--num-classes {config.num_classes} does not match the {len(classes)} class folders "
                         f"in {root / 'train'}")
-    if config.in_chans != 3:  # arrays of any channel count: crop, flip and resize in torch (see the README, Data)
+    files = [*train_files, *val_files]
+    if config.in_chans != 3 or any(Path(f).suffix.lower() in ARRAY_SUFFIXES for f in files):
+        # arrays (any channel count, 16-bit, .npy): crop, flip and resize in torch (see the README, Data)
         mean, std = config.normalization()
+        mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
         train_tf = PretrainTransform(config.image_size, mean, std, draft=False, scale=(0.08, 1.0))  # timm's scale
         val_tf = EvalTransform(config.image_size, mean, std, config.crop_pct)
     else:
@@ -229,9 +233,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     train_set, val_set, classes = run.main_process_first(lambda: datasets(config))
     config.check_data_channels(train_set[0]["image"].shape[0])
     rgb_only = [f"--{name.replace('_', '-')}" for name in ("aa", "color_jitter", "reprob") if getattr(config, name)]
-    if config.in_chans != 3 and rgb_only:
-        run.print(f"note: {', '.join(rgb_only)} apply to RGB photos only: off for {config.in_chans}-channel data "
-                  "(random resized crop, flip, mixup and cutmix stay)")
+    if isinstance(train_set.transform, PretrainTransform) and rgb_only:
+        run.print(f"note: {', '.join(rgb_only)} apply to 8-bit RGB photos only: off for this {config.in_chans}-channel "
+                  "array data (random resized crop, flip, mixup and cutmix stay)")
     model = build_model(config, len(classes), run.print)
     run.plan_batches(len(train_set))
     lr = run.base_lr()

@@ -1,5 +1,6 @@
 """N-channel 16-bit data end to end, as microscopy and satellite users have it: fcmae-stats, pretrain.py
---in-chans N, fcmae-convert, timm with in_chans=N, and finetune.py --in-chans N (4-channel TIFF, 1-channel PNG)."""
+--in-chans N, fcmae-convert, timm with in_chans=N, and finetune.py --in-chans N (4-channel TIFF, 1-channel PNG,
+and 16-bit RGB TIFF, which fine-tunes through the array path too)."""
 
 import json
 import subprocess
@@ -37,12 +38,12 @@ def call(main, argv):
 
 
 def write_image(path: Path, photo: int, offset: int, channels: int) -> None:
-    """A real photo's crop as 16-bit data: 4 channels (RGB and an inverted luminance, as a 4th band), saved as
-    TIFF; or 1 channel (luminance), saved as a 16-bit PNG."""
+    """A real photo's crop as 16-bit data: 4 channels (RGB and an inverted luminance, as a 4th band) or RGB, saved
+    as TIFF; or 1 channel (luminance), saved as a 16-bit PNG."""
     rgb = np.asarray(load_rgb(demo_image_files()[photo]), dtype=np.float32) / 255
     crop = rgb[offset:offset + SIZE, offset:offset + SIZE]
     luminance = crop.mean(-1, keepdims=True)
-    pixels = np.concatenate([crop, 1 - luminance], -1) if channels == 4 else luminance
+    pixels = {4: np.concatenate([crop, 1 - luminance], -1), 3: crop, 1: luminance}[channels]
     data = (pixels * 65535).round().astype(np.uint16)
     path.parent.mkdir(parents=True, exist_ok=True)
     if channels == 1:
@@ -51,7 +52,7 @@ def write_image(path: Path, photo: int, offset: int, channels: int) -> None:
         tifffile.imwrite(path, data)
 
 
-@pytest.fixture(params=[(4, ".tif"), (1, ".png")], ids=["4-channel-tiff", "1-channel-png"])
+@pytest.fixture(params=[(4, ".tif"), (1, ".png"), (3, ".tif")], ids=["4-channel-tiff", "1-channel-png", "rgb-tiff"])
 def stack(request, tmp_path):
     """(channels, unlabeled folder, labeled folder with train/ val/): two photos, two classes."""
     channels, suffix = request.param
@@ -104,7 +105,7 @@ def test_pretrain_convert_timm_finetune(stack, tmp_path, capsys):
                                          str(ft), "--epochs", "2", "--warmup-epochs", "0", "--lr", "1e-3",
                                          "--mixup", "0", "--cutmix", "0", "--no-model-ema"]) == 0
     out = capsys.readouterr().out
-    assert f"--aa, --color-jitter, --reprob apply to RGB photos only: off for {channels}-channel data" in out
+    assert f"--aa, --color-jitter, --reprob apply to 8-bit RGB photos only: off for this {channels}-channel" in out
     records = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and all(0 <= r["val_acc1"] <= 100 for r in records)
     result = call(finetune.main, common + ["--eval", "--resume", str(ft / "classifier.safetensors")])

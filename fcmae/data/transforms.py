@@ -178,8 +178,8 @@ def match_channels(pixels: np.ndarray, in_chans: int) -> np.ndarray:
 class EvalTransform:
     """Evaluation for images of any channel count (16-bit PNG / TIFF, .npy, N channels): resize the shorter side
     to max(size) / crop_pct (bicubic, antialiased), center crop `size`, per-channel normalization; what
-    `eval_transform` does for RGB photos. Called as `transform(array, entropy)` with a (H, W, C) float32 array, as
-    `PretrainTransform` is (entropy unused); returns (C, H, W) float32."""
+    `eval_transform` does for RGB photos. Called as `transform(image, entropy)` with a (H, W, C) float32 array (or an
+    opened 8-bit photo), as `PretrainTransform` is (entropy unused); returns (C, H, W) float32."""
 
     decodes = True
 
@@ -194,9 +194,9 @@ class EvalTransform:
     def in_chans(self) -> int:
         return len(self.mean)
 
-    def __call__(self, pixels: np.ndarray, entropy: Sequence[int] = ()) -> torch.Tensor:
-        if not isinstance(pixels, np.ndarray):
-            raise DataError("EvalTransform takes (H, W, C) arrays (fcmae.data.load_array)")
+    def __call__(self, pixels: Image.Image | np.ndarray, entropy: Sequence[int] = ()) -> torch.Tensor:
+        if isinstance(pixels, Image.Image):  # an 8-bit photo among arrays
+            pixels = np.asarray(to_rgb(pixels), dtype=np.float32) / 255
         pixels = match_channels(pixels, self.in_chans)
         height, width = pixels.shape[:2]
         short = int(max(self.size) / self.crop_pct)
