@@ -46,6 +46,10 @@ def test_probe_runs_the_cli_path_end_to_end(probe, tmp_path):
     assert [r["features"] for r in rows] == ["raw pixels (32x32)", "timm init, random", "timm init, 2 steps",
                                              "timm init, 3 steps"]
     assert json.loads((tmp_path / "r.json").read_text()) == rows
+    quick = probe.main(["--quick", "--steps", "2", "3", "--train-per-photo", "2", "--val-per-photo", "1",
+                        "--batch-size", "8", "--num-workers", "0", "--out", str(out), "--device", "cpu"])  # reused runs
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [drop(r) for r in quick] == [drop(r) for r in rows[1:]]  # the same rows, without the raw-pixel one
     for row in rows:
         assert 0 <= row["linear"] <= 100 and 0 <= row["knn"] <= 100 and row["C"] in probe.PROBE_C
     # Each pretrained row went through pretrain.py (its metrics) and fcmae.convert (a timm file).
