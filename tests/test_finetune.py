@@ -270,7 +270,7 @@ def test_layer_ids_follow_the_official_release():
     ("odd-batch", "batch_size must be even with mixup/cutmix"),
     ("eval-without-resume", "--eval needs --resume FILE"),
     ("eval-pretrained", "is an FCMAE pretraining model, not a classifier: fine-tune it with --finetune"),
-    ("channels", "image has 3 channels, the data config expects 4 (--in-chans, and one --mean / --std value"),
+    ("channels", "channels, the data config expects 4 (--in-chans, and one --mean / --std value per channel)"),
 ])
 def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message):
     data, pretrained, _ = trained
