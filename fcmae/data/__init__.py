@@ -33,8 +33,9 @@ from .transforms import EvalTransform, PretrainTransform, eval_transform, pretra
 __all__ = [
     "IMAGE_EXTENSIONS", "DataError", "find_images", "find_labeled_images", "demo_image_files", "load_rgb",
     "load_array", "ImageFiles", "Samples", "ShardImages", "ShardOrder", "FileIndex", "PretrainTransform",
-    "EvalTransform", "pretrain_transform", "eval_transform", "pretrain_dataset", "pretrain_sampler", "seeded", "preserved_rng",
-    "write_digits", "resolve_data_path", "walk_images", "is_shards", "EncodedCrop", "augment_batch", "collate_encoded",
+    "EvalTransform", "pretrain_transform", "eval_transform", "pretrain_dataset", "pretrain_sampler", "seeded",
+    "preserved_rng", "write_digits", "resolve_data_path", "walk_images", "is_shards", "EncodedCrop", "augment_batch",
+    "collate_encoded",
 ]
 
 

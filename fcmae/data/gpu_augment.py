@@ -29,8 +29,7 @@ from PIL import ExifTags, Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .decoding import to_rgb
-from .errors import FatalDataError
-from .transforms import crop_params, sample_generator
+from .transforms import crop_params, match_channels, sample_generator
 
 
 class EncodedCrop:
@@ -46,10 +45,8 @@ class EncodedCrop:
     def __call__(self, img: Image.Image | np.ndarray, entropy: Sequence[int]) -> dict:
         generator = sample_generator(entropy)
         if isinstance(img, np.ndarray):  # (H, W, C) floats in [0, 1] (16-bit PNG / TIFF, .npy): as 8-bit RGB pixels
-            pixels = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
-            if pixels.shape[-1] != 3:
-                raise FatalDataError(f"--gpu-augment takes RGB images, this one has {pixels.shape[-1]} channels")
-            data = torch.from_numpy(np.clip(pixels * 255 + 0.5, 0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous()
+            pixels = np.clip(match_channels(img, self.in_chans) * 255 + 0.5, 0, 255).astype(np.uint8)
+            data = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
             height, width = pixels.shape[:2]
         elif img.format == "JPEG" and img.mode in ("RGB", "L") and \
                 img.getexif().get(ExifTags.Base.Orientation, 1) == 1:
