@@ -43,21 +43,24 @@ def test_probe_runs_the_cli_path_end_to_end(probe, tmp_path):
     rows = probe.main(["--steps", "2", "3", "--inits", "timm", "--train-per-photo", "2", "--val-per-photo", "1",
                        "--batch-size", "8", "--num-workers", "0", "--out", str(out), "--json", str(tmp_path / "r.json"),
                        "--device", "cpu"])
-    assert [r["features"] for r in rows] == ["raw pixels (32x32)", "timm init, random", "timm init, 2 steps",
-                                             "timm init, 3 steps"]
+    assert [r["features"] for r in rows] == ["raw pixels (16x16)", "timm init, random", "timm init, step 2 of 3",
+                                             "timm init, step 3 of 3"]
     assert json.loads((tmp_path / "r.json").read_text()) == rows
     quick = probe.main(["--quick", "--steps", "2", "3", "--train-per-photo", "2", "--val-per-photo", "1",
                         "--batch-size", "8", "--num-workers", "0", "--out", str(out), "--device", "cpu"])  # reused runs
-    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "pretrain_seconds")}  # noqa: E731
     assert [drop(r) for r in quick] == [drop(r) for r in rows[1:]]  # the same rows, without the raw-pixel one
     for row in rows:
         assert 0 <= row["linear"] <= 100 and 0 <= row["knn"] <= 100 and row["C"] in probe.PROBE_C
-    # Each pretrained row went through pretrain.py (its metrics) and fcmae.convert (a timm file).
-    for steps, row in ((2, rows[2]), (3, rows[3])):
-        run = out / f"convnextv2_atto-timm-{steps}-seed0"
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert records[-1]["step"] == steps and row["loss"] == records[-1]["loss"]
-        assert (run / "timm.safetensors").is_file()
+    # Both pretrained rows come from one pretrain.py run (its metrics at their step) through fcmae.convert (a timm
+    # file beside the model probed: the step-2 checkpoint's, then the run's final model file).
+    run = out / "convnextv2_atto-timm-3-seed0"
+    records = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    for steps, row, folder in ((2, rows[2], run / "checkpoints" / "step_00000002"), (3, rows[3], run)):
+        assert row["loss"] == records[steps]["loss"]
+        assert (folder / "timm.safetensors").is_file()
+    step2, step3 = ((folder / "timm.safetensors").read_bytes() for folder in (run / "checkpoints" / "step_00000002", run))
+    assert step2 != step3  # two points of the run, not one model probed twice
     # The features are the pooled stage-4 maps of the FCMAE encoder with every patch visible.
     model = fcmae.load_model(out / "convnextv2_atto-timm-3-seed0" / "fcmae_model.safetensors").eval()
     imgs = torch.randn(2, 3, 128, 128)
