@@ -2,8 +2,9 @@
 # The GPU check, in one go: the step-time benchmark (eager and compiled), pretraining throughput with and without
 # --gpu-augment, the CUDA tests, and a short bf16 + compile pretraining run through accelerate launch whose loss
 # must fall. Offline; installs nothing; runs from
-# the source tree in an environment that has torch >= 2.11, timm and accelerate (plus pytest, and scikit-image for
-# the demo photos). About 15 minutes on one H100 or H200, most of it compiling; where one call is limited to 10
+# the source tree in an environment that has torch >= 2.11, timm, accelerate and simplejpeg (plus pytest,
+# scikit-image for the demo photos, and wids / webdataset for the shard tests). An image without the small ones
+# installs them from wheels carried along: pip install --no-index --find-links .whl simplejpeg wids webdataset. About 15 minutes on one H100 or H200, most of it compiling; where one call is limited to 10
 # minutes, run --timings (part 1, about 9) and --checks (parts 2-3, about 6) as two calls.
 #
 #     bash benchmarks/gpu_check.sh [RESULTS_DIR]          # RESULTS_DIR defaults to $OUT, else gpu_check_results

@@ -176,6 +176,45 @@ def test_fast_transform_is_the_torchvision_pipeline_without_draft(tmp_path):
     assert 0 < max(diffs[6:]) < 0.05, diffs  # of a value range of about 4.5 (normalized)
 
 
+def test_jpegs_decode_to_pils_pixels_straight_into_arrays(tmp_path):
+    """decode_jpeg_rgb (libjpeg-turbo via simplejpeg) gives PIL's pixels bit for bit: RGB with 4:2:0 and 4:4:4
+    chroma, progressive, grayscale (as RGB), and reduced 1/2, 1/4, 1/8 as PIL's draft; files it cannot take (PNG,
+    CMYK, EXIF-rotated) are left to PIL."""
+    from fcmae.data.decoding import decode_jpeg_rgb, open_image, to_rgb
+
+    photo = load_rgb(write_photos(tmp_path, 1, size=400)[0]).resize((413, 301))  # sizes not divisible by 8
+    cases = {"420.jpg": dict(quality=90), "444.jpg": dict(quality=95, subsampling=0),
+             "progressive.jpg": dict(quality=85, progressive=True)}
+    for name, options in cases.items():
+        photo.save(tmp_path / name, **options)
+    photo.convert("L").save(tmp_path / "gray.jpg", quality=90)
+    for name in (*cases, "gray.jpg"):
+        expected = np.asarray(load_rgb(tmp_path / name))
+        assert np.array_equal(decode_jpeg_rgb(open_image(tmp_path / name)), expected), name
+        for k in (2, 4, 8):
+            reference = open_image(tmp_path / name)
+            reference.draft(reference.mode, (413 // k, 301 // k))
+            reduced = decode_jpeg_rgb(open_image(tmp_path / name), (413 // k, 301 // k))
+            assert reduced.shape[:2] == (-(-301 // k), -(-413 // k)), (name, k)  # libjpeg rounds up
+            assert np.array_equal(reduced, np.asarray(to_rgb(reference))), (name, k)
+            reference.close()
+    photo.save(tmp_path / "photo.png")
+    photo.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "rotated.jpg", exif=exif)
+    for name in ("photo.png", "cmyk.jpg", "rotated.jpg"):
+        with open_image(tmp_path / name) as img:
+            assert decode_jpeg_rgb(img) is None, name
+    # A truncated JPEG fails in this decoder as in PIL's: the sample is skipped with a warning.
+    from fcmae.data import PretrainTransform
+
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "420.jpg").read_bytes()[:3000])
+    dataset = ImageFiles([tmp_path / "truncated.jpg", tmp_path / "420.jpg"], PretrainTransform((64, 64)))
+    with pytest.warns(UserWarning, match="skipping unreadable image .*truncated.jpg"):
+        assert dataset[0]["skipped"] == 1
+
+
 def test_exif_rotation_is_applied_by_the_fast_transform_too(tmp_path):
     from fcmae.data import PretrainTransform
     from fcmae.data.decoding import open_image

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import simplejpeg
 from PIL import ExifTags, Image, ImageOps
 
 from .errors import DataError
@@ -38,6 +39,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
         peak = 1.0 if img.mode == "F" and pixels.max() <= 1.0 else 65535.0 if pixels.max() > 255 else 255.0
         img = Image.fromarray((pixels / peak * 255).clip(0, 255).astype(np.uint8))
     return img if img.mode == "RGB" else img.convert("RGB")  # no copies of what is already right: 0.7 ms
+
+
+def decode_jpeg_rgb(img: Image.Image, min_size: tuple[int, int] | None = None) -> np.ndarray | None:
+    """Decode an opened JPEG straight into an (H, W, 3) uint8 RGB array with libjpeg-turbo (simplejpeg), or None
+    when the file is not one this can take (not a plain JPEG, CMYK, or EXIF-rotated): decode those with `to_rgb`.
+
+    The pixels are PIL's, bit for bit (the same library and accurate DCT; tested), about 0.5 ms sooner on an
+    ImageNet-sized photo: no PIL image object, and no copy of it into an array. `min_size` (W, H) asks for DCT-domain
+    downscaling to the smallest n/8 scale that keeps at least that size; (W // k, H // k) gives PIL's
+    `draft` at 1/k. Consumes `img` (its file is read and closed).
+    """
+    if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        return None
+    img.fp.seek(0)
+    data = img.fp.read()
+    img.close()
+    width, height = min_size or (0, 0)
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=width, min_height=height)
 
 
 def load_rgb(source: Source) -> Image.Image:

@@ -4,8 +4,10 @@
 normalization) with the decode folded in, so that it can:
 - draw its crop and flip from a generator seeded by the sample (seed, epoch, index), instead of saving, seeding and
   restoring the three global RNGs (about 1.3 ms a sample: `torch.manual_seed` alone costs 0.7 ms);
-- decode a JPEG at 1/2, 1/4 or 1/8 size (PIL's `draft`, DCT scaling inside libjpeg) when the crop is at least that
-  many times larger than the output, so the crop is still downsampled, never upsampled (`draft=True`);
+- decode plain JPEGs with libjpeg-turbo straight into an array (simplejpeg: PIL's pixels bit for bit, without PIL's
+  image object and its copy into an array; other formats, CMYK and EXIF-rotated JPEGs go through PIL);
+- decode a JPEG at 1/2, 1/4 or 1/8 size (DCT scaling inside libjpeg, what PIL's `draft` does) when the crop is at
+  least that many times larger than the output, so the crop is still downsampled, never upsampled (`draft=True`);
 - take any number of channels: (H, W, C) float arrays from 16-bit PNG / TIFF / .npy go through torch's bicubic
   antialiased resize.
 
@@ -32,7 +34,7 @@ from PIL import ExifTags, Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
-from .decoding import to_rgb
+from .decoding import decode_jpeg_rgb, to_rgb
 from .errors import DataError, FatalDataError
 
 
@@ -135,18 +137,22 @@ class PretrainTransform:
         flip = torch.rand(1, generator=generator).item() < 0.5  # RandomHorizontalFlip's draw, after the crop's
         out_h, out_w = self.size
         reduction = min(h / out_h, w / out_w)
-        factor = next((k for k in (8, 4, 2) if reduction >= k), 1) if self.draft and img.format == "JPEG" else 1
-        if factor > 1:  # DCT scaling by 1/factor; PIL picks the largest scale that keeps the size >= the request
-            img.draft(img.mode, (img.size[0] // factor, img.size[1] // factor))
-            factor = 1 / img.decoderconfig[0] if img.decoderconfig else 1
-        img = to_rgb(img)
+        k = next((k for k in (8, 4, 2) if reduction >= k), 1) if self.draft else 1  # JPEG DCT scaling by 1/k
+        reduced = (img.size[0] // k, img.size[1] // k) if k > 1 else None  # both decoders keep at least this size
+        array = decode_jpeg_rgb(img, reduced)
+        if array is None:  # not a plain JPEG (other formats, CMYK, EXIF-rotated): PIL decodes, with its draft
+            if reduced and img.format == "JPEG":
+                img.draft(img.mode, reduced)
+            array = np.asarray(to_rgb(img))
+        factor = array.shape[1] / width  # 1, or the DCT scale libjpeg chose (1/2, 1/4, 1/8)
         if factor == 1:  # torchvision's crop; the resize in torch (see the module docstring)
-            crop = torch.from_numpy(np.array(np.asarray(img)[top:top + h, left:left + w]))  # (h, w, 3) uint8
+            crop = torch.from_numpy(np.array(array[top:top + h, left:left + w]))  # (h, w, 3) uint8
             pixels = F.interpolate(crop.permute(2, 0, 1)[None], size=(out_h, out_w), mode="bicubic",
                                    antialias=True)[0]
         else:  # the crop box in the reduced image's coordinates (sub-pixel, which PIL's resize box allows)
-            box = (left * factor, top * factor, (left + w) * factor, (top + h) * factor)
-            img = img.resize((out_w, out_h), Image.BICUBIC, box=box)
+            scale = 1 / round(1 / factor)  # the nominal scale: libjpeg rounds reduced sizes up
+            box = (left * scale, top * scale, (left + w) * scale, (top + h) * scale)
+            img = Image.fromarray(array).resize((out_w, out_h), Image.BICUBIC, box=box)
             pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)
         if flip:
             pixels = pixels.flip(-1)
