@@ -37,7 +37,8 @@ from fcmae.linear_probe import attach_probe, fold_probe
 from fcmae.training import Run, main_process_first, processes_without_gpu, quiet_worker, run_cli
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
-EVAL_SETTINGS = ("input_size", "crop_pct", "interpolation")  # what --eval takes from the model it evaluates
+# what --eval takes from the model it evaluates (explicit flags override): its input geometry and its channels
+EVAL_SETTINGS = ("input_size", "crop_pct", "interpolation", "in_chans", "mean", "std")
 
 
 # Data -----------------------------------------------------------------------------------------------------------
@@ -179,31 +180,33 @@ def optimizer_for(model: nn.Module, config: FinetuneConfig, lr: float) -> torch.
 
 
 def saved_eval_settings(resume: str) -> dict:
-    """input_size, crop_pct and interpolation the model named by --resume was evaluated with when it was saved:
-    from the model file's metadata, else from the config.yaml of its run or checkpoint folder ({} if neither)."""
+    """The EVAL_SETTINGS the model named by --resume was evaluated with when it was saved: from the model file's
+    metadata, the ones it lacks (files written before they were recorded) from the config.yaml of its run or
+    checkpoint folder ({} if neither has them)."""
     try:
         loaded = load(resume)
     except (OSError, ValueError):
         return {}  # load_for_eval reports it
-    if all(key in loaded.metadata for key in EVAL_SETTINGS):
-        return {key: json.loads(loaded.metadata[key]) for key in EVAL_SETTINGS}
+    settings = {key: json.loads(loaded.metadata[key]) for key in EVAL_SETTINGS if key in loaded.metadata}
     saved = loaded.run_config
     if saved is None and (loaded.file.parent / names.RUN_CONFIG).is_file():
         saved = load_yaml(loaded.file.parent / names.RUN_CONFIG)
-    return {key: saved[key] for key in EVAL_SETTINGS if key in saved} if saved else {}
+    return {**{key: saved[key] for key in EVAL_SETTINGS if key in saved}, **settings} if saved else settings
 
 
 def evaluate_only(config: FinetuneConfig) -> dict:
     """Accuracy of the weights named by --resume on val/; prints it and writes nothing.
 
-    Input size, crop pct and interpolation are the ones the model was saved with, unless given as flags.
+    Input size, crop pct, interpolation, channels and normalization are the ones the model was saved with, unless
+    given as flags.
     """
     saved = {k: v for k, v in saved_eval_settings(config.resume).items() if k not in config.explicit}
     if saved:
         config = from_dict(FinetuneConfig, {**config.to_dict(), **saved})
     accelerator = Accelerator(cpu=processes_without_gpu())
     accelerator.print("eval at " + ", ".join(f"{k} {getattr(config, k)}" + (" (saved with the model)" if k in saved
-                                                                            else "") for k in EVAL_SETTINGS))
+                                                                            else "")
+                                             for k in EVAL_SETTINGS if getattr(config, k) != []))  # mean/std: unset
     _, val_set, classes = main_process_first(accelerator, lambda: datasets(config))
     model, metadata = load_for_eval(config, len(classes))
     loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)

@@ -109,7 +109,7 @@ def test_eval_settings_explicit_flags_win_and_old_files_use_their_run_config(tra
     safetensors.torch.save_file(state, str(old / "model.safetensors"), metadata=meta)
     (old / "config.yaml").write_text((out / "config.yaml").read_text())
     assert finetune.saved_eval_settings(str(old / "model.safetensors")) == {
-        "input_size": [64], "crop_pct": 0.875, "interpolation": "bicubic"}
+        "input_size": [64], "crop_pct": 0.875, "interpolation": "bicubic", "in_chans": 3, "mean": [], "std": []}
     (old / "config.yaml").unlink()
     assert finetune.saved_eval_settings(str(old / "model.safetensors")) == {}
 

@@ -97,7 +97,8 @@ def test_pretrain_convert_timm_finetune(stack, tmp_path, capsys):
     with torch.no_grad():
         assert rel_err(net.forward_features(x), model.eval().encoder(x)) <= 1e-5
 
-    # finetune.py from the pretrained file, on labeled N-channel data; then --eval reproduces its accuracy
+    # finetune.py from the pretrained file, on labeled N-channel data; then --eval reproduces its accuracy, with the
+    # channels and normalization saved in the model file (no --in-chans / --mean / --std given again)
     ft = tmp_path / "ft"
     common = ["--data-path", str(labeled), "--model", "atto", "--input-size", "64", "--batch-size", "4",
               "--num-workers", "0", "--no-progress", *norm]
@@ -108,9 +109,11 @@ def test_pretrain_convert_timm_finetune(stack, tmp_path, capsys):
     assert f"--aa, --color-jitter, --reprob apply to 8-bit RGB photos only: off for this {channels}-channel" in out
     records = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and all(0 <= r["val_acc1"] <= 100 for r in records)
-    result = call(finetune.main, common + ["--eval", "--resume", str(ft / "classifier.safetensors")])
+    result = call(finetune.main, common[:-len(norm)] + ["--eval", "--resume", str(ft / "classifier.safetensors")])
     assert result == 0
-    assert f"val_acc1 {records[-1]['val_acc1']:.2f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"in_chans {channels} (saved with the model), mean {[float(v) for v in flags(mean)]} (saved with the model)" in out
+    assert f"val_acc1 {records[-1]['val_acc1']:.2f}" in out
 
 
 def test_channel_settings_that_cannot_work_are_one_line_errors(tmp_path, capsys):
