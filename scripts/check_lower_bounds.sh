@@ -15,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TIMM=${TIMM:-1.0.21}
 ACCELERATE=${ACCELERATE:-1.1.0}
+SIMPLEJPEG=${SIMPLEJPEG:-1.7.6}
 PYTHON=${PYTHON:-python3}
 
 work=$(mktemp -d)
@@ -22,7 +23,8 @@ trap 'rm -rf "$work"' EXIT
 say() { echo "check_lower_bounds: $*" >&2; }
 
 # The exact versions under test, and the torch pair the project is tested with.
-{ grep -E '^(torch|torchvision)==' constraints.txt; echo "timm==$TIMM"; echo "accelerate==$ACCELERATE"; } \
+{ grep -E '^(torch|torchvision)==' constraints.txt
+  echo "timm==$TIMM"; echo "accelerate==$ACCELERATE"; echo "simplejpeg==$SIMPLEJPEG"; } \
     > "$work/constraints.txt"
 say "venv with $(tr '\n' ' ' < "$work/constraints.txt")"
 "$PYTHON" -m venv "$work/venv"
@@ -59,7 +61,7 @@ folder.mkdir()
 y, x = np.mgrid[0:96, 0:96]
 for i in range(8):
     rgb = np.stack([(x * (i + 1)) % 256, (y * 3 + i * 20) % 256, ((x + y) // (i + 1)) % 256], -1)
-    Image.fromarray(rgb.astype(np.uint8)).save(folder / f"img_{i}.png")
+    Image.fromarray(rgb.astype(np.uint8)).save(folder / f"img_{i}.{'jpg' if i % 2 else 'png'}")  # both decoders
 EOF
 run=(src/pretrain.py --data-path images --output-dir out --input-size 64 --batch-size 4 --num-workers 0
      --depths 1 1 1 1 --dims 8 16 24 32 --decoder-embed-dim 16 --warmup-steps 1 --log-every 1 --save-every 2
@@ -73,7 +75,7 @@ import fcmae
 
 records = [json.loads(line) for line in open("out/metrics.jsonl")]
 assert [r["step"] for r in records] == [1, 2, 3], records
-model = fcmae.load_model("out/model.safetensors")
+model = fcmae.load_model("out/fcmae_model.safetensors")
 assert model.config.dims == (8, 16, 24, 32), model.config
 EOF
 say "lower bounds OK: timm $TIMM, accelerate $ACCELERATE import, pretrain 2 steps and resume to 3"
