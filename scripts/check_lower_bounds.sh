@@ -45,7 +45,7 @@ import importlib, pkgutil
 import fcmae
 
 for module in pkgutil.walk_packages(fcmae.__path__, "fcmae."):
-    if module.name != "fcmae.config.__main__":
+    if not module.name.endswith(".__main__"):  # those run their command line when imported
         importlib.import_module(module.name)  # minkowski imports MinkowskiEngine only when asked for
 EOF
 
