@@ -45,8 +45,9 @@ def decode_jpeg_rgb(img: Image.Image, min_size: tuple[int, int] | None = None) -
     """Decode an opened JPEG straight into an (H, W, 3) uint8 RGB array with libjpeg-turbo (simplejpeg), or None
     when the file is not one this can take (not a plain JPEG, CMYK, or EXIF-rotated): decode those with `to_rgb`.
 
-    The pixels are PIL's, bit for bit (the same library and accurate DCT; tested), about 0.5 ms sooner on an
-    ImageNet-sized photo: no PIL image object, and no copy of it into an array. `min_size` (W, H) asks for DCT-domain
+    The pixels are PIL's, bit for bit (the same library and accurate DCT; tested), and the pretraining transform
+    runs 1.35x faster with it (about 1 ms less per ImageNet-sized photo): no PIL image object, and no copy of it
+    into an array. `min_size` (W, H) asks for DCT-domain
     downscaling to the smallest n/8 scale that keeps at least that size; (W // k, H // k) gives PIL's
     `draft` at 1/k. Consumes `img` (its file is read and closed).
     """
