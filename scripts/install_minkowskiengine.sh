@@ -21,12 +21,14 @@
 #   - `from collections import Sequence` (gone in Python 3.10): from collections.abc.
 #   - CUDA only: the thrust headers that CUDA 12+ no longer includes transitively, and NVTX compiled out (its
 #     bundled ranges collide with CUDA 12.2+'s NVTX3): the fixes ME's issues #543, #601 and #614 and the
-#     community forks apply. The CUDA path is not yet verified on CUDA 13 (see README).
+#     community forks apply; then scripts/minkowskiengine-0.5.4-cuda.patch for CUDA 13 (CCCL 3) and libstdc++ 12+.
+#     On CUDA 13, whose toolkit keeps thrust in include/cccl, the host compiler gets that folder too.
 # Pins in the build venv: setuptools<60 and numpy<1.26 (setup.py's numpy.distutils path breaks with newer ones).
 # Needs a C++ compiler and OpenBLAS (Debian: libopenblas-dev; installed with apt-get when run as root).
 set -euo pipefail
 
 ME_VERSION=0.5.4
+here=$(cd "$(dirname "$0")" && pwd)
 variant=auto rebuild=0 jobs=$(nproc 2>/dev/null || echo 2) python=python
 die() { echo "error: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
@@ -48,11 +50,14 @@ command -v "$python" >/dev/null || die "no interpreter '$python' (activate the p
 info=$("$python" - <<'EOF' 2>/dev/null
 import sys, sysconfig
 import torch
+# Where its packages come from: its site-packages, and whatever a --system-site-packages venv or a .pth file adds.
+stdlib = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}
+paths = [p for p in sys.path if p not in stdlib and p.endswith(("site-packages", "dist-packages"))]
 print(torch.__version__, f"cp{sys.version_info[0]}{sys.version_info[1]}", torch.version.cuda or "none",
-      int(torch.cuda.is_available()), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
+      int(torch.cuda.is_available()), ":".join(dict.fromkeys(paths)))
 EOF
 ) || die "torch is not importable by '$python': install the project first (pip install -c constraints.txt -e .)"
-read -r torch_version py_tag torch_cuda has_gpu purelib platlib <<<"$info"
+read -r torch_version py_tag torch_cuda has_gpu target_paths <<<"$info"
 case "$py_tag" in cp310|cp311) ;; *) die "ME's build needs Python 3.10 or 3.11 (its build pins numpy<1.26 and "\
 "setuptools<60 do not support newer ones); this environment's Python is $py_tag" ;; esac
 
@@ -111,7 +116,7 @@ bpy=$build/venv/bin/python
 bsite=$("$bpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 "$bpy" -m pip install -q --disable-pip-version-check "setuptools<60" "numpy<1.26" wheel
 command -v ninja >/dev/null || "$bpy" -m pip install -q --disable-pip-version-check ninja
-printf '%s\n' "$purelib" "$platlib" | sort -u > "$bsite/zz_fcmae_target_env.pth"  # after pip: no resolver noise
+tr ':' '\n' <<<"$target_paths" > "$bsite/zz_fcmae_target_env.pth"  # after pip: no resolver noise
 
 # The sdist, from PyPI (pip prepares its metadata, which imports torch: hence the build venv).
 (cd "$build" && "$bpy" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
@@ -147,16 +152,25 @@ if [ "$variant" = cuda ]; then
     add_includes src/convolution_kernel.cuh thrust/execution_policy.h
     add_includes src/coordinate_map_gpu.cu thrust/unique.h thrust/remove.h
     add_includes src/spmm.cu thrust/execution_policy.h thrust/reduce.h thrust/sort.h
+    # CUDA 13 / CCCL 3 and libstdc++ 12+: the source patch next to this script says what and why.
+    patch -d "$src" -p1 --forward --quiet < "$here/minkowskiengine-$ME_VERSION-cuda.patch" \
+        || die "scripts/minkowskiengine-$ME_VERSION-cuda.patch did not apply"
     # The bundled cudf NVTX ranges collide with the NVTX3 headers of CUDA 12.2+: compile them out.
     patch_file setup.py 's/^NVCC_FLAGS += \["--expt-relaxed-constexpr", "--expt-extended-lambda"\]$/&\nNVCC_FLAGS += ["-DNVTX_DISABLE"]\nCC_FLAGS += ["-DNVTX_DISABLE"]/' \
         '^NVCC_FLAGS += \["-DNVTX_DISABLE"\]$'
     build_flag=--force_cuda
+    cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+    if [ -d "$cuda_home/include/cccl" ]; then  # CUDA 13 keeps thrust there: nvcc looks, g++ must be told
+        export CPLUS_INCLUDE_PATH=$cuda_home/include/cccl${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}
+    fi
 else
     build_flag=--cpu_only
 fi
 
 (cd "$src" && PATH="$build/venv/bin:$PATH" MAX_JOBS=$jobs "$bpy" setup.py -q bdist_wheel "$build_flag" --blas=openblas \
-    > "$build/build.log" 2>&1) || { tail -n 60 "$build/build.log" >&2; die "the MinkowskiEngine build failed (log above)"; }
+    > "$build/build.log" 2>&1) || { grep -m 20 -B 2 -A 6 ' error' "$build/build.log" >&2 || tail -n 60 "$build/build.log" >&2
+    mkdir -p "$cache" && cp "$build/build.log" "$cache/build-failed.log"
+    die "the MinkowskiEngine build failed: its first errors are above, the whole log is $cache/build-failed.log"; }
 built=$(ls "$src"/dist/MinkowskiEngine-"$ME_VERSION"-*.whl)
 
 mkdir -p "$cache"
