@@ -204,9 +204,9 @@ def evaluate_only(config: FinetuneConfig) -> dict:
     if saved:
         config = from_dict(FinetuneConfig, {**config.to_dict(), **saved})
     accelerator = Accelerator(cpu=processes_without_gpu())
-    accelerator.print("eval at " + ", ".join(f"{k} {getattr(config, k)}" + (" (saved with the model)" if k in saved
-                                                                            else "")
-                                             for k in EVAL_SETTINGS if getattr(config, k) != []))  # mean/std: unset
+    shown = [k for k in EVAL_SETTINGS if getattr(config, k) != []]  # an empty mean / std means ImageNet's: not shown
+    accelerator.print("eval at " + ", ".join(f"{k} {getattr(config, k)}" + (" (saved with the model)" * (k in saved))
+                                             for k in shown))
     _, val_set, classes = main_process_first(accelerator, lambda: datasets(config))
     model, metadata = load_for_eval(config, len(classes))
     loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
