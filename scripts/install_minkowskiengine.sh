@@ -151,7 +151,8 @@ if [ "$variant" = cuda ]; then
     add_includes src/3rdparty/concurrent_unordered_map.cuh thrust/execution_policy.h
     add_includes src/convolution_kernel.cuh thrust/execution_policy.h
     add_includes src/coordinate_map_gpu.cu thrust/unique.h thrust/remove.h
-    add_includes src/spmm.cu thrust/execution_policy.h thrust/reduce.h thrust/sort.h
+    # spmm.cu includes ATen/cuda/CUDAUtils.h before anything defines at::Tensor, which torch 2.14's headers need.
+    add_includes src/spmm.cu ATen/core/Tensor.h thrust/execution_policy.h thrust/reduce.h thrust/sort.h
     # CUDA 13 / CCCL 3 and libstdc++ 12+: the source patch next to this script says what and why.
     patch -d "$src" -p1 --forward --quiet < "$here/minkowskiengine-$ME_VERSION-cuda.patch" \
         || die "scripts/minkowskiengine-$ME_VERSION-cuda.patch did not apply"
