@@ -25,10 +25,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .decoding import to_rgb
+from .decoding import is_plain_jpeg, to_rgb
 from .transforms import crop_params, match_channels, sample_generator
 
 
@@ -48,8 +48,7 @@ class EncodedCrop:
             pixels = np.clip(match_channels(img, self.in_chans) * 255 + 0.5, 0, 255).astype(np.uint8)
             data = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
             height, width = pixels.shape[:2]
-        elif img.format == "JPEG" and img.mode in ("RGB", "L") and \
-                img.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        elif is_plain_jpeg(img):
             width, height = img.size
             img.fp.seek(0)
             data = torch.frombuffer(bytearray(img.fp.read()), dtype=torch.uint8)
