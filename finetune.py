@@ -188,6 +188,8 @@ def saved_eval_settings(resume: str) -> dict:
     except (OSError, ValueError):
         return {}  # load_for_eval reports it
     settings = {key: json.loads(loaded.metadata[key]) for key in EVAL_SETTINGS if key in loaded.metadata}
+    if len(settings) == len(EVAL_SETTINGS):
+        return settings
     saved = loaded.run_config
     if saved is None and (loaded.file.parent / names.RUN_CONFIG).is_file():
         saved = load_yaml(loaded.file.parent / names.RUN_CONFIG)
