@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install MinkowskiEngine 0.5.4 (the optional `backend="minkowski"`) into the current Python environment.
 #
-#   . .venv/bin/activate && scripts/install_minkowskiengine.sh [--cpu | --cuda] [--rebuild] [--jobs N]
+#   . .venv/bin/activate && scripts/install_minkowskiengine.sh [--cpu | --cuda] [--rebuild] [--jobs N] [--sdist F]
 #
 # ME is built from the PyPI sdist against the torch already installed in the environment, in a throwaway build
 # venv (the project's environment gets nothing but the finished wheel). The wheel is cached by torch version,
 # Python version and CPU/CUDA, so a second install takes seconds:
 #   ${FCMAE_CACHE_DIR:-~/.cache/fcmae}/minkowskiengine/<torch version>/<cp3XX>-<cpu|cudaXY>/MinkowskiEngine-*.whl
-# A first build takes about 15 minutes on 2 cores (CPU); run it under `nice` on a shared machine.
+# A first build takes about 15 minutes on 2 cores for the CPU, about 50 for CUDA with one architecture
+# (TORCH_CUDA_ARCH_LIST=9.0); run it under `nice` on a shared machine.
 #
 # Options:
 #   --cpu        build the CPU-only extension (the default unless a CUDA toolkit and a GPU are both present)
@@ -15,6 +16,7 @@
 #   --rebuild    ignore the cached wheel and build again
 #   --jobs N     parallel compile jobs (default: the number of cores)
 #   --python P   install into the environment of interpreter P (default: `python` on PATH)
+#   --sdist F    build from this MinkowskiEngine-0.5.4.tar.gz instead of downloading it from PyPI (offline machines)
 #
 # What it patches in the 0.5.4 sources, and why (all checked: a patch that no longer applies stops the build):
 #   - setup.py runs `pip uninstall MinkowskiEngine` on the PATH's pip: removed, it would reach outside the build.
@@ -23,13 +25,20 @@
 #     bundled ranges collide with CUDA 12.2+'s NVTX3): the fixes ME's issues #543, #601 and #614 and the
 #     community forks apply; then scripts/minkowskiengine-0.5.4-cuda.patch for CUDA 13 (CCCL 3) and libstdc++ 12+.
 #     On CUDA 13, whose toolkit keeps thrust in include/cccl, the host compiler gets that folder too.
-# Pins in the build venv: setuptools<60 and numpy<1.26 (setup.py's numpy.distutils path breaks with newer ones).
-# Needs a C++ compiler and OpenBLAS (Debian: libopenblas-dev; installed with apt-get when run as root).
+# The build venv gets setuptools (>= 70.1, or an older one with `wheel`) and ninja from the target environment when
+# it has them, else from PyPI.
+# (A plain `pip install MinkowskiEngine` fails in numpy.distutils' BLAS search on modern setuptools and numpy; naming
+# the BLAS, as this script does, skips that search, so no old setuptools or numpy is needed.)
+# Offline (no package index): pass --sdist, and have setuptools (and wheel, for setuptools < 70.1) and ninja in the
+# target environment.
+# Needs a C++ compiler and OpenBLAS (Debian: libopenblas-dev; installed with apt-get when run as root). An OpenBLAS
+# unpacked elsewhere works too: put its cblas.h folder on CPLUS_INCLUDE_PATH and its library folder on LIBRARY_PATH
+# (and LD_LIBRARY_PATH, to import it).
 set -euo pipefail
 
 ME_VERSION=0.5.4
 here=$(cd "$(dirname "$0")" && pwd)
-variant=auto rebuild=0 jobs=$(nproc 2>/dev/null || echo 2) python=python
+variant=auto rebuild=0 jobs=$(nproc 2>/dev/null || echo 2) python=python sdist=
 die() { echo "error: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -38,6 +47,11 @@ while [ $# -gt 0 ]; do
         --rebuild) rebuild=1 ;;
         --jobs) [ $# -ge 2 ] || die "--jobs needs a number"; jobs=$2; shift ;;
         --python) [ $# -ge 2 ] || die "--python needs an interpreter"; python=$2; shift ;;
+        --sdist) [ $# -ge 2 ] || die "--sdist needs a file"; sdist=$2; shift
+            [ -f "$sdist" ] || die "--sdist: no file $sdist"
+            case "$(basename "$sdist")" in MinkowskiEngine-$ME_VERSION.tar.gz) ;;
+                *) die "--sdist takes MinkowskiEngine-$ME_VERSION.tar.gz, got $(basename "$sdist")" ;; esac
+            sdist=$(cd "$(dirname "$sdist")" && pwd)/$(basename "$sdist") ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -58,9 +72,6 @@ print(torch.__version__, f"cp{sys.version_info[0]}{sys.version_info[1]}", torch.
 EOF
 ) || die "torch is not importable by '$python': install the project first (pip install -c constraints.txt -e .)"
 read -r torch_version py_tag torch_cuda has_gpu target_paths <<<"$info"
-case "$py_tag" in cp310|cp311) ;; *) die "ME's build needs Python 3.10 or 3.11 (its build pins numpy<1.26 and "\
-"setuptools<60 do not support newer ones); this environment's Python is $py_tag" ;; esac
-
 if [ "$variant" = auto ]; then
     variant=cpu
     if command -v nvcc >/dev/null && [ "$torch_cuda" != none ] && [ "$has_gpu" = 1 ]; then variant=cuda; fi
@@ -85,7 +96,8 @@ install_wheel() {
         || die "MinkowskiEngine was installed but does not import (see above); rebuild with --rebuild"
 }
 
-wheel=$(ls "$cache"/MinkowskiEngine-"$ME_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+# The wheel's name is MinkowskiEngine-... from setuptools < 75.8, minkowskiengine-... from newer ones.
+wheel=$(ls "$cache"/[Mm]inkowski[Ee]ngine-"$ME_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -n "$wheel" ] && [ "$rebuild" = 0 ]; then
     echo "using the cached wheel for torch $torch_version ($py_tag, $flavor)"
     install_wheel "$wheel"
@@ -94,15 +106,18 @@ fi
 
 # Build prerequisites.
 command -v "${CXX:-g++}" >/dev/null || die "no C++ compiler (Debian: apt-get install g++)"
-have_cblas() { for f in /usr/include/cblas.h /usr/include/*/cblas.h /usr/include/*/openblas*/cblas.h; do
-    [ -f "$f" ] && return 0; done; return 1; }
+have_cblas() {  # where the compiler looks: the system folders, and those on CPLUS_INCLUDE_PATH / CPATH
+    local dir
+    for dir in /usr/include /usr/include/* /usr/include/*/openblas* ${CPLUS_INCLUDE_PATH:+${CPLUS_INCLUDE_PATH//:/ }} ${CPATH:+${CPATH//:/ }}; do
+        [ -f "$dir/cblas.h" ] && return 0; done; return 1; }
 if ! have_cblas; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing OpenBLAS (apt-get install libopenblas-dev)"
         apt-get install -y -q libopenblas-dev >/dev/null || { apt-get update -q >/dev/null && \
             apt-get install -y -q libopenblas-dev >/dev/null; } || die "apt-get install libopenblas-dev failed"
     else
-        die "OpenBLAS headers not found: install Debian's libopenblas-dev (sudo apt-get install libopenblas-dev)"
+        die "OpenBLAS headers (cblas.h) not found: install Debian's libopenblas-dev (sudo apt-get install" \
+            "libopenblas-dev), or put an unpacked one's folders on CPLUS_INCLUDE_PATH and LIBRARY_PATH"
     fi
 fi
 
@@ -110,17 +125,43 @@ build=$(mktemp -d "${TMPDIR:-/tmp}/fcmae-me-build.XXXXXX")
 trap 'rm -rf "$build"' EXIT
 echo "building MinkowskiEngine $ME_VERSION ($flavor) for torch $torch_version, $py_tag, $jobs jobs, in $build"
 
-# The throwaway build venv sees the target's torch through a .pth file; its own pins come first on sys.path.
-"$python" -m venv "$build/venv"
+# The throwaway build venv sees the target's packages (torch, pip, and its build tools if it has them) through a .pth
+# file, after its own: what the build needs and the target lacks is installed into the build venv, never the target.
+# No pip or setuptools of its own: an old bundled setuptools would shadow the target's.
+"$python" -m venv --without-pip "$build/venv"
 bpy=$build/venv/bin/python
 bsite=$("$bpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-"$bpy" -m pip install -q --disable-pip-version-check "setuptools<60" "numpy<1.26" wheel
-command -v ninja >/dev/null || "$bpy" -m pip install -q --disable-pip-version-check ninja
-tr ':' '\n' <<<"$target_paths" > "$bsite/zz_fcmae_target_env.pth"  # after pip: no resolver noise
+tr ':' '\n' <<<"$target_paths" > "$bsite/zz_fcmae_target_env.pth"
+missing=$("$bpy" - <<'EOF'
+import importlib.metadata, importlib.util, shutil
+try:
+    setuptools = tuple(int(part) for part in importlib.metadata.version("setuptools").split(".")[:2])
+except importlib.metadata.PackageNotFoundError:
+    setuptools = None
+need = []
+if setuptools is None:
+    need.append("setuptools>=70.1")
+elif setuptools < (70, 1) and importlib.util.find_spec("wheel") is None:
+    need.append("wheel")  # bdist_wheel: built into setuptools since 70.1, from `wheel` before
+if shutil.which("ninja") is None:
+    need.append("ninja")  # parallel compiles
+print(" ".join(need))
+EOF
+)
+if [ -n "$missing" ]; then
+    echo "build venv: installing $missing"
+    "$bpy" -m pip install -q --disable-pip-version-check $missing \
+        || die "could not install $missing into the build venv (offline? install them into the target environment)"
+fi
 
-# The sdist, from PyPI (pip prepares its metadata, which imports torch: hence the build venv).
-(cd "$build" && "$bpy" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
-    --no-build-isolation "MinkowskiEngine==$ME_VERSION" -d .)
+# The sdist, from PyPI unless given (pip prepares its metadata, which imports torch: hence the build venv).
+if [ -n "$sdist" ]; then
+    cp "$sdist" "$build/"
+else
+    (cd "$build" && "$bpy" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+        --no-build-isolation "MinkowskiEngine==$ME_VERSION" -d .) \
+        || die "could not download the MinkowskiEngine $ME_VERSION sdist (offline? pass --sdist)"
+fi
 tar -xzf "$build/MinkowskiEngine-$ME_VERSION.tar.gz" -C "$build"
 src=$build/MinkowskiEngine-$ME_VERSION
 
@@ -172,7 +213,8 @@ fi
     > "$build/build.log" 2>&1) || { grep -m 20 -B 2 -A 6 ' error' "$build/build.log" >&2 || tail -n 60 "$build/build.log" >&2
     mkdir -p "$cache" && cp "$build/build.log" "$cache/build-failed.log"
     die "the MinkowskiEngine build failed: its first errors are above, the whole log is $cache/build-failed.log"; }
-built=$(ls "$src"/dist/MinkowskiEngine-"$ME_VERSION"-*.whl)
+built=$(ls "$src"/dist/[Mm]inkowski[Ee]ngine-"$ME_VERSION"-*.whl 2>/dev/null) || { mkdir -p "$cache"
+    cp "$build/build.log" "$cache/build-failed.log"; die "setup.py made no wheel in dist/: see $cache/build-failed.log"; }
 
 mkdir -p "$cache"
 cp "$built" "$cache/.partial.whl" && mv "$cache/.partial.whl" "$cache/$(basename "$built")"  # never half a wheel
