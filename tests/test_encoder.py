@@ -24,7 +24,7 @@ def run(encoder, imgs, mask, seed=0):
     imgs = imgs.clone().requires_grad_(True)
     torch.manual_seed(seed)  # same drop-path draws for both backends
     out = encoder(imgs, mask)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out * upstream).sum().backward()
     return out, imgs.grad, {n: p.grad for n, p in encoder.named_parameters()}
 

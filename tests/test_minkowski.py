@@ -4,6 +4,8 @@ Tests that need MinkowskiEngine skip, with the reason in pytest's summary, where
 (scripts/install_minkowskiengine.sh installs it; .ci/run does so from a cached wheel).
 """
 
+import os
+import shutil
 import subprocess
 from pathlib import Path
 import sys
@@ -50,7 +52,7 @@ def assert_all_same(models: dict[str, SparseConvNeXtV2], imgs, mask, tol=1e-5):
         assert gp.keys() == gp_r.keys()
         for key in gp:
             assert rel_err(gp_r[key], gp[key]) <= tol, (ref_name, name, key)
-    removed = mask.bool().view(mask.shape[0], *out_r.shape[-2:])
+    removed = mask.bool().view(mask.shape[0], *out_r.shape[-2:]).to(out_r.device)
     assert (out_r.permute(0, 2, 3, 1)[removed] == 0).all()
     return out_r
 
@@ -89,6 +91,33 @@ def test_pretrain_without_minkowski_engine_fails_before_writing(tmp_path):
     assert "scripts/install_minkowskiengine.sh" in result.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--jobs", "0"], "--jobs must be a positive integer, got '0'"),
+    (["--sdist", "no/such/MinkowskiEngine-0.5.4.tar.gz"], "--sdist: no file no/such/MinkowskiEngine-0.5.4.tar.gz"),
+    (["--sdist", "README.md"], "--sdist takes MinkowskiEngine-0.5.4.tar.gz, got README.md"),
+    (["--python", "no-such-python"], "no interpreter 'no-such-python'"),
+    (["--frobnicate"], "unknown option --frobnicate"),
+])
+def test_install_script_answers_bad_input_with_one_line(args, message, tmp_path):
+    result = subprocess.run(["bash", "scripts/install_minkowskiengine.sh", *args], capture_output=True, text=True,
+                            cwd=ROOT, env={"PATH": os.environ["PATH"], "FCMAE_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {message}")
+    assert result.stderr.count("\n") == 1 and not any(tmp_path.iterdir())
+
+
+def test_install_script_cuda_without_nvcc_says_so(tmp_path):
+    bin_dir = tmp_path / "bin"  # a PATH with the basic tools and no nvcc
+    bin_dir.mkdir()
+    for tool in ("dirname", "sed", "nproc"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    result = subprocess.run([shutil.which("bash"), "scripts/install_minkowskiengine.sh", "--cuda", "--python",
+                             sys.executable], capture_output=True, text=True, cwd=ROOT,
+                            env={"PATH": str(bin_dir), "FCMAE_CACHE_DIR": str(tmp_path / "c")})
+    expected = ("--cuda needs nvcc (a CUDA toolkit) on PATH" if torch.version.cuda else
+                f"torch {torch.__version__} is a CPU build: --cuda needs a CUDA build of torch")
+    assert result.returncode == 1 and result.stderr == f"error: {expected}\n"
+
+
 # With MinkowskiEngine ------------------------------------------------------------------------------------------
 
 @needs_me
@@ -124,6 +153,23 @@ def test_minkowski_equals_the_others_with_drop_path_in_training():
     out = assert_all_same(models, imgs, mask)
     models["minkowski"].eval()
     assert not torch.allclose(out, models["minkowski"](imgs, mask)), "drop path had no effect in training"
+
+
+@needs_me
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_minkowski_on_cuda_equals_sparse_and_dense(monkeypatch):
+    """ME's CUDA kernels (convolution, channel-wise convolution, coordinate maps) against the other backends on
+    the GPU, fp32, on a ragged batch and a non-square input."""
+    if not ME.is_cuda_available():
+        pytest.skip("MinkowskiEngine was built without CUDA: run scripts/install_minkowskiengine.sh --cuda")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 here
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    models = {name: model.cuda() for name, model in encoders(seed=2).items()}
+    imgs = torch.randn(4, 3, 64, 96, device="cuda")
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 1, 0]],
+                        dtype=torch.float32, device="cuda")
+    out = assert_all_same(models, imgs, mask)
+    assert out.is_cuda and (out[2] == 0).all()
 
 
 @needs_me
