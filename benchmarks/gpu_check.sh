@@ -11,14 +11,21 @@
 #     bash benchmarks/gpu_check.sh --timings | --checks [RESULTS_DIR]   # part 1 | parts 2 and 3
 #     bash benchmarks/gpu_check.sh --short [RESULTS_DIR]  # ~2.5 minutes: CUDA equivalence fp32 / bf16, compiled vs
 #                                                         # eager on CUDA, eager bf16 benchmark rows for atto, tiny
+#     bash benchmarks/gpu_check.sh --minkowski [RESULTS_DIR]  # builds MinkowskiEngine for this GPU (CUDA, offline),
+#         # then its tests on CUDA and the three-backend step-time rows. Needs .me/ carried: the ME sdist and, where
+#         # the image has no cblas.h, Debian's OpenBLAS debs. Made here (see README, "MinkowskiEngine backend"):
+#         #   mkdir -p .me && echo /.me/ >> .git/info/exclude && cd .me && apt-get download libopenblas-dev \
+#         #   libopenblas-pthread-dev libopenblas0-pthread libgfortran5 && pip download --no-deps --no-binary :all: \
+#         #   --no-build-isolation MinkowskiEngine==0.5.4 -d .
 #
 # Each part prints PASS or FAIL; the script exits non-zero if any part failed. The benchmark table goes to
 # RESULTS_DIR/step_time_cuda_{eager,compiled}.md (rewritten after each model, so a run cut short keeps what it
 # measured), the throughput table to throughput_cuda.md, the loader's to loader_cuda.md.
 set -u
-SHORT=0 TIMINGS=1 CHECKS=1
+SHORT=0 TIMINGS=1 CHECKS=1 MINKOWSKI=0
 case "${1:-}" in
     --short) SHORT=1; shift ;;
+    --minkowski) MINKOWSKI=1; shift ;;
     --timings) CHECKS=0; shift ;;
     --checks) TIMINGS=0; shift ;;
 esac
@@ -38,19 +45,43 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run, time and record one part
     if timeout "$limit" "$@"; then echo "PASS $name"; else echo "FAIL $name (exit $?)"; FAILED+=("$name"); fi
 }
 
+finish() {  # the summary line; exits non-zero if any part failed
+    echo "=== done in $((SECONDS - START)) s; failed: ${FAILED[*]:-none}"
+    rm -rf "$WORK"
+    [ ${#FAILED[@]} -eq 0 ]
+    exit
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PYTHON -c "import torch, timm, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'timm', timm.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())" || exit 1
+
+if [ $MINKOWSKI = 1 ]; then
+    # ME 0.5.4 for this GPU's architecture only (a few minutes on 16 cores), into this environment, from .me/.
+    if ! compgen -G "/usr/include/*cblas.h" >/dev/null && ! compgen -G "/usr/include/*/cblas.h" >/dev/null &&
+            compgen -G ".me/libopenblas*.deb" >/dev/null; then  # no OpenBLAS in the image: the carried one
+        for deb in .me/*.deb; do dpkg -x "$deb" "$WORK/openblas"; done
+        blas_lib=$WORK/openblas/usr/lib/x86_64-linux-gnu
+        export CPLUS_INCLUDE_PATH=$WORK/openblas/usr/include/x86_64-linux-gnu/openblas-pthread \
+            LIBRARY_PATH=$blas_lib/openblas-pthread LD_LIBRARY_PATH=$blas_lib/openblas-pthread:$blas_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    fi
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PYTHON -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+    part "MinkowskiEngine CUDA build (arch $TORCH_CUDA_ARCH_LIST)" 480 env FCMAE_CACHE_DIR="$WORK/cache" \
+        bash scripts/install_minkowskiengine.sh --cuda --jobs "$(nproc)" --python "$PYTHON" \
+        --sdist .me/MinkowskiEngine-0.5.4.tar.gz
+    part "minkowski tests (CPU and CUDA)" 150 $PYTHON -m pytest -q -p no:cacheprovider -rs tests/test_minkowski.py
+    part "step time: sparse, dense, minkowski (fp32)" 120 $PYTHON benchmarks/step_time.py --device cuda \
+        --backends sparse,dense,minkowski --modes eager --precisions fp32 --model atto tiny --batch-size 64 64 \
+        --repeats 5 --output "$RESULTS/step_time_cuda_minkowski.md"
+    finish
+fi
 
 if [ $SHORT = 1 ]; then
     part "step-time benchmark, eager bf16" 90 $PYTHON benchmarks/step_time.py --device cuda --model atto tiny \
         --batch-size 128 128 --modes eager --precisions bf16 --repeats 5 --output "$RESULTS/step_time_cuda.md"
     part "cuda tests" 80 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_compile.py \
         -k "cuda and not aot_eager and not compiled_dense"
-    echo "=== done in $((SECONDS - START)) s; failed: ${FAILED[*]:-none}"
-    rm -rf "$WORK"
-    [ ${#FAILED[@]} -eq 0 ]
-    exit
+    finish
 fi
 
 # 1. The step-time benchmark, bf16, batch 128, atto / tiny / base at 224 px: eager, a profile of tiny's sparse
@@ -90,6 +121,4 @@ tail -n 5 "$WORK/tests.log"
 grep -q "^PASS cuda tests" "$WORK/tests.log" || FAILED+=("cuda tests")
 fi
 
-echo "=== done in $((SECONDS - START)) s; failed: ${FAILED[*]:-none}"
-rm -rf "$WORK"
-[ ${#FAILED[@]} -eq 0 ]
+finish
