@@ -25,8 +25,8 @@
 #     bundled ranges collide with CUDA 12.2+'s NVTX3): the fixes ME's issues #543, #601 and #614 and the
 #     community forks apply; then scripts/minkowskiengine-0.5.4-cuda.patch for CUDA 13 (CCCL 3) and libstdc++ 12+.
 #     On CUDA 13, whose toolkit keeps thrust in include/cccl, the host compiler gets that folder too.
-# The build venv gets setuptools (>= 70.1, or an older one with `wheel`) and ninja from the target environment when
-# it has them, else from PyPI.
+# The build venv takes setuptools (>= 70.1, or an older one with `wheel`) and ninja from the target environment when
+# it has them, else installs a current setuptools / ninja from PyPI into itself.
 # (A plain `pip install MinkowskiEngine` fails in numpy.distutils' BLAS search on modern setuptools and numpy; naming
 # the BLAS, as this script does, skips that search, so no old setuptools or numpy is needed.)
 # Offline (no package index): pass --sdist, and have setuptools (and wheel, for setuptools < 70.1) and ninja in the
@@ -133,16 +133,15 @@ bpy=$build/venv/bin/python
 bsite=$("$bpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 tr ':' '\n' <<<"$target_paths" > "$bsite/zz_fcmae_target_env.pth"
 missing=$("$bpy" - <<'EOF'
-import importlib.metadata, importlib.util, shutil
+import importlib.metadata, importlib.util, re, shutil
 try:
-    setuptools = tuple(int(part) for part in importlib.metadata.version("setuptools").split(".")[:2])
-except importlib.metadata.PackageNotFoundError:
-    setuptools = None
+    setuptools = tuple(map(int, re.match(r"(\d+)\.(\d+)", importlib.metadata.version("setuptools")).groups()))
+except (importlib.metadata.PackageNotFoundError, AttributeError):
+    setuptools = (0, 0)
 need = []
-if setuptools is None:
+# bdist_wheel is built into setuptools since 70.1; an older one needs the `wheel` package
+if setuptools < (70, 1) and importlib.util.find_spec("wheel") is None:
     need.append("setuptools>=70.1")
-elif setuptools < (70, 1) and importlib.util.find_spec("wheel") is None:
-    need.append("wheel")  # bdist_wheel: built into setuptools since 70.1, from `wheel` before
 if shutil.which("ninja") is None:
     need.append("ninja")  # parallel compiles
 print(" ".join(need))
