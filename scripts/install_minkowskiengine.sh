@@ -25,21 +25,26 @@
 #     bundled ranges collide with CUDA 12.2+'s NVTX3): the fixes ME's issues #543, #601 and #614 and the
 #     community forks apply; then scripts/minkowskiengine-0.5.4-cuda.patch for CUDA 13 (CCCL 3) and libstdc++ 12+.
 #     On CUDA 13, whose toolkit keeps thrust in include/cccl, the host compiler gets that folder too.
-# The build venv takes setuptools (>= 70.1, or an older one with `wheel`) and ninja from the target environment when
-# it has them, else installs a current setuptools / ninja from PyPI into itself.
+# The build venv takes setuptools (>= 70.1) and ninja from the target environment when it has them, else installs
+# current ones from the package index into itself. The sdist is fetched from the index's simple page (pip's
+# index-url; PyPI by default) and checked against its SHA-256, as is a --sdist file.
 # (A plain `pip install MinkowskiEngine` fails in numpy.distutils' BLAS search on modern setuptools and numpy; naming
 # the BLAS, as this script does, skips that search, so no old setuptools or numpy is needed.)
-# Offline (no package index): pass --sdist, and have setuptools (and wheel, for setuptools < 70.1) and ninja in the
-# target environment.
+# Offline (no package index): pass --sdist, and have setuptools >= 70.1 and ninja (on PATH) in the target environment.
 # Needs a C++ compiler and OpenBLAS (Debian: libopenblas-dev; installed with apt-get when run as root). An OpenBLAS
 # unpacked elsewhere works too: put its cblas.h folder on CPLUS_INCLUDE_PATH and its library folder on LIBRARY_PATH
 # (and LD_LIBRARY_PATH, to import it).
 set -euo pipefail
 
 ME_VERSION=0.5.4
+ME_SHA256=b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94  # PyPI's MinkowskiEngine-0.5.4.tar.gz
 here=$(cd "$(dirname "$0")" && pwd)
 variant=auto rebuild=0 jobs=$(nproc 2>/dev/null || echo 2) python=python sdist=
 die() { echo "error: $*" >&2; exit 1; }
+check_sdist() {  # FILE: PyPI's sdist, or stop
+    echo "$ME_SHA256  $1" | sha256sum --check --quiet - >/dev/null 2>&1 \
+        || die "MinkowskiEngine-$ME_VERSION.tar.gz does not have PyPI's SHA-256 ($ME_SHA256)"
+}
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) variant=cpu ;;
@@ -51,7 +56,8 @@ while [ $# -gt 0 ]; do
             [ -f "$sdist" ] || die "--sdist: no file $sdist"
             case "$(basename "$sdist")" in MinkowskiEngine-$ME_VERSION.tar.gz) ;;
                 *) die "--sdist takes MinkowskiEngine-$ME_VERSION.tar.gz, got $(basename "$sdist")" ;; esac
-            sdist=$(cd "$(dirname "$sdist")" && pwd)/$(basename "$sdist") ;;
+            sdist=$(cd "$(dirname "$sdist")" && pwd)/$(basename "$sdist")
+            check_sdist "$sdist" ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -133,34 +139,46 @@ bpy=$build/venv/bin/python
 bsite=$("$bpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 tr ':' '\n' <<<"$target_paths" > "$bsite/zz_fcmae_target_env.pth"
 missing=$("$bpy" - <<'EOF'
-import importlib.metadata, importlib.util, re, shutil
+import importlib.metadata, re, shutil
 try:
     setuptools = tuple(map(int, re.match(r"(\d+)\.(\d+)", importlib.metadata.version("setuptools")).groups()))
 except (importlib.metadata.PackageNotFoundError, AttributeError):
     setuptools = (0, 0)
 need = []
-# bdist_wheel is built into setuptools since 70.1; an older one needs the `wheel` package
-if setuptools < (70, 1) and importlib.util.find_spec("wheel") is None:
+if setuptools < (70, 1):  # bdist_wheel built in; an older one with whatever `wheel` is there is not what we test
     need.append("setuptools>=70.1")
-if shutil.which("ninja") is None:
+if shutil.which("ninja") is None:  # torch looks for it on PATH
     need.append("ninja")  # parallel compiles
 print(" ".join(need))
 EOF
 )
 if [ -n "$missing" ]; then
     echo "build venv: installing $missing"
-    "$bpy" -m pip install -q --disable-pip-version-check $missing \
+    "$bpy" -m pip install -q --disable-pip-version-check --ignore-installed $missing \
         || die "could not install $missing into the build venv (offline? install them into the target environment)"
 fi
 
-# The sdist, from PyPI unless given (pip prepares its metadata, which imports torch: hence the build venv).
+# The sdist: given, or fetched as a file from the index's simple page. (Not `pip download`: that runs setup.py to
+# read its metadata, without --blas, so numpy.distutils' BLAS search runs and fails on current setuptools / numpy.)
 if [ -n "$sdist" ]; then
     cp "$sdist" "$build/"
 else
-    (cd "$build" && "$bpy" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
-        --no-build-isolation "MinkowskiEngine==$ME_VERSION" -d .) \
-        || die "could not download the MinkowskiEngine $ME_VERSION sdist (offline? pass --sdist)"
+    index=${PIP_INDEX_URL:-$("$bpy" -m pip config get global.index-url 2>/dev/null || echo https://pypi.org/simple)}
+    "$bpy" - "$index" "MinkowskiEngine-$ME_VERSION.tar.gz" "$build" <<'EOF' \
+        || die "could not download MinkowskiEngine-$ME_VERSION.tar.gz (offline? pass --sdist)"
+import re, sys, urllib.parse, urllib.request
+index, name, folder = sys.argv[1:]
+page_url = index.rstrip("/") + "/minkowskiengine/"
+page = urllib.request.urlopen(page_url, timeout=60).read().decode()
+links = [urllib.parse.urljoin(page_url, href) for href in re.findall(r'href="([^"]+)"', page)
+         if urllib.parse.urlparse(href).path.endswith("/" + name) or href.split("#")[0] == name]
+if not links:
+    sys.exit(f"{name} is not on {page_url}")
+with urllib.request.urlopen(links[0].split("#")[0], timeout=300) as response, open(f"{folder}/{name}", "wb") as out:
+    out.write(response.read())
+EOF
 fi
+check_sdist "$build/MinkowskiEngine-$ME_VERSION.tar.gz"
 tar -xzf "$build/MinkowskiEngine-$ME_VERSION.tar.gz" -C "$build"
 src=$build/MinkowskiEngine-$ME_VERSION
 
@@ -216,6 +234,7 @@ built=$(ls "$src"/dist/[Mm]inkowski[Ee]ngine-"$ME_VERSION"-*.whl 2>/dev/null) ||
     cp "$build/build.log" "$cache/build-failed.log"; die "setup.py made no wheel in dist/: see $cache/build-failed.log"; }
 
 mkdir -p "$cache"
+rm -f "$cache"/[Mm]inkowski[Ee]ngine-"$ME_VERSION"-*.whl  # a --rebuild's old wheel, whatever its name's case
 cp "$built" "$cache/.partial.whl" && mv "$cache/.partial.whl" "$cache/$(basename "$built")"  # never half a wheel
 echo "cached $cache/$(basename "$built")"
 install_wheel "$cache/$(basename "$built")"

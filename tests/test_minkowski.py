@@ -105,6 +105,18 @@ def test_install_script_answers_bad_input_with_one_line(args, message, tmp_path)
     assert result.stderr.count("\n") == 1 and not any(tmp_path.iterdir())
 
 
+def test_install_script_checks_the_sdist_hash(tmp_path):
+    fake = tmp_path / "MinkowskiEngine-0.5.4.tar.gz"
+    fake.write_bytes(b"not the sdist")
+    result = subprocess.run([shutil.which("bash"), "scripts/install_minkowskiengine.sh", "--sdist", str(fake)],
+                            capture_output=True, text=True, cwd=ROOT,
+                            env={"PATH": os.environ["PATH"], "FCMAE_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 1 and result.stderr == (
+        "error: MinkowskiEngine-0.5.4.tar.gz does not have PyPI's SHA-256 "
+        "(b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94)\n")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_install_script_cuda_without_nvcc_says_so(tmp_path):
     bin_dir = tmp_path / "bin"  # a PATH with the basic tools and no nvcc
     bin_dir.mkdir()
@@ -155,13 +167,15 @@ def test_minkowski_equals_the_others_with_drop_path_in_training():
     assert not torch.allclose(out, models["minkowski"](imgs, mask)), "drop path had no effect in training"
 
 
-@needs_me
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_minkowski_on_cuda_equals_sparse_and_dense(monkeypatch):
     """ME's CUDA kernels (convolution, channel-wise convolution, coordinate maps) against the other backends on
-    the GPU, fp32, on a ragged batch and a non-square input."""
-    if not ME.is_cuda_available():
-        pytest.skip("MinkowskiEngine was built without CUDA: run scripts/install_minkowskiengine.sh --cuda")
+    the GPU, fp32, on a ragged batch and a non-square input. Skips without a GPU or ME's CUDA build, unless
+    FCMAE_REQUIRE_MINKOWSKI_CUDA is set (benchmarks/gpu_check.sh --minkowski): then it fails."""
+    missing = ("no CUDA GPU" if not torch.cuda.is_available() else MISSING if ME is None else
+               "MinkowskiEngine was built without CUDA: run scripts/install_minkowskiengine.sh --cuda"
+               if not ME.is_cuda_available() else "")
+    if missing:
+        (pytest.fail if os.environ.get("FCMAE_REQUIRE_MINKOWSKI_CUDA") else pytest.skip)(missing)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 here
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     models = {name: model.cuda() for name, model in encoders(seed=2).items()}
