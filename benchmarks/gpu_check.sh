@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one go: the step-time benchmark (eager and compiled), pretraining throughput with and without
 # --gpu-augment, the CUDA tests, and a short bf16 + compile pretraining run through accelerate launch whose loss
-# must fall. Offline; installs nothing; runs from
+# must fall. Offline; installs nothing (but --minkowski, which installs ME); runs from
 # the source tree in an environment that has torch >= 2.11, timm, accelerate and simplejpeg (plus pytest,
 # scikit-image for the demo photos, and wids / webdataset for the shard tests). An image without the small ones
 # installs them from wheels carried along: pip install --no-index --find-links .whl simplejpeg wids webdataset. About 15 minutes on one H100 or H200, most of it compiling; where one call is limited to 10
