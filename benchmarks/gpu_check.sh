@@ -60,8 +60,7 @@ $PYTHON -c "import torch, timm, accelerate; print('torch', torch.__version__, 'c
 
 if [ $MINKOWSKI = 1 ]; then
     # ME 0.5.4 for this GPU's architecture only (a few minutes on 16 cores), into this environment, from .me/.
-    if ! compgen -G "/usr/include/*cblas.h" >/dev/null && ! compgen -G "/usr/include/*/cblas.h" >/dev/null &&
-            compgen -G ".me/libopenblas*.deb" >/dev/null; then  # no OpenBLAS in the image: the carried one
+    if compgen -G ".me/libopenblas*.deb" >/dev/null; then  # the carried OpenBLAS (the image may have none)
         for deb in .me/*.deb; do dpkg -x "$deb" "$WORK/openblas"; done
         blas_lib=$WORK/openblas/usr/lib/x86_64-linux-gnu
         export CPLUS_INCLUDE_PATH=$WORK/openblas/usr/include/x86_64-linux-gnu/openblas-pthread \

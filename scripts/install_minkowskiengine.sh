@@ -177,8 +177,8 @@ if not links:
 with urllib.request.urlopen(links[0].split("#")[0], timeout=300) as response, open(f"{folder}/{name}", "wb") as out:
     out.write(response.read())
 EOF
+    check_sdist "$build/MinkowskiEngine-$ME_VERSION.tar.gz"  # a --sdist file was checked when given
 fi
-check_sdist "$build/MinkowskiEngine-$ME_VERSION.tar.gz"
 tar -xzf "$build/MinkowskiEngine-$ME_VERSION.tar.gz" -C "$build"
 src=$build/MinkowskiEngine-$ME_VERSION
 

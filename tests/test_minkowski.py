@@ -91,6 +91,12 @@ def test_pretrain_without_minkowski_engine_fails_before_writing(tmp_path):
     assert "scripts/install_minkowskiengine.sh" in result.stderr and not out.exists()
 
 
+def install_script(*args: str, cache: Path, path: str | None = None) -> subprocess.CompletedProcess:
+    """scripts/install_minkowskiengine.sh run with only PATH and its cache folder set."""
+    return subprocess.run([shutil.which("bash"), "scripts/install_minkowskiengine.sh", *args], capture_output=True,
+                          text=True, cwd=ROOT, env={"PATH": path or os.environ["PATH"], "FCMAE_CACHE_DIR": str(cache)})
+
+
 @pytest.mark.parametrize("args, message", [
     (["--jobs", "0"], "--jobs must be a positive integer, got '0'"),
     (["--sdist", "no/such/MinkowskiEngine-0.5.4.tar.gz"], "--sdist: no file no/such/MinkowskiEngine-0.5.4.tar.gz"),
@@ -99,8 +105,7 @@ def test_pretrain_without_minkowski_engine_fails_before_writing(tmp_path):
     (["--frobnicate"], "unknown option --frobnicate"),
 ])
 def test_install_script_answers_bad_input_with_one_line(args, message, tmp_path):
-    result = subprocess.run(["bash", "scripts/install_minkowskiengine.sh", *args], capture_output=True, text=True,
-                            cwd=ROOT, env={"PATH": os.environ["PATH"], "FCMAE_CACHE_DIR": str(tmp_path)})
+    result = install_script(*args, cache=tmp_path)
     assert result.returncode == 1 and result.stderr.startswith(f"error: {message}")
     assert result.stderr.count("\n") == 1 and not any(tmp_path.iterdir())
 
@@ -108,9 +113,7 @@ def test_install_script_answers_bad_input_with_one_line(args, message, tmp_path)
 def test_install_script_checks_the_sdist_hash(tmp_path):
     fake = tmp_path / "MinkowskiEngine-0.5.4.tar.gz"
     fake.write_bytes(b"not the sdist")
-    result = subprocess.run([shutil.which("bash"), "scripts/install_minkowskiengine.sh", "--sdist", str(fake)],
-                            capture_output=True, text=True, cwd=ROOT,
-                            env={"PATH": os.environ["PATH"], "FCMAE_CACHE_DIR": str(tmp_path / "cache")})
+    result = install_script("--sdist", str(fake), cache=tmp_path / "cache")
     assert result.returncode == 1 and result.stderr == (
         "error: MinkowskiEngine-0.5.4.tar.gz does not have PyPI's SHA-256 "
         "(b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94)\n")
@@ -122,9 +125,7 @@ def test_install_script_cuda_without_nvcc_says_so(tmp_path):
     bin_dir.mkdir()
     for tool in ("dirname", "sed", "nproc"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    result = subprocess.run([shutil.which("bash"), "scripts/install_minkowskiengine.sh", "--cuda", "--python",
-                             sys.executable], capture_output=True, text=True, cwd=ROOT,
-                            env={"PATH": str(bin_dir), "FCMAE_CACHE_DIR": str(tmp_path / "c")})
+    result = install_script("--cuda", "--python", sys.executable, cache=tmp_path / "c", path=str(bin_dir))
     expected = ("--cuda needs nvcc (a CUDA toolkit) on PATH" if torch.version.cuda else
                 f"torch {torch.__version__} is a CPU build: --cuda needs a CUDA build of torch")
     assert result.returncode == 1 and result.stderr == f"error: {expected}\n"
