@@ -29,7 +29,9 @@ from torch.utils.data import DataLoader
 
 from fcmae.checkpoints import load, load_state_dict_strict, names, write_safetensors
 from fcmae.config import ConfigError, FinetuneConfig, from_dict, load_yaml, parse_config
-from fcmae.data import DataError, EvalTransform, ImageFiles, PretrainTransform, find_labeled_images, resolve_data_path
+from fcmae.data import (
+    CollateUnreadable, DataError, EvalTransform, ImageFiles, PretrainTransform, find_labeled_images, resolve_data_path,
+)
 from fcmae.data.datasets import ARRAY_SUFFIXES
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
@@ -211,7 +213,8 @@ def evaluate_only(config: FinetuneConfig) -> dict:
                                              for k in shown))
     _, val_set, classes = main_process_first(accelerator, lambda: datasets(config))
     model, metadata = load_for_eval(config, len(classes))
-    loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
+    loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers,
+                        collate_fn=CollateUnreadable())
     model, loader = accelerator.prepare(model, loader)
     result = evaluate(model, loader, accelerator, progress=config.progress and sys.stdout.isatty())
     recorded = f" (recorded when saved: {float(metadata['val_acc1']):.2f})" if "val_acc1" in metadata else ""
@@ -247,8 +250,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     optimizer = optimizer_for(model, config, lr)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
                               num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-                              worker_init_fn=quiet_worker)
-    val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
+                              collate_fn=CollateUnreadable(), worker_init_fn=quiet_worker)
+    val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers,
+                            collate_fn=CollateUnreadable())
     model, optimizer, train_loader = run.prepare(model, optimizer, train_loader)
     val_loader = run.accelerator.prepare(val_loader)
     ema = None

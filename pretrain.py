@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, default_collate
 import fcmae
 from fcmae.checkpoints import names
 from fcmae.config import PretrainConfig, parse_config
-from fcmae.data import augment_batch, collate_encoded, pretrain_dataset, pretrain_sampler
+from fcmae.data import CollateUnreadable, augment_batch, collate_encoded, pretrain_dataset, pretrain_sampler
 from fcmae.training import Run, quiet_worker, run_cli
 from fcmae.visualize import sample_indices, save_reconstructions
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed, mean,
                                                               std, encoded=config.gpu_augment))
     sampler = pretrain_sampler(dataset, config.batch_size, run.accelerator.num_processes, config.seed)
-    collate = collate_encoded if config.gpu_augment else default_collate
+    collate = CollateUnreadable(collate_encoded if config.gpu_augment else default_collate)  # + batch["unreadable"]
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
                         drop_last=True, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
                         collate_fn=collate, persistent_workers=False,

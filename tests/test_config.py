@@ -1,6 +1,7 @@
 """Config files, flags, precedence, validation, the nested model and the round trip through config.yaml."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,44 @@ def test_bad_flags_fail_with_one_line(argv, message):
     with pytest.raises(ConfigError, match=message) as info:
         parse_config(PretrainConfig, ["--data-path", "x", *argv])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("argv, text, message", [
+    (["--lr", "1e39"], "", r"lr must be <= 100, got 1e\+39: no optimizer here trains that fast"),
+    (["--blr", "inf"], "", "blr must be a finite number, got inf"),
+    (["--blr", "50", "--batch-size", "1024"], "", "blr 50 x effective batch 1024 / 256 gives lr 200, above 100"),
+    ([], "lr: .nan\n", "lr must be a finite number or null, got nan"),
+    ([], "min_lr: .inf\n", "min_lr must be a finite number, got inf"),
+])
+def test_absurd_learning_rates_end_in_one_line_and_exit_2(tmp_path, capsys, argv, text, message):
+    """Issue 22 D: --lr 1e39 passed validation, then ended in a 30-line overflow traceback."""
+    from fcmae.training import run_cli
+
+    if text:
+        (tmp_path / "c.yaml").write_text(text)
+        argv = ["--config", str(tmp_path / "c.yaml"), *argv]
+    assert run_cli(lambda args: parse_config(PretrainConfig, args), ["--data-path", "x", *argv]) == 2
+    assert re.fullmatch(f"error: {message}.*\n", capsys.readouterr().err)  # "." stops at a newline: one line
+
+
+@pytest.mark.parametrize("cls, values", [
+    (PretrainConfig, {"lr": float("nan")}),
+    (PretrainConfig, {"warmup_epochs": float("inf")}),
+    (PretrainConfig, {"mean": [0.5, float("nan"), 0.5], "std": [0.25] * 3}),
+    (FinetuneConfig, {"head_init_scale": float("inf")}),
+])
+def test_configs_built_in_code_refuse_non_finite_values(cls, values):
+    """Files and flags stop nan / inf when they are read; validate stops them in a config built in code too."""
+    name = next(iter(values))
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number, got "):
+        cls(data_path="x", **values).validate()
+
+
+def test_the_linear_probe_recipe_reaches_its_lr_below_the_bound():
+    config = parse_config(FinetuneConfig, ["--data-path", "x", "--linear-probe"])
+    assert config.base_lr(16384) == 6.4  # blr 0.1 x 16384 / 256 with SGD: the largest lr of any recipe
+    with pytest.raises(ConfigError, match=r"blr 0.1 x effective batch 262144 / 256 gives lr 102\.4, above 100"):
+        config.base_lr(262144)
 
 
 @pytest.mark.parametrize("text, message", [

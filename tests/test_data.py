@@ -1,5 +1,12 @@
 """Image folders, real-world image formats, unreadable files and seeded augmentation."""
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +14,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_STD
 
 from fcmae.data import (
-    DataError, ImageFiles, eval_transform, find_images, find_labeled_images, load_rgb, pretrain_dataset, walk_images,
-    pretrain_transform,
+    CollateUnreadable, DataError, ImageFiles, eval_transform, find_images, find_labeled_images, load_rgb,
+    pretrain_dataset, walk_images, pretrain_transform,
 )
 from helpers import write_photos
 
@@ -35,6 +42,77 @@ def test_symlinked_folders_are_followed_once_and_hidden_entries_skipped(tmp_path
     files, labels, classes = find_labeled_images(data)
     assert classes == ["cat", "dog"] and sorted(labels) == [0, 0, 0, 1, 1] and len(files) == 5
     assert len(find_images(data)) == 5
+
+
+LOOP = "too many levels of symbolic links"  # the OS's words for ELOOP
+
+
+def test_looping_links_are_skipped_with_one_warning_per_scan(tmp_path, capsys):
+    """Issue 22 B: a link to itself made is_dir() raise ELOOP, which ended the whole scan."""
+    data = tmp_path / "data"
+    write_photos(data / "cat", 3)
+    write_photos(data / "dog", 2)
+    (data / "dog" / "x.jpg").symlink_to("x.jpg")
+    (data / "dog" / "y.png").symlink_to("y.png")
+    (data / "cat" / "a").symlink_to("b")  # a -> b -> a
+    (data / "cat" / "b").symlink_to("a")
+    files, labels, classes = find_labeled_images(data)
+    assert classes == ["cat", "dog"] and sorted(labels) == [0, 0, 0, 1, 1] and len(files) == 5
+    assert len(find_images(data)) == 5
+    assert len(pretrain_dataset(str(data), (64, 64), seed=0)) == 5  # the folder's FileIndex, built
+    assert len(pretrain_dataset(str(data), (64, 64), seed=0)) == 5  # and loaded from its cache: the warning again
+    warning = (f"warning: skipped 4 unreadable folder(s) or link(s) under {data}, their images left out: "
+               f"cat/a ({LOOP}), cat/b ({LOOP}), dog/x.jpg ({LOOP}) and 1 more")
+    assert capsys.readouterr().err.splitlines() == [warning] * 4
+
+
+# Run in a child process that drops root (which reads any folder) once its imports are done: the interpreter
+# lives under /root, which the other user cannot read.
+SCAN_AS_ANOTHER_USER = """
+import encodings.cp437, json, os, sys, zipfile  # what np.savez and np.load import when first called
+from fcmae.data import FileIndex, find_images, find_labeled_images
+root, cache, locked = sys.argv[1], sys.argv[2], sys.argv[3:]
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)  # nobody
+counts = [len(find_images(root)), len(find_labeled_images(root)[0])]
+indexes = []
+for unlock in (False, False, True):  # the index built, loaded from its cache, rebuilt once the folders are readable
+    for folder in locked if unlock else []:
+        os.chmod(os.path.join(root, folder), 0o755)
+    counts.append(len(FileIndex.load(root, cache)))
+    indexes.append(os.stat(cache).st_ino)  # os.replace writes a new file
+print(json.dumps({"counts": counts, "index_files": len(set(indexes[:2])), "rebuilt": indexes[2] != indexes[1]}))
+"""
+
+
+def test_unreadable_folders_are_reported_once_per_scan_and_by_the_cached_index():
+    """Issue 22 A: a folder os.scandir could not read was skipped without a word, its images missing."""
+    with tempfile.TemporaryDirectory() as tmp:  # not tmp_path: pytest's base folder is private to root
+        os.chmod(tmp, 0o755)
+        data = Path(tmp) / "data"
+        write_photos(data / "cat", 2)
+        write_photos(data / "dog", 2)
+        write_photos(data / "cat" / "private", 1)
+        write_photos(data / "dog" / "locked", 2)
+        locked = ["cat/private", "dog/locked"]
+        (Path(tmp) / "cache").mkdir()
+        os.chmod(Path(tmp) / "cache", 0o777)
+        for folder in locked:
+            if os.geteuid() == 0:
+                os.chown(data / folder, 65534, 65534)  # nobody may chmod it back
+            os.chmod(data / folder, 0)
+        env = {k: v for k, v in os.environ.items() if k != "RANK"}
+        result = subprocess.run([sys.executable, "-c", SCAN_AS_ANOTHER_USER, str(data), f"{tmp}/cache/index.npz",
+                                 *locked], capture_output=True, text=True, env=env, timeout=300)
+    if result.returncode and "Operation not permitted" in result.stderr:
+        pytest.skip(f"cannot run as another user here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"counts": [4, 4, 4, 4, 7], "index_files": 1, "rebuilt": True}
+    warning = (f"warning: skipped 2 unreadable folder(s) or link(s) under {data}, their images left out: "
+               "cat/private (permission denied), dog/locked (permission denied)")
+    assert result.stderr.splitlines() == [warning] * 4  # find_images, find_labeled_images, FileIndex built, loaded
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -105,6 +183,39 @@ def test_unreadable_files_are_skipped_with_a_warning(tmp_path):
         only_bad[0]
 
 
+def test_unreadable_positions_name_each_bad_file_however_often_it_is_drawn(tmp_path):
+    """Issue 22 C: skipped_files counted skip events (43 for 6 bad files); `unreadable` names the files."""
+    from accelerate.utils import send_to_device
+    from torch.utils.data import DataLoader
+
+    from fcmae.data.gpu_augment import EncodedCrop, collate_encoded
+
+    good = write_photos(tmp_path, 9, size=48)
+    bad = []
+    for name in ("a.jpg", "b.png", "c.jpg"):
+        (tmp_path / name).write_text("not an image")
+        bad.append(tmp_path / name)
+    files = [good[0], bad[0], bad[1], *good[1:], bad[2]]  # two in a row, and the last (its substitute is the first)
+    bad_positions = {1, 2, 11}
+    loader = DataLoader(ImageFiles(files, pretrain_transform((32, 32))), batch_size=4, shuffle=True, num_workers=2,
+                        collate_fn=CollateUnreadable(), generator=torch.Generator().manual_seed(0))
+    events = 0
+    for epoch in range(3):
+        found = set()
+        for batch in loader:
+            batch = send_to_device(batch, "cpu")  # what Accelerate does to each batch: the list stays a host list
+            assert type(batch["unreadable"]) is list and all(type(p) is int for p in batch["unreadable"])
+            found.update(batch["unreadable"])
+            events += int(batch["skipped"].sum())
+        assert found == bad_positions, epoch
+    assert events == 3 * 4  # per epoch: position 1's item skips 1 and 2, position 2's skips 2 again, 11's skips 11
+
+    encoded = ImageFiles(files, EncodedCrop())  # --gpu-augment's items, through its collate
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        batch = CollateUnreadable(collate_encoded)([encoded[i] for i in range(len(files))])
+    assert batch["unreadable"] == sorted(bad_positions) and len(batch["image"]["data"]) == len(files)
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     files = write_photos(tmp_path, 3)
     dataset = ImageFiles(files, pretrain_transform((64, 96)), seed=5)
@@ -142,7 +253,8 @@ def test_evaluation_leaves_unreadable_files_out_instead_of_counting_another_twic
             return torch.tensor([[0.0, 1.0]]).expand(len(x), 2)
 
     with pytest.warns(UserWarning, match="skipping unreadable image .*text.jpg"):
-        result = evaluate(SaysOne(), DataLoader(dataset, batch_size=2), Accelerator(cpu=True))
+        result = evaluate(SaysOne(), DataLoader(dataset, batch_size=2, collate_fn=CollateUnreadable()),
+                          Accelerator(cpu=True))
     AcceleratorState._reset_state(reset_partial_state=True)
     assert result["images"] == 4 and result["acc1"] == 75.0  # 3 of the 4 readable images are class 1
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ __all__ = ["TrainConfig", "PretrainConfig", "FinetuneConfig", "LINEAR_PROBE_RECI
 
 # FCMAEConfig fields a training config sets from its own (img_size is input_size): not keys of its model section.
 MODEL_SET_BY_RUN = {"img_size": "input_size"}
+
+# The largest learning rate a config may ask for. No optimizer here trains anywhere near it: AdamW recipes peak
+# around 1e-3 and the largest lr of any recipe is the linear probe's SGD at blr 0.1 x 16384 / 256 = 6.4. Past it is
+# a typo (--lr 1e39 for 1e-3), which would end in the optimizer with a float overflow and a long traceback.
+MAX_LR = 100.0
 
 
 @dataclass
@@ -64,6 +70,8 @@ class TrainConfig:
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb
     progress: bool = True  # progress bars (--no-progress: none; also none when stdout is not a terminal)
     allow_resume_change: bool = False  # resume with another batch size/processes/accum/seed/data: same epoch point
+    timeout: float = 300.0  # seconds a step may wait on another process (hung, stopped) before the job ends; 0: never
+    slow_timeout: float = 1800.0  # the same for setup, a first step that compiles, evaluation and saves; 0: never
     # The keys given as command-line flags (set by parse_config; not a setting itself).
     explicit: typing.ClassVar[frozenset[str]] = frozenset()
     # Speed
@@ -143,8 +151,23 @@ class TrainConfig:
                     f"epoch, less than effective batch {self.effective_batch_size}; using {per_step * accum}")
         return accum, note
 
+    def base_lr(self, effective_batch: int) -> float:
+        """lr, or blr x effective_batch / 256; ConfigError if that is above MAX_LR (a large blr times a large
+        batch), before any optimizer overflows on it."""
+        if self.lr:
+            return self.lr
+        lr = self.blr * effective_batch / 256
+        if not lr <= MAX_LR:
+            raise ConfigError(f"blr {self.blr:g} x effective batch {effective_batch} / 256 gives lr {lr:g}, above "
+                              f"{MAX_LR:g}: no optimizer here trains that fast; give a smaller --blr (or an --lr)")
+        return lr
+
     def validate(self) -> None:
         """Raise ConfigError for values no run can use."""
+        for name, value in vars(self).items():  # coerce stops nan / inf from files and flags; this, from code
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         if len(self.input_size) not in (1, 2) or any(s <= 0 or s % 32 for s in self.input_size):
             raise ConfigError(f"input_size must be one or two positive multiples of 32, got {self.input_size}")
         for name in ("batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every"):
@@ -156,6 +179,14 @@ class TrainConfig:
         for name in ("blr", "lr"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("blr", "lr", "min_lr"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_LR:
+                raise ConfigError(f"{name} must be <= {MAX_LR:g}, got {value:g}: no optimizer here trains that fast "
+                                  f"(the recipes' largest lr is 6.4); give a smaller --{name.replace('_', '-')}")
+        # The smallest effective batch this config can run with (1 process; effective_batch_size may stop
+        # accumulation early on a small dataset): blr times it is already too large. Run.base_lr checks the real one.
+        self.base_lr(self.batch_size * (1 if self.effective_batch_size else self.accum_steps))
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if not self.output_dir.strip():

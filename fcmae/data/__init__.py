@@ -6,7 +6,7 @@
 - `shard_writer`: `fcmae-shards`, a folder written as shards.
 - `decoding`: one file -> 8-bit RGB, or a float array of any channel count and bit depth.
 - `transforms`: the pretraining augmentation (fast, seeded per sample) and the evaluation transform.
-- `datasets`: the datasets over files, with unreadable-sample skipping.
+- `datasets`: the datasets over files, with unreadable-sample skipping; `CollateUnreadable` batches their items.
 - `gpu_augment`: `--gpu-augment`, JPEGs decoded (nvjpeg) and augmented on the device in batches.
 - `stats`: `fcmae-stats`, per-channel mean and std over a sample of the data.
 """
@@ -18,7 +18,7 @@ from typing import Sequence
 
 from torch.utils.data import Sampler
 
-from .datasets import ImageFiles, Samples
+from .datasets import CollateUnreadable, ImageFiles, Samples
 from .decoding import load_array, load_rgb
 from .errors import DataError
 from .file_index import FileIndex
@@ -35,7 +35,7 @@ __all__ = [
     "load_array", "ImageFiles", "Samples", "ShardImages", "ShardOrder", "FileIndex", "PretrainTransform",
     "EvalTransform", "pretrain_transform", "eval_transform", "pretrain_dataset", "pretrain_sampler", "seeded",
     "preserved_rng", "write_digits", "resolve_data_path", "walk_images", "is_shards", "EncodedCrop", "augment_batch",
-    "collate_encoded",
+    "collate_encoded", "CollateUnreadable",
 ]
 
 
@@ -49,8 +49,9 @@ def pretrain_dataset(data_path: str, size: tuple[int, int], seed: int, mean: Seq
     - an image folder (its train/ if present), indexed once and cached (`FileIndex`).
 
     mean / std: per-channel normalization (their length is the channel count; ImageNet's 3 by default).
-    encoded: items are `gpu_augment.EncodedCrop`'s (bytes + crop + flip, collated by `collate_encoded`, finished
-    on the device by `augment_batch`, which normalizes) instead of `PretrainTransform`'s tensors.
+    encoded: items are `gpu_augment.EncodedCrop`'s (bytes + crop + flip, collated by
+    `CollateUnreadable(collate_encoded)`, finished on the device by `augment_batch`, which normalizes) instead of
+    `PretrainTransform`'s tensors.
     """
     if (mean is None) != (std is None):
         raise DataError("give both mean and std (one value per channel), or neither for ImageNet's")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .decoding import as_stream, load_array, open_image, to_rgb
 from .errors import DataError, FatalDataError
@@ -31,12 +31,18 @@ class Samples(Dataset):
     evaluation (`substitute=False`) nothing takes its place, since that would count another image twice: the item
     is a black image marked `readable` False, which evaluation leaves out.
 
+    `unreadable` lists the dataset positions that failed while the item was built (index, index + 1, ... for
+    training; index itself for evaluation), so len(unreadable) == skipped. `skipped` counts skip events, and a bad
+    file counts again each time it is tried (in a later epoch, or by the item of the position before it, which
+    skipped over it); the positions identify the files.
+
     The transform is either a `transforms.PretrainTransform` (`decodes`: it gets the opened image or array and the
     sample's seed entropy) or any callable on a decoded RGB PIL image (timm / torchvision transforms), run with
     the global RNGs seeded from (seed, epoch, index).
 
     Each item is a dict: image (C, H, W) float tensor, label (int, -1 when unlabeled), skipped (int), readable
-    (bool).
+    (bool), unreadable (list of int). Batch the items with `CollateUnreadable`: default_collate cannot batch the
+    unreadable lists, whose lengths differ.
     """
 
     def __init__(self, transform: Callable, labels: Sequence[int] | np.ndarray | None, seed: int, substitute: bool):
@@ -74,7 +80,7 @@ class Samples(Dataset):
             return self.transform(image)
 
     def __getitem__(self, index: int) -> dict:
-        error = None
+        error, unreadable = None, []
         for skipped in range(len(self)):
             position = (index + skipped) % len(self)
             try:
@@ -84,6 +90,7 @@ class Samples(Dataset):
                 raise
             except Exception as e:  # PIL, tifffile and numpy raise many types for truncated, corrupt or foreign data
                 error = e
+                unreadable.append(position)
                 if position not in self._reported:  # once per file and process, whichever call site reads it
                     self._reported.add(position)
                     warnings.warn(f"skipping unreadable image {self._name(position)}: {e}", stacklevel=2)
@@ -92,12 +99,33 @@ class Samples(Dataset):
                 black = np.zeros((32, 32, getattr(self.transform, "in_chans", 3)), dtype=np.float32)
                 image = self._transformed(index, black if getattr(self.transform, "decodes", False) else
                                           Image.new("RGB", (32, 32)))  # shaped as the readable images are
-                return {"image": image, "label": int(self.labels[index]), "skipped": 1, "readable": False}
-            return {"image": image, "label": int(self.labels[position]), "skipped": skipped, "readable": True}
+                return {"image": image, "label": int(self.labels[index]), "skipped": 1, "readable": False,
+                        "unreadable": unreadable}
+            return {"image": image, "label": int(self.labels[position]), "skipped": skipped, "readable": True,
+                    "unreadable": unreadable}
         raise DataError(f"none of the {len(self)} images could be read (first: {self._name(0)}; last error: {error})")
 
     def _name(self, position: int) -> str:
         return str(position)
+
+
+class CollateUnreadable:
+    """DataLoader collate_fn for `Samples` items: `collate` (default_collate, `collate_encoded`, ...) batches
+    every field but `unreadable`; the batch's "unreadable" is a plain list instead: the distinct dataset positions
+    found unreadable while its items were built, ascending ([] for most batches).
+
+    A list, not a tensor: Accelerate's send_to_device leaves it on the host, so the training loop can keep the set
+    of bad positions (distinct files, unlike the summed `skipped` events) without reading the device. A class
+    rather than a closure, so that it pickles for workers that are spawned rather than forked.
+    """
+
+    def __init__(self, collate: Callable[[list[dict]], dict] = default_collate):
+        self.collate = collate
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = self.collate([{k: v for k, v in item.items() if k != "unreadable"} for item in items])
+        batch["unreadable"] = sorted({position for item in items for position in item["unreadable"]})
+        return batch
 
 
 class ImageFiles(Samples):

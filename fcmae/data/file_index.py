@@ -10,6 +10,10 @@ folder, which may be read-only and whose mtime the file would change). Later run
 if the folder has not changed: the cache records the modification time of every folder it walked (a file added,
 removed or renamed changes its folder's mtime), the root's real path and the file count. The order is sorted, so
 every rank sees the same index.
+
+The cache also records what the scan could not read (`walk_images`' skipped folders and links), so every run that
+loads the index prints the scan's warning about them again, not only the run that built it. A recorded entry that
+has become readable makes the next load rebuild: a chmod does not change any folder's mtime.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .folders import IMAGE_EXTENSIONS, walk_images
+from .folders import IMAGE_EXTENSIONS, still_unreadable, walk_images, warn_skipped
 
-VERSION = 1
+VERSION = 2  # 2: the skipped entries are recorded
 
 
 def _pack(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +83,8 @@ class FileIndex:
 
         DataError if `root` is not a folder or holds no image files. `cache`: the index file (default:
         ~/.cache/fcmae/index-<hash of root's real path>.npz). An unwritable cache only costs the next run a rebuild.
+        Prints the scan's one-line warning (`warn_skipped`) when it skipped unreadable folders or links, whether
+        the index was built now or loaded.
         """
         root = Path(root)
         if not root.is_dir():
@@ -87,26 +93,30 @@ class FileIndex:
         path = Path(cache) if cache else _user_cache(real)
         saved = None if rebuild else cls._read_valid(path, real)
         if saved is not None:
-            return cls(root, *saved)
-        files, folders = walk_images(root)
-        if not files:
+            blob, offsets, skipped = saved
+            warn_skipped(root, skipped)
+            return cls(root, blob, offsets)
+        scan = walk_images(root)
+        warn_skipped(root, scan.skipped)
+        if not scan.files:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-        mtimes = _mtimes(real, folders)  # after the walk: a change during it makes the next run rebuild
-        blob, offsets = _pack(files)
-        folder_blob, folder_offsets = _pack(folders)
+        mtimes = _mtimes(real, scan.folders)  # after the walk: a change during it makes the next run rebuild
+        blob, offsets = _pack(scan.files)
+        folder_blob, folder_offsets = _pack(scan.folders)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
             np.savez(tmp, version=VERSION, root=real, blob=blob, offsets=offsets, folder_blob=folder_blob,
-                     folder_offsets=folder_offsets, mtimes=mtimes)
+                     folder_offsets=folder_offsets, mtimes=mtimes,
+                     skipped=np.array(scan.skipped, dtype=str).reshape(-1, 2))  # rows of (path, reason)
             os.replace(tmp, path)  # atomic: a reader sees the old index or the new one
         except OSError:
             pass
         return cls(root, blob, offsets)
 
     @staticmethod
-    def _read_valid(path: Path, real_root: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(blob, offsets) from an index file that matches the folder as it is now, else None."""
+    def _read_valid(path: Path, real_root: str) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:
+        """(blob, offsets, skipped) from an index file that matches the folder as it is now, else None."""
         try:
             with np.load(path) as saved:
                 if int(saved["version"]) != VERSION or str(saved["root"]) != real_root:
@@ -115,7 +125,10 @@ class FileIndex:
                 folders = [_unpack(folder_blob, folder_offsets, i) for i in range(len(folder_offsets) - 1)]
                 if not np.array_equal(_mtimes(real_root, folders), saved["mtimes"]):
                     return None
-                return saved["blob"], saved["offsets"]
+                skipped = [(rel, reason) for rel, reason in saved["skipped"].tolist()]
+                if not all(still_unreadable(os.path.join(real_root, rel)) for rel, _ in skipped):
+                    return None  # e.g. a folder chmod-ed readable: its images belong in the index now
+                return saved["blob"], saved["offsets"], skipped
         except (OSError, ValueError, KeyError):  # missing, partial or foreign file: rebuild
             return None
 

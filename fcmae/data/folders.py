@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -22,42 +24,95 @@ DEMO_FILES = (
     "motorcycle_right.png", "retina.jpg", "rocket.jpg",
 )  # fmt: skip
 
+SHOWN_SKIPS = 3  # skipped entries a warning names; it counts the rest
 
-def walk_images(root: str | Path) -> tuple[list[str], list[str]]:
-    """Image files under `root` (paths relative to it, sorted) and every folder visited (relative, "" = root).
+
+class Scan(NamedTuple):
+    """What `walk_images` found under a folder; paths are relative to it ("" is the folder itself)."""
+
+    files: list[str]  # the image files, sorted
+    folders: list[str]  # every folder visited, unreadable ones included (FileIndex checks their mtimes)
+    skipped: list[tuple[str, str]]  # (path, reason), sorted: what the scan could not read, so its images are missing
+
+
+def walk_images(root: str | Path) -> Scan:
+    """The image files under `root`, the folders visited and the entries that could not be read.
 
     Follows symlinked folders, as torchvision's ImageFolder does (dataset subsets are often class folders linked
     in), but never a link back to a folder on the way down or above it, so a link loop cannot hang the scan.
     Hidden files and folders (names starting with ".": .ipynb_checkpoints, macOS ._* files) are left out.
     Uses os.scandir's entry types, so a file costs no stat call: 1M files take seconds, not minutes.
+
+    A folder it cannot list (permissions) and a link it cannot follow (x.jpg -> x.jpg, a -> b -> a: ELOOP) are
+    skipped, not fatal, and listed in `skipped`: the callers report them (`warn_skipped`), since the images
+    behind them are silently missing from the dataset otherwise.
     """
 
     def loops(target: str, chain: frozenset[str]) -> bool:
         return any(c == target or c.startswith(target.rstrip(os.sep) + os.sep) for c in chain)
 
     top = os.fspath(root)
-    files, folders = [], []
+    scan = Scan([], [], [])
     stack = [("", frozenset())]  # (folder relative to root, the real folders on the way down to it)
     while stack:
         rel, chain = stack.pop()
         folder = os.path.join(top, rel) if rel else top
         chain = chain | {os.path.realpath(folder)}
-        folders.append(rel)
+        scan.folders.append(rel)
         try:
             entries = list(os.scandir(folder))
-        except OSError:  # unreadable or vanished folder: skipped, as os.walk does
+        except OSError as e:  # unreadable, or vanished since its parent was listed
+            scan.skipped.append((rel, _reason(e)))
             continue
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             path = os.path.join(rel, entry.name) if rel else entry.name
-            if entry.is_dir():  # follows links
-                if not loops(os.path.realpath(entry.path), chain):
-                    stack.append((path, chain))
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                files.append(path)
-    files.sort()
-    return files, folders
+            try:  # is_dir follows links, and raises for one that loops; is_file runs for image names only
+                is_dir = entry.is_dir()
+                is_image = not is_dir and entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file()
+            except OSError as e:
+                scan.skipped.append((path, _reason(e)))
+                continue
+            if is_dir and not loops(os.path.realpath(entry.path), chain):
+                stack.append((path, chain))
+            elif is_image:
+                scan.files.append(path)
+    scan.files.sort()
+    scan.skipped.sort()
+    return scan
+
+
+def _reason(error: OSError) -> str:
+    """Why a path was skipped, in the OS's words: permission denied, too many levels of symbolic links, ..."""
+    return error.strerror.lower() if error.strerror else type(error).__name__
+
+
+def still_unreadable(path: str) -> bool:
+    """Whether `walk_images` would still skip `path`: a folder it cannot list, or a link it cannot follow."""
+    try:
+        if os.path.isdir(path):  # False, not an error, for a looping link
+            os.scandir(path).close()
+        else:
+            os.stat(path)
+    except OSError:
+        return True
+    return False
+
+
+def warn_skipped(root: str | Path, skipped: Sequence[tuple[str, str]]) -> None:
+    """One line on stderr naming the first few entries a scan of `root` skipped (`Scan.skipped`), and counting the
+    rest; nothing when there are none.
+
+    Only the first process of a run prints it (RANK 0, or no RANK: torchrun and accelerate launch set it): every
+    process scans, or loads the index of, the same folder.
+    """
+    if not skipped or os.environ.get("RANK", "0") != "0":
+        return
+    shown = ", ".join(f"{path or '.'} ({reason})" for path, reason in skipped[:SHOWN_SKIPS])
+    more = f" and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else ""
+    print(f"warning: skipped {len(skipped)} unreadable folder(s) or link(s) under {root}, their images left out: "
+          f"{shown}{more}", file=sys.stderr)
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -65,30 +120,34 @@ def find_images(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data path not found or not a folder: {root}")
-    files = [root / f for f in walk_images(root)[0]]
-    if not files:
+    scan = walk_images(root)
+    warn_skipped(root, scan.skipped)
+    if not scan.files:
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return files
+    return [root / f for f in scan.files]
 
 
 def find_labeled_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
-    """ImageFolder layout: one subfolder per class, images anywhere below it. Returns files, labels, classes."""
+    """ImageFolder layout: one subfolder per class, images anywhere below it. Returns files, labels, classes.
+
+    Files are ordered by class, then by path within it; files directly in `root` belong to no class.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data path not found or not a folder: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    scan = walk_images(root)  # one scan, so one warning for the whole tree
+    warn_skipped(root, scan.skipped)
+    classes = sorted(f for f in scan.folders if f and os.sep not in f)
     if not classes:
         raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
-    files, labels, empty = [], [], []
-    for label, name in enumerate(classes):
-        found = [root / name / f for f in walk_images(root / name)[0]]
-        files += found
-        labels += [label] * len(found)
-        if not found:
-            empty.append(name)
+    label_of = {name: label for label, name in enumerate(classes)}
+    found = sorted((label_of[f.split(os.sep, 1)[0]], f) for f in scan.files if os.sep in f)
+    labels = [label for label, _ in found]
+    present = set(labels)
+    empty = [name for label, name in enumerate(classes) if label not in present]
     if empty:
         raise DataError(f"class folder(s) without images in {root}: {', '.join(empty[:8])}")
-    return files, labels, classes
+    return [root / f for _, f in found], labels, classes
 
 
 def demo_image_files() -> list[Path]:
