@@ -44,8 +44,9 @@ def write_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except Exception as e:  # safetensors reports I/O failures as its own error type
+        reason = explain_write_error(e, path)  # while the partial file still fills a full disk: it tells
         tmp.unlink(missing_ok=True)
-        raise explain_write_error(e, path) from None
+        raise reason from None
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -6,7 +6,7 @@ import errno
 import os
 from pathlib import Path
 
-__all__ = ["OutputError", "check_output_folder", "explain_write_error", "file_mode"]
+__all__ = ["OutputError", "check_output_folder", "explain_write_error", "free_space", "file_mode"]
 
 
 class OutputError(OSError):
@@ -27,17 +27,57 @@ _FIXES = {
 }
 
 
+# How libraries that wrap the OSError report a full disk or quota: safetensors ("I/O error: No space left on device
+# (os error 28)", or older "IoError(Os { code: 28, kind: StorageFull, ... })"), and torch.save, whose C++ writer
+# only says that the write went wrong ("file write failed", "unexpected pos 576 vs 534").
+_TEXT_ERRNOS = [
+    (errno.ENOSPC, ("No space left", "os error 28", "code: 28", "StorageFull", "file write failed", "unexpected pos")),
+    (errno.EDQUOT, ("Disk quota exceeded", "os error 122", "code: 122", "QuotaExceeded")),
+]
+
+LOW_SPACE = 1 << 20  # bytes: a write that failed with less than this free ran out of space, whatever it said
+
+
 def explain_write_error(error: BaseException, path: str | os.PathLike, what: str = "write") -> OutputError:
-    """An OutputError for `error` (an OSError, or torch/safetensors' wrappers of one) raised writing `path`."""
-    code = getattr(error, "errno", None)
-    text = str(error)
-    if code is None:  # torch.save and safetensors wrap the OSError in their own types: recover the cause
-        cause = error.__cause__ or error.__context__
-        code = getattr(cause, "errno", None)
-        if code is None and ("No space left" in text or "file write failed" in text):
-            code = errno.ENOSPC
-    fix = _FIXES.get(code) or (text.strip().splitlines() or ["unknown error"])[0]
+    """An OutputError for `error`, raised writing `path` by any library (OSError, torch's RuntimeError,
+    safetensors' SafetensorError, ...): one line that names the path and the fix.
+
+    A full disk is recognized by its errno, by the libraries' own wording, and, as the rule for everything else,
+    by the free space left on `path`'s file system. So call this before removing what the failed write left (the
+    partial file still holds the space).
+    """
+    code = _errno_in_chain(error) or _errno_in_text(str(error))
+    if code is None and free_space(path) < LOW_SPACE:
+        code = errno.ENOSPC
+    fix = _FIXES.get(code) or (str(error).strip().splitlines() or [type(error).__name__])[0]
     return OutputError(code or 0, f"cannot {what} {path}: {fix}")
+
+
+def _errno_in_chain(error: BaseException | None) -> int | None:
+    """The errno of `error` or of an error it was raised from (torch wraps the OSError in its own type)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None):
+            return error.errno
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _errno_in_text(text: str) -> int | None:
+    return next((code for code, words in _TEXT_ERRNOS if any(word in text for word in words)), None)
+
+
+def free_space(path: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `path` (or its nearest existing
+    folder); a large number when that cannot be told."""
+    for folder in (Path(path), *Path(path).absolute().parents):
+        try:
+            stats = os.statvfs(folder)
+        except OSError:  # not there (yet): its parent's file system will hold it
+            continue
+        return stats.f_bavail * stats.f_frsize
+    return 1 << 62
 
 
 def check_output_folder(folder: str | os.PathLike, flag: str = "--output-dir", create: bool = True) -> Path:
