@@ -8,6 +8,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..checkpoints.folder_lock import FolderLock
+from .preemption import EXIT_PREEMPTED, Preempted
+
 __all__ = ["TrainingError", "run_cli", "end_process_group", "debugging", "show_causes"]
 
 
@@ -31,7 +34,8 @@ def show_causes(error: BaseException) -> BaseException:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
-    """Run a script's main; user errors end with a one-line message and exit status 2 (no traceback).
+    """Run a script's main; user errors end with a one-line message and exit status 2 (no traceback); a run
+    stopped by SIGTERM / SIGUSR1 after saving exits with EXIT_PREEMPTED (75).
 
     User errors are bad values, files and folders (ValueError, OSError: missing, unwritable, a file where a folder
     should be) and a run that cannot go on (TrainingError). Set FCMAE_DEBUG=1 to see the traceback anyway, with
@@ -48,10 +52,15 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
             message = message.splitlines()[-1]
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM / SIGUSR1: the step's checkpoint is saved
+        if e.message:
+            print(e.message, file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
     finally:
+        FolderLock.release_all()
         end_process_group()
     return 0
 

@@ -12,15 +12,19 @@ steps and before every checkpoint.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import Tensor, nn
 
+from ..checkpoints import names
 from ..data import seeded
 from .cli import TrainingError
+from .preemption import Preempted
 
 if TYPE_CHECKING:
     from .run import Run
@@ -38,13 +42,18 @@ def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = 
     (e.g. visualization, EMA); on_epoch_end(epoch) when an epoch's last step is done, and at the run's last step
     if that ends an epoch early (--max-steps), before the checkpoint (e.g. evaluation); on_save(checkpoint
     folder), on the main process after each checkpoint.
+
+    A stop request (SIGTERM, SIGUSR1, the launcher gone; see fcmae.training.preemption) ends the run after the
+    step in progress, with a checkpoint of it: `Preempted` is raised once it is saved.
     """
+    run.open_output_dir()
     run.resume()
     run.start()
     run.scheduler.step_update(run.at)
     epoch, skip = divmod(run.at, run.steps_per_epoch)
     window = Window(run.accelerator.device)
-    with run.progress_bar(total=run.total_steps, initial=run.at, desc="train") as bar:  # closed on errors too
+    # The bar is closed on errors too; signals and the watchdog are on only while training runs.
+    with run.supervised() as watchdog, run.progress_bar(total=run.total_steps, initial=run.at, desc="train") as bar:
         run.model.train()
         while run.at < run.total_steps:
             run.loader.set_epoch(epoch)
@@ -53,12 +62,17 @@ def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = 
                 batches = run.accelerator.skip_first_batches(run.loader, skip * run.config.accum_steps)
             for _ in optimizer_steps(run, batches, step_fn, window):
                 bar.update(1)
+                watchdog.progress(run.step, slow=True)  # callbacks and saves may take long
                 last = run.at >= run.total_steps
-                save_due = run.step % run.config.save_every == 0 or last
-                if run.step % run.config.log_every == 0 or last:
+                stop = None if last else run.stop_requested()
+                save_due = run.step % run.config.save_every == 0 or last or stop
+                if run.step % run.config.log_every == 0 or last or stop:
                     log(run, window, bar)
                 elif save_due:
                     check_finite(run, window)
+                if stop:  # straight to the checkpoint: the grace period before SIGKILL is short
+                    run.print(f"{stop}: saving a checkpoint at step {run.step}, then stopping", file=sys.stderr)
+                    raise Preempted(run.stop_message(stop, run.save_checkpoint(on_save)))
                 if every_step is not None:
                     every_step(run.step)
                 if on_epoch_end is not None and (run.at % run.steps_per_epoch == 0 or last):
@@ -67,6 +81,7 @@ def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = 
                     run.save_checkpoint(on_save)
                 if last:
                     break
+                watchdog.progress(run.step, slow=False)
             epoch, skip = epoch + 1, 0
     run.accelerator.end_training()
 
@@ -81,7 +96,7 @@ def optimizer_steps(run: "Run", batches, step_fn: StepFn, window: "Window") -> I
             run.accelerator.backward(loss)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        window.add(loss.detach(), images, batch.get("skipped"), run.step + 1)
+        window.add(loss.detach(), images, batch.get("unreadable"), run.step + 1)
         micro += 1
         if run.accelerator.sync_gradients:
             run.step, micro = run.step + 1, 0
@@ -91,26 +106,38 @@ def optimizer_steps(run: "Run", batches, step_fn: StepFn, window: "Window") -> I
 
 def check_finite(run: "Run", window: "Window") -> None:
     """Stop, on every process at once, if a loss since the last check was non-finite: before it reaches a
-    checkpoint or a metrics record. The weights it reached in memory are dropped with the process."""
+    checkpoint or a metrics record. The weights it reached in memory are dropped with the process.
+
+    The loss of step M is computed from the weights saved as step M - 1, so a non-finite loss at step M makes the
+    checkpoint of step M - 1 suspect (blown-up weights give a finite loss a step before they give nan). It is set
+    aside as diverged_step_...; the checkpoints before it held weights whose loss was finite.
+    """
     bad = window.first_bad(run.accelerator)
     if bad is None:
         return
     step, value = bad
-    last = run.store.find()
-    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
-    raise TrainingError(f"the loss became non-finite ({value}) at step {step}; stopped without saving, {kept}. "
+    suspect = run.store.folder / names.checkpoint_name(step - 1)
+    note = ""
+    if run.is_main and (suspect / names.TRAINER_STATE).is_file():
+        aside = run.store.set_aside(suspect, "diverged")
+        note = f"set aside {suspect.name}, whose weights gave it, as {aside.name}; "
+    run.accelerator.wait_for_everyone()
+    good = run.store.find()
+    kept = (f"the newest checkpoint whose weights gave a finite loss is {good} (--resume auto resumes it)" if good
+            else "no checkpoint whose weights gave a finite loss had been saved")
+    raise TrainingError(f"the loss became non-finite ({value}) at step {step}; stopped without saving. {note}{kept}. "
                         "Try a lower --blr, more warmup, or bf16 instead of fp16")
 
 
 def log(run: "Run", window: "Window", bar) -> dict:
     """A metrics record of the window since the last one: to the step log, the trackers and the progress bar."""
     check_finite(run, window)
-    loss, images, skipped, seconds = window.reduce(run.accelerator)
-    run.skipped_files += skipped
+    loss, images, seconds, unreadable = window.reduce(run.accelerator, known=run.unreadable)
+    run.unreadable |= unreadable
     record = {
         "step": run.step, "epoch": round(run.at / run.steps_per_epoch, 4), "loss": loss,
         "lr": max(group["lr"] for group in run.optimizer.param_groups),  # the undecayed group's
-        "images_per_s": round(images / max(seconds, 1e-9), 2), "skipped_files": run.skipped_files,
+        "images_per_s": round(images / max(seconds, 1e-9), 2), "skipped_files": len(run.unreadable),
     }  # fmt: skip
     run.write_record(record)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
@@ -118,8 +145,9 @@ def log(run: "Run", window: "Window", bar) -> dict:
 
 
 class Window:
-    """Loss, image and skipped-file sums since the last log record, and the first non-finite loss since the last
-    check, all kept on the device: adding to them never waits on it."""
+    """Loss and image sums since the last log record and the first non-finite loss since the last check, kept on
+    the device (adding to them never waits on it), and the unreadable files met, by dataset position, kept on the
+    host (a bad file counts once however often it is drawn, by whichever process or worker)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -127,16 +155,17 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss*n, n batches, images, skipped
+        self.sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss*n, n batches, images, new bad files
+        self.unreadable: set[int] = set()
         self.start = time.perf_counter()
 
-    def add(self, loss: Tensor, images: int, skipped: Tensor | None, step: int) -> None:
+    def add(self, loss: Tensor, images: int, unreadable: list[int] | None, step: int) -> None:
         loss = loss.double()
         self.sums[0] += loss
         self.sums[1] += 1
         self.sums[2] += images
-        if skipped is not None:
-            self.sums[3] += skipped.sum().double()
+        if unreadable:  # a plain list on the host (fcmae.data.CollateUnreadable)
+            self.unreadable.update(unreadable)
         first = ~torch.isfinite(loss) & torch.isinf(self.bad[0])  # python scalars, not tensors: no host copy
         self.bad[0] = torch.where(first, float(step), self.bad[0])
         self.bad[1] = torch.where(first, loss, self.bad[1])
@@ -147,9 +176,14 @@ class Window:
         step, value = min(bad, key=lambda b: b[0])
         return None if math.isinf(step) else (int(step), value)
 
-    def reduce(self, accelerator: Accelerator) -> tuple[float, int, int, float]:
-        """(mean loss, images, skipped files, seconds), summed over processes; then starts a new window."""
+    def reduce(self, accelerator: Accelerator, known: set[int]) -> tuple[float, int, float, set[int]]:
+        """(mean loss, images, seconds, unreadable files not in `known`), over all processes; then starts a new
+        window. The positions are gathered only when some process met a new one."""
+        new = sorted(self.unreadable - known)
+        self.sums[3] = len(new)
         sums = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
+        if sums[3] and accelerator.num_processes > 1:
+            new = gather_object(new)  # every process's list, joined
         seconds = time.perf_counter() - self.start
         self.reset()
-        return sums[0] / max(sums[1], 1), int(sums[2]), int(sums[3]), seconds
+        return sums[0] / max(sums[1], 1), int(sums[2]), seconds, set(new)

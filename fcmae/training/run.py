@@ -7,28 +7,38 @@ A script supplies the model, optimizer, data loader and a `step_fn(model, batch)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import math
 import os
+import secrets
+import signal
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoints import names
+from ..checkpoints.folder_lock import FolderLock
 from ..checkpoints.output import check_output_folder, explain_write_error
 from ..checkpoints.store import CheckpointStore, Position, check_position
 from ..config import ConfigError, TrainConfig, load_yaml, save_yaml
 from . import loop
+from .cli import TrainingError
+from .launcher_store import connect_launcher_store
+from .preemption import STOP_SIGNALS, StopSignals
+from .shared_folder import check_shared_folder
+from .watchdog import Watchdog, launched_by_launcher, orphaned_message
 
 __all__ = ["Run", "processes_without_gpu", "configure_cuda", "main_process_first", "quiet_worker"]
 
@@ -41,11 +51,12 @@ def processes_without_gpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def main_process_first(accelerator: Accelerator, fn: Callable[[], T]) -> T:
-    """fn() on the main process, then on the others (e.g. "digits:FOLDER" is written once). If it fails on the
-    main process with a user error, every process raises that error: none is left waiting at a barrier whose
-    peer has gone (which ends in a gloo traceback)."""
+def main_process_first(accelerator: Accelerator, fn: Callable[[], T], others: bool = True) -> T | None:
+    """fn() on the main process, then on the others (e.g. "digits:FOLDER" is written once; others=False: on the
+    main process only, the others get None). If it fails on the main process with a user error, every process
+    raises that error: none is left waiting at a barrier whose peer has gone (which ends in a gloo traceback)."""
     failure: list[Any] = [None]
+    result = None
     if accelerator.is_main_process:
         try:
             result = fn()
@@ -62,17 +73,21 @@ def main_process_first(accelerator: Accelerator, fn: Callable[[], T]) -> T:
             except TypeError:  # an error type with other arguments
                 error = ValueError(message)
             raise error from None
-        if not accelerator.is_main_process:
+        if others and not accelerator.is_main_process:
             result = fn()
     return result
 
 
 def quiet_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn: workers start afresh each epoch, so a warning about a file (e.g. unreadable)
-    would repeat every epoch; after the first epoch it is not shown again (the skipped_files count goes on)."""
+    would repeat every epoch; after the first epoch it is not shown again (the skipped_files count keeps them)."""
     info = torch.utils.data.get_worker_info()
     if info is not None and getattr(info.dataset, "epoch", 0) > 0:
         warnings.simplefilter("ignore", UserWarning)
+    # A cluster that preempts a job signals every process in it, workers included. A worker that died of it would
+    # end the run before it could save; the worker exits anyway once its parent is gone (torch's worker watchdog).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Run:
@@ -107,14 +122,30 @@ class Run:
             # memory are copied without blocking the host.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed,
                                                       non_blocking=torch.cuda.is_available()),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=process_group_timeout(config))],
         )
         if self.accelerator.device.type == "cuda":
             configure_cuda()
         self.is_main = self.accelerator.is_main_process
-        self.store = CheckpointStore(self.output_dir, self.accelerator, config.keep_last)
+        # One id for this run on every process: its temp folders and its keys in the launcher's store.
+        run_id = [f"{os.getpid()}-{secrets.token_hex(4)}"]
+        self.launcher_store = None
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(run_id, from_process=0)
+            self.launcher_store = connect_launcher_store()
+        self.run_id = run_id[0]
+        self.launcher_pid = os.getppid() if launched_by_launcher() else None  # watched while training
+        self.stop_at: tuple[int, str] | None = None  # (step, why), once a process asked to stop
+        self.store = CheckpointStore(self.output_dir, self.accelerator, config.keep_last, run_id=self.run_id)
+        self.lock = FolderLock(self.output_dir)
+        self.signals = StopSignals()
+        self.watchdog: Watchdog | None = None
+        if self.output_dir.is_dir():  # a second run into a live run's folder is refused before any setup work
+            self.hold_output_dir()
         self._check_output_dir()
         set_seed(config.seed)
-        self.step = self.offset = self.skipped_files = 0
+        self.step = self.offset = 0
+        self.unreadable: set[int] = set()  # dataset positions of the files found unreadable (skipped_files)
         self.extra_state: dict[str, nn.Module] = {}
         self.info: dict[str, Any] = {}
         self.project = project
@@ -128,8 +159,8 @@ class Run:
     def at(self) -> int:
         return self.step + self.offset
 
-    def main_process_first(self, fn: Callable[[], T]) -> T:
-        return main_process_first(self.accelerator, fn)
+    def main_process_first(self, fn: Callable[[], T], others: bool = True) -> T | None:
+        return main_process_first(self.accelerator, fn, others)
 
     def print(self, *args: Any, file=None) -> None:
         """Print on the main process only, above the progress bar if there is one."""
@@ -141,6 +172,18 @@ class Run:
         return tqdm(disable=not self.show_progress, dynamic_ncols=True, **kwargs)
 
     # Setup ------------------------------------------------------------------------------------------------------
+
+    def hold_output_dir(self) -> None:
+        """Take the output folder's lock on the main process (creating the folder), for the rest of the process.
+        FolderInUse on every process if another run holds it. Then temp folders left by dead runs go."""
+
+        def take() -> None:
+            if not self.lock.held:
+                check_output_folder(self.output_dir)
+                self.lock.acquire()
+                self.store.remove_stale_temps(self.print)
+
+        self.main_process_first(take, others=False)
 
     def _check_output_dir(self) -> None:
         """A folder we can write to, and never another run's checkpoints to overwrite (and later prune)."""
@@ -163,6 +206,14 @@ class Run:
         for tracker in self.config.log_with:
             if importlib.util.find_spec(tracker) is None:
                 raise ConfigError(f"--log-with {tracker} needs the {tracker} package: pip install {tracker}")
+
+    def open_output_dir(self) -> None:
+        """Before anything is written: hold the folder's lock (checking again what it holds, since another run may
+        have finished in it meanwhile) and make sure every node sees it."""
+        self.hold_output_dir()
+        self._check_output_dir()
+        if self.accelerator.num_processes > 1:
+            check_shared_folder(self.accelerator, self.output_dir, self.run_id)
 
     def plan_batches(self, num_images: int) -> None:
         """Before `base_lr` and `prepare`: turn config.effective_batch_size (if set) into accum_steps for this many
@@ -216,8 +267,8 @@ class Run:
         return self.config.batch_size * self.accelerator.num_processes * self.config.accum_steps
 
     def base_lr(self) -> float:
-        """lr, or blr * effective batch / 256."""
-        return self.config.lr or self.config.blr * self.effective_batch_size / 256
+        """lr, or blr * effective batch / 256 (ConfigError above MAX_LR: see TrainConfig.base_lr)."""
+        return self.config.base_lr(self.effective_batch_size)
 
     def describe(self) -> str:
         """Processes, effective batch, lr and schedule length: what a run prints before it starts."""
@@ -245,20 +296,20 @@ class Run:
         """Load the checkpoint named by config.resume ("auto": the newest in output_dir, if any)."""
         if not self.config.resume:
             return
-        path = self.store.open(self.config.resume)
-        if path is None:
+        opened = self.store.open(self.config.resume)  # checked complete and intact, on every process
+        if opened is None:
             self.print(f"--resume auto: no checkpoint in {self.store.folder} yet, starting from scratch")
             return
+        path, state = opened
         saved = load_yaml(path / names.RUN_CONFIG)
         saved_model = saved.get("model")  # a name, or the model: section of a pretraining config
         saved_name = saved_model.get("name") if isinstance(saved_model, dict) else saved_model
         if saved_name != self.config.model_name:
             raise ConfigError(f"checkpoint {path} is for model {saved_name}, not {self.config.model_name}")
-        state = json.loads((path / names.TRAINER_STATE).read_text()) if (path / names.TRAINER_STATE).is_file() else {}
         position, note = check_position(path, state, saved, self.position, self.config.allow_resume_change)
-        state = self.store.load(path, self.extra_state)
+        self.store.load(path, self.extra_state)
         self.step, self.offset = position.step, position.offset
-        self.skipped_files, self.info = state["skipped_files"], state["info"]
+        self.unreadable, self.info = set(state.get("unreadable", [])), state["info"]
         if note:
             self.print(note)
         self.print(f"resumed from {path} at step {self.step}")
@@ -266,11 +317,79 @@ class Run:
     def save_checkpoint(self, on_save: Callable[[Path], None] | None = None) -> Path:
         """Write the full training state to checkpoints/step_XXXXXXXX atomically and keep the newest keep_last."""
         final = self.store.save(self.position, lambda path: save_yaml(self.config, path), self.extra_state,
-                                self.info, self.skipped_files)
-        if on_save is not None and self.is_main:
-            on_save(final)
-        self.accelerator.wait_for_everyone()
+                                self.info, self.unreadable)
+        if on_save is not None:  # e.g. the model file; a failure there (a full disk) ends every process alike
+            self.main_process_first(lambda: on_save(final), others=False)
+        elif self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
         return final
+
+    @contextlib.contextmanager
+    def supervised(self) -> Iterator[Watchdog]:
+        """While training: stop signals recorded (see `stop_requested`), and the watchdog that ends a job whose
+        processes stopped making progress or whose launcher died. The output folder's lock is released on the way
+        out."""
+        config = self.config
+        watchdog = Watchdog(self.accelerator.process_index, self.accelerator.num_processes, self.run_id,
+                            config.timeout, config.slow_timeout, self.launcher_pid, kept=self._kept)
+        try:
+            with self.signals:
+                watchdog.start()
+                yield watchdog
+        finally:
+            watchdog.stop()
+            self.lock.release()
+
+    def stop_requested(self) -> str | None:
+        """Why the run must stop after this step (a signal to any of its processes), the same on every process at
+        the same step; None to go on.
+
+        With several processes, the first that was asked posts "stop after step N + 1" to the launcher's store
+        (compare-and-set: the first post wins), N being its own last step; every process checks the store after
+        each step. No process can have finished step N + 1 before the post, since that step's gradient all-reduce
+        waits for the poster, so all of them see it in time and stop at the same step.
+        """
+        reason = self.signals.reason
+        if self.accelerator.num_processes == 1:
+            return reason
+        if self.stop_at is None:
+            self.stop_at = self._agree_on_stop(reason)
+        if self.stop_at is None or self.step < self.stop_at[0]:
+            return None
+        return self.stop_at[1]
+
+    def _agree_on_stop(self, reason: str | None) -> tuple[int, str] | None:
+        store, rank, key = self.launcher_store, self.accelerator.process_index, f"fcmae/{self.run_id}/stop"
+        if store is None:  # no store to post to: an all-reduce of the flag, which waits for the device
+            flag = torch.tensor([reason is not None], device=self.accelerator.device)
+            if not self.accelerator.reduce(flag, reduction="sum").item():
+                return None
+            return self.step, reason or "a stop signal to another process"
+        try:
+            if reason is not None:
+                posted = store.compare_set(key, "", f"{self.step + 1} {rank} {reason}")
+            elif store.check([key]):
+                posted = store.get(key)
+            else:
+                return None
+        except (RuntimeError, OSError) as e:  # the store's host is gone: most often with the launcher it ran in
+            if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+                raise TrainingError(orphaned_message(rank, self.launcher_pid, self._kept())) from None
+            raise TrainingError(f"rank {rank} lost the launcher's store ({str(e).strip().splitlines()[0]}), where the "
+                                f"processes agree where to stop; ending without saving, {self._kept()}") from None
+        step, poster, why = posted.decode().split(" ", 2)
+        return int(step), why if int(poster) == rank else f"{why} to rank {poster}"
+
+    def stop_message(self, reason: str, checkpoint: Path) -> str:
+        """The line a stopped run ends with (main process; "" on the others)."""
+        if not self.is_main:
+            return ""
+        return (f"stopped at step {self.step} of {self.total_steps} ({reason}): saved {checkpoint}; to continue, run "
+                "the same command with --resume auto")
+
+    def _kept(self) -> str:
+        newest = self.store.find()
+        return f"the newest checkpoint is {newest}" if newest else "no checkpoint had been saved yet"
 
     def start(self) -> None:
         """Write the run's config and open the trackers: only once everything has been checked and loaded."""
@@ -305,6 +424,13 @@ def _record_step(line: str) -> float:
         return float(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def process_group_timeout(config: TrainConfig) -> timedelta | None:
+    """torch's limit on one collective: a minute past the watchdog's longest allowance, so that the watchdog's
+    message comes first (None, torch's defaults of 10 min for NCCL and 30 for gloo, when both are off)."""
+    longest = max(config.timeout, config.slow_timeout)
+    return timedelta(seconds=longest + 60) if longest > 0 else None
 
 
 def configure_cuda() -> None:
