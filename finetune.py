@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                               num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
                               collate_fn=CollateUnreadable(), worker_init_fn=quiet_worker)
     val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers,
-                            collate_fn=CollateUnreadable())
+                            collate_fn=CollateUnreadable(), worker_init_fn=quiet_worker)  # a SIGTERM mid-evaluation
     model, optimizer, train_loader = run.prepare(model, optimizer, train_loader)
     val_loader = run.accelerator.prepare(val_loader)
     ema = None

@@ -1,7 +1,6 @@
 """What a cluster does to a run, done for real: SIGTERM and SIGUSR1 (preemption), a second run in the same folder,
 a stopped rank, a killed launcher, two "machines" with and without a shared output folder."""
 
-import json
 import os
 import re
 import signal
@@ -228,7 +227,7 @@ def test_a_stopped_rank_ends_the_job_with_one_line_naming_it(photos, tmp_path):
     text = launcher_failure(log.read_text())
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert code != 0 and len(errors) == 1, text
-    assert "rank 0 waited 6 s for step" in errors[0] and f"rank 1 (" in errors[0] and \
+    assert "rank 0 waited 6 s for step" in errors[0] and "rank 1 (" in errors[0] and \
         f"pid {ranks[1]}) has not posted a heartbeat for" in errors[0], errors
     assert "nothing saved was changed, the newest checkpoint is" in errors[0]
     assert waited < 60  # 6 s, the heartbeat's staleness and the launcher's teardown: not torch's 30 minutes

@@ -370,7 +370,7 @@ def test_bad_export_inputs_end_with_one_line(runs, tmp_path, capsys, monkeypatch
     assert "hf exists; pass --overwrite" in one_line_error(capsys, [source, folder, "--to", "transformers"])
     export(capsys, runs / "ft" / "classifier.safetensors", folder, "--to", "transformers", "--overwrite")
     assert (folder / "model.safetensors").read_bytes() != before
-    assert "holds files no export writes (checkpoints, config.yaml" in one_line_error(
+    assert "holds files no export writes (.fcmae.lock, checkpoints, config.yaml" in one_line_error(
         capsys, [runs / "ft" / "classifier.safetensors", runs / "pre", "--to", "timm", "--overwrite"])
     assert (runs / "pre" / "fcmae_model.safetensors").is_file()
     assert "holds the input" in one_line_error(capsys, [runs / "pre" / "checkpoints" / "step_00000002",

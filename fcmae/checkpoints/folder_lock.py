@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from . import names
 
-__all__ = ["FolderLock", "FolderInUse", "LOCK_FILE"]
-
-LOCK_FILE = ".fcmae.lock"
+__all__ = ["FolderLock", "FolderInUse"]
 
 
 class FolderInUse(UserError):
@@ -38,7 +37,7 @@ class FolderLock:
     held_by_process: set["FolderLock"] = set()  # for `release_all`, at the end of a command
 
     def __init__(self, folder: str | os.PathLike, flag: str = "--output-dir"):
-        self.path = Path(folder) / LOCK_FILE
+        self.path = Path(folder) / names.LOCK
         self.flag = flag
         self._fd: int | None = None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 __all__ = [
     "PRETRAINED_MODEL", "CLASSIFIER", "LEGACY_MODEL", "ACCELERATE_WEIGHTS", "ACCELERATE_WEIGHTS_PICKLE",
     "CHECKPOINTS", "CHECKPOINT_PREFIX", "TRAINER_STATE", "RUN_CONFIG", "METRICS", "TRAIN_LOG", "VIS", "RUN_MODELS",
+    "LOCK", "SHARED_PROBE", "ABANDONED", "DIVERGED",
     "checkpoint_name", "checkpoint_step", "run_model_file",
 ]
 
@@ -27,6 +28,9 @@ RUN_CONFIG = "config.yaml"  # the resolved training config (run folder, and a co
 METRICS = "metrics.jsonl"  # a record every log_every steps (pretrain) or every epoch (finetune)
 TRAIN_LOG = "train_log.jsonl"  # finetune.py: the per-step records
 VIS = "vis"  # pretrain.py: reconstruction grids, vis/step_XXXXXXXX.png
+LOCK = ".fcmae.lock"  # held by a live run's main process (fcmae.checkpoints.folder_lock): pid, host, start time
+SHARED_PROBE = ".fcmae-shared-"  # + the run's id: written and removed at start, to check all nodes see the folder
+ABANDONED, DIVERGED = "abandoned", "diverged"  # checkpoints set aside as WHY_step_XXXXXXXX (resumed past; nan)
 RUN_MODELS = (PRETRAINED_MODEL, CLASSIFIER, LEGACY_MODEL)  # what a run folder may hand out, in that order
 
 

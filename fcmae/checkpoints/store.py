@@ -222,6 +222,9 @@ class CheckpointStore:
     def prune(self) -> None:
         """Keep the newest keep_last complete checkpoints."""
         for old in complete_checkpoints(self.folder)[: -self.keep_last]:
+            # trainer_state.json first: a deletion cut short (SIGKILL) leaves an incomplete folder, never one that
+            # looks complete without its weights
+            (old / names.TRAINER_STATE).unlink()
             shutil.rmtree(old)
 
     def remove_stale_temps(self, say: Callable[[str], None]) -> None:
@@ -241,7 +244,7 @@ class CheckpointStore:
         than delete them: --resume auto and pruning then only see this run's line, and nothing saved is lost."""
         for path in sorted(self.folder.glob(names.CHECKPOINT_PREFIX + "*")):
             if names.checkpoint_step(path) > step:
-                target = self.set_aside(path, "abandoned")
+                target = self.set_aside(path, names.ABANDONED)
                 say(f"set aside {path.name} (later than the step resumed from) as {target.name}")
 
     def set_aside(self, path: Path, why: str) -> Path:

@@ -119,7 +119,7 @@ def check_finite(run: "Run", window: "Window") -> None:
     suspect = run.store.folder / names.checkpoint_name(step - 1)
     note = ""
     if run.is_main and (suspect / names.TRAINER_STATE).is_file():
-        aside = run.store.set_aside(suspect, "diverged")
+        aside = run.store.set_aside(suspect, names.DIVERGED)
         note = f"set aside {suspect.name}, whose weights gave it, as {aside.name}; "
     run.accelerator.wait_for_everyone()
     good = run.store.find()

@@ -8,19 +8,53 @@ on the step to stop at (see `Run.stop_requested`).
 A second signal ends the process at once, by the signal's default action. A repeat within DUPLICATE_WINDOW seconds
 counts as the same request: SLURM signals every process of a job while `accelerate launch` forwards its own copy to
 each rank, so a rank can get two SIGTERMs a few milliseconds apart.
+
+DataLoader workers must outlive the signal (SLURM sends it to them too, and a dead worker ends the run before it
+saves). They ignore it (`ignore_in_worker`, their worker_init_fn), but torch installs a SIGTERM handler that kills
+the worker before that runs, and workers are forked anew every epoch. So while training, the stop signals are
+blocked around each fork (os.register_at_fork): a worker starts with them blocked, and unblocks them only once it
+ignores them. The training process itself gets them after the fork, or in another of its threads meanwhile.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from types import FrameType
 
-__all__ = ["StopSignals", "Preempted", "EXIT_PREEMPTED", "STOP_SIGNALS"]
+__all__ = ["StopSignals", "Preempted", "EXIT_PREEMPTED", "STOP_SIGNALS", "ignore_in_worker"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": a requeue script tests for it
 DUPLICATE_WINDOW = 3.0  # seconds within which a repeated signal is the same request, delivered twice
+
+
+def ignore_in_worker() -> None:
+    """In a DataLoader worker: ignore the stop signals, then let them in (a pending one is dropped)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+_forks_guarded = False  # True while a StopSignals is installed
+_mask_before_fork: set[int] | None = None
+
+
+def _block_before_fork() -> None:
+    global _mask_before_fork
+    if _forks_guarded:
+        _mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def _unblock_after_fork() -> None:  # in the parent; the child keeps the mask until ignore_in_worker
+    global _mask_before_fork
+    if _mask_before_fork is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)
+        _mask_before_fork = None
+
+
+os.register_at_fork(before=_block_before_fork, after_in_parent=_unblock_after_fork)
 
 
 class Preempted(Exception):
@@ -44,16 +78,19 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
+        global _forks_guarded
         try:
             self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+            _forks_guarded = True
         except ValueError:  # not the main thread
             self._previous = {}
         return self
 
     def __exit__(self, *exc) -> None:
+        global _forks_guarded
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous = {}
+        self._previous, _forks_guarded = {}, False
 
     def request(self, reason: str) -> None:
         """Ask the run to stop at the next step boundary (the first reason given is kept)."""

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import secrets
-import signal
 import sys
 import warnings
 from datetime import timedelta
@@ -36,7 +35,7 @@ from ..config import ConfigError, TrainConfig, load_yaml, save_yaml
 from . import loop
 from .cli import TrainingError
 from .launcher_store import connect_launcher_store
-from .preemption import STOP_SIGNALS, StopSignals
+from .preemption import StopSignals, ignore_in_worker
 from .shared_folder import check_shared_folder
 from .watchdog import Watchdog, launched_by_launcher, orphaned_message
 
@@ -86,8 +85,7 @@ def quiet_worker(worker_id: int) -> None:
         warnings.simplefilter("ignore", UserWarning)
     # A cluster that preempts a job signals every process in it, workers included. A worker that died of it would
     # end the run before it could save; the worker exits anyway once its parent is gone (torch's worker watchdog).
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_in_worker()
 
 
 class Run:
@@ -139,7 +137,6 @@ class Run:
         self.store = CheckpointStore(self.output_dir, self.accelerator, config.keep_last, run_id=self.run_id)
         self.lock = FolderLock(self.output_dir)
         self.signals = StopSignals()
-        self.watchdog: Watchdog | None = None
         if self.output_dir.is_dir():  # a second run into a live run's folder is refused before any setup work
             self.hold_output_dir()
         self._check_output_dir()

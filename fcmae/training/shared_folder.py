@@ -16,6 +16,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from ..checkpoints import names
 from ..errors import ConfigError
 
 __all__ = ["check_shared_folder"]
@@ -25,7 +26,7 @@ VISIBLE_WITHIN = 10.0  # seconds a network file system may take to show another 
 
 def check_shared_folder(accelerator: Accelerator, folder: Path, token: str) -> None:
     """ConfigError on every process unless every process sees the file the main process writes in `folder`."""
-    probe = folder / f".fcmae-shared-{token}"
+    probe = folder / f"{names.SHARED_PROBE}{token}"
     if accelerator.is_main_process:
         probe.write_text(token)
     accelerator.wait_for_everyone()
