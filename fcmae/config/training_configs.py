@@ -71,7 +71,7 @@ class TrainConfig:
     progress: bool = True  # progress bars (--no-progress: none; also none when stdout is not a terminal)
     allow_resume_change: bool = False  # resume with another batch size/processes/accum/seed/data: same epoch point
     timeout: float = 300.0  # seconds a step may wait on another process (hung, stopped) before the job ends; 0: never
-    slow_timeout: float = 1800.0  # the same for setup, a first step that compiles, evaluation and saves; 0: never
+    slow_timeout: float = 1800.0  # the same for a first step (compiling), evaluation, saves; setup: it + 60 s; 0: never
     # The keys given as command-line flags (set by parse_config; not a setting itself).
     explicit: typing.ClassVar[frozenset[str]] = frozenset()
     # Speed
@@ -173,7 +173,8 @@ class TrainConfig:
         for name in ("batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "max_steps", "warmup_epochs", "min_lr", "weight_decay", "effective_batch_size"):
+        for name in ("num_workers", "max_steps", "warmup_epochs", "min_lr", "weight_decay", "effective_batch_size",
+                     "timeout", "slow_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("blr", "lr"):

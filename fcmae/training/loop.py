@@ -66,19 +66,19 @@ def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = 
                 last = run.at >= run.total_steps
                 stop = None if last else run.stop_requested()
                 save_due = run.step % run.config.save_every == 0 or last or stop
-                if run.step % run.config.log_every == 0 or last or stop:
+                if run.step % run.config.log_every == 0 or save_due:  # a checkpoint keeps the log's totals
                     log(run, window, bar)
-                elif save_due:
-                    check_finite(run, window)
-                if stop:  # straight to the checkpoint: the grace period before SIGKILL is short
+                if stop:
                     run.print(f"{stop}: saving a checkpoint at step {run.step}, then stopping", file=sys.stderr)
-                    raise Preempted(run.stop_message(stop, run.save_checkpoint(on_save)))
-                if every_step is not None:
+                if every_step is not None:  # before any save, a stop's too (e.g. EMA): resume stays exact
                     every_step(run.step)
                 if on_epoch_end is not None and (run.at % run.steps_per_epoch == 0 or last):
                     on_epoch_end(epoch)
                 if save_due:
-                    run.save_checkpoint(on_save)
+                    saved = run.save_checkpoint(on_save)
+                if stop:
+                    run.accelerator.end_training()  # trackers flushed and closed
+                    raise Preempted(run.stop_message(stop, saved))
                 if last:
                     break
                 watchdog.progress(run.step, slow=False)

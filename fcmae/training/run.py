@@ -137,9 +137,13 @@ class Run:
         self.store = CheckpointStore(self.output_dir, self.accelerator, config.keep_last, run_id=self.run_id)
         self.lock = FolderLock(self.output_dir)
         self.signals = StopSignals()
-        if self.output_dir.is_dir():  # a second run into a live run's folder is refused before any setup work
+        exists = [self.output_dir.is_dir()]  # the main process's view decides, so every process does the same
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(exists, from_process=0)
+        if exists[0]:  # a second run into a live run's folder is refused before any setup work
             self.hold_output_dir()
-        self._check_output_dir()
+        self.main_process_first(self._check_output_dir, others=False)
+        self.newest_checkpoint: Path | None = None  # saved or resumed by this run: what an ending message names
         set_seed(config.seed)
         self.step = self.offset = 0
         self.unreadable: set[int] = set()  # dataset positions of the files found unreadable (skipped_files)
@@ -208,7 +212,7 @@ class Run:
         """Before anything is written: hold the folder's lock (checking again what it holds, since another run may
         have finished in it meanwhile) and make sure every node sees it."""
         self.hold_output_dir()
-        self._check_output_dir()
+        self.main_process_first(self._check_output_dir, others=False)
         if self.accelerator.num_processes > 1:
             check_shared_folder(self.accelerator, self.output_dir, self.run_id)
 
@@ -309,12 +313,14 @@ class Run:
         self.unreadable, self.info = set(state.get("unreadable", [])), state["info"]
         if note:
             self.print(note)
+        self.newest_checkpoint = path
         self.print(f"resumed from {path} at step {self.step}")
 
     def save_checkpoint(self, on_save: Callable[[Path], None] | None = None) -> Path:
         """Write the full training state to checkpoints/step_XXXXXXXX atomically and keep the newest keep_last."""
         final = self.store.save(self.position, lambda path: save_yaml(self.config, path), self.extra_state,
                                 self.info, self.unreadable)
+        self.newest_checkpoint = final
         if on_save is not None:  # e.g. the model file; a failure there (a full disk) ends every process alike
             self.main_process_first(lambda: on_save(final), others=False)
         elif self.accelerator.num_processes > 1:
@@ -341,10 +347,12 @@ class Run:
         """Why the run must stop after this step (a signal to any of its processes), the same on every process at
         the same step; None to go on.
 
-        With several processes, the first that was asked posts "stop after step N + 1" to the launcher's store
-        (compare-and-set: the first post wins), N being its own last step; every process checks the store after
-        each step. No process can have finished step N + 1 before the post, since that step's gradient all-reduce
-        waits for the poster, so all of them see it in time and stop at the same step.
+        With several processes, through the launcher's store (no collective, no device sync), in two phases. Every
+        process posts its step ("at/RANK") and then looks for a "stopping" note. The first process asked to stop
+        posts that note (compare-and-set: one wins), then reads every process's step and posts "final", one past
+        the largest. A process that finds the note waits for "final" and stops there. None can be past it: whoever
+        looked before the note was posted is at most one step further on when it looks again, and its step was
+        read after the note. (Hosts run ahead of the device under NCCL, so steps differ across processes.)
         """
         reason = self.signals.reason
         if self.accelerator.num_processes == 1:
@@ -356,26 +364,32 @@ class Run:
         return self.stop_at[1]
 
     def _agree_on_stop(self, reason: str | None) -> tuple[int, str] | None:
-        store, rank, key = self.launcher_store, self.accelerator.process_index, f"fcmae/{self.run_id}/stop"
+        store, rank, world = self.launcher_store, self.accelerator.process_index, self.accelerator.num_processes
         if store is None:  # no store to post to: an all-reduce of the flag, which waits for the device
             flag = torch.tensor([reason is not None], device=self.accelerator.device)
             if not self.accelerator.reduce(flag, reduction="sum").item():
                 return None
             return self.step, reason or "a stop signal to another process"
+        key = f"fcmae/{self.run_id}/stop"
         try:
+            store.set(f"{key}/at/{rank}", str(self.step))
             if reason is not None:
-                posted = store.compare_set(key, "", f"{self.step + 1} {rank} {reason}")
-            elif store.check([key]):
-                posted = store.get(key)
-            else:
+                note = store.compare_set(f"{key}/stopping", "", f"{rank} {reason}").decode()
+                if note.split(" ", 1)[0] == str(rank):  # this process posts where everyone stops
+                    steps = [int(store.get(f"{key}/at/{r}")) if store.check([f"{key}/at/{r}"]) else 0
+                             for r in range(world)]  # 0: a process still in its first step (compiling, say)
+                    store.set(f"{key}/final", str(max(steps) + 1))
+            elif not store.check([f"{key}/stopping"]):
                 return None
+            note = store.get(f"{key}/stopping").decode()
+            final = int(store.get(f"{key}/final"))  # waits until the poster has posted it
         except (RuntimeError, OSError) as e:  # the store's host is gone: most often with the launcher it ran in
             if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
                 raise TrainingError(orphaned_message(rank, self.launcher_pid, self._kept())) from None
             raise TrainingError(f"rank {rank} lost the launcher's store ({str(e).strip().splitlines()[0]}), where the "
                                 f"processes agree where to stop; ending without saving, {self._kept()}") from None
-        step, poster, why = posted.decode().split(" ", 2)
-        return int(step), why if int(poster) == rank else f"{why} to rank {poster}"
+        poster, why = note.split(" ", 1)
+        return final, why if int(poster) == rank else f"{why} to rank {poster}"
 
     def stop_message(self, reason: str, checkpoint: Path) -> str:
         """The line a stopped run ends with (main process; "" on the others)."""
@@ -385,8 +399,9 @@ class Run:
                 "the same command with --resume auto")
 
     def _kept(self) -> str:
-        newest = self.store.find()
-        return f"the newest checkpoint is {newest}" if newest else "no checkpoint had been saved yet"
+        """From memory, not the file system: the watchdog calls it when that file system may be what hangs."""
+        newest = self.newest_checkpoint
+        return f"the newest checkpoint is {newest}" if newest else "no checkpoint had been saved by this run yet"
 
     def start(self) -> None:
         """Write the run's config and open the trackers: only once everything has been checked and loaded."""
@@ -423,11 +438,12 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
-def process_group_timeout(config: TrainConfig) -> timedelta | None:
+def process_group_timeout(config: TrainConfig) -> timedelta:
     """torch's limit on one collective: a minute past the watchdog's longest allowance, so that the watchdog's
-    message comes first (None, torch's defaults of 10 min for NCCL and 30 for gloo, when both are off)."""
-    longest = max(config.timeout, config.slow_timeout)
-    return timedelta(seconds=longest + 60) if longest > 0 else None
+    message comes first (a week when either allowance is off)."""
+    if not config.timeout or not config.slow_timeout:  # 0: never end a phase; torch's limit must not either
+        return timedelta(days=7)
+    return timedelta(seconds=max(config.timeout, config.slow_timeout) + 60)
 
 
 def configure_cuda() -> None:

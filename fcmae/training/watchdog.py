@@ -8,7 +8,7 @@ past its allowance, the process reads everyone's heartbeat, names the rank that 
 at all), prints one `error:` line and exits with EXIT_TIMEOUT; the launcher then stops the rest. Nothing saved is
 touched: a save cut short leaves only its temp folder, which the next run removes.
 
-Allowances: `timeout` for a training step; `slow_timeout` for the slow phases (setup, the first step of a process,
+Allowances: `timeout` for a training step; `slow_timeout` for the slow phases (the first step of a process,
 which may compile, evaluation and checkpoint saves).
 
 Launcher death: torchrun starts ranks in their own sessions, so a launcher killed with SIGKILL leaves them running
@@ -35,7 +35,7 @@ EXIT_TIMEOUT = 124  # as timeout(1) exits
 EXIT_ORPHANED = 129  # as a process ended by SIGHUP, the signal a terminal sends when its controlling process dies
 BEAT_SECONDS = 1.0  # a heartbeat at least this often, and at once when a step ends
 POLL_SECONDS = 0.25
-STALE_SECONDS = 5.0  # a heartbeat older than this: the process is stopped, or hung with the GIL held
+STALE_SECONDS = 5.0  # no heartbeat for this long: the process is stopped, or hung with the GIL held
 
 
 def orphaned_message(rank: int, launcher_pid: int, kept: str) -> str:
@@ -65,8 +65,9 @@ class Watchdog(threading.Thread):
         self.timeout, self.slow_timeout = timeout, slow_timeout
         self.kept = kept
         self.parent = launcher_pid
-        self.step, self.since, self.slow = 0, time.monotonic(), True  # setup and the first step are slow phases
+        self.step, self.since, self.slow = 0, time.monotonic(), True  # the first step is a slow phase (it may compile)
         self._done = threading.Event()
+        self._beats = 0
         self._store = connect_launcher_store() if world > 1 else None
 
     def progress(self, step: int, slow: bool) -> None:
@@ -106,19 +107,20 @@ class Watchdog(threading.Thread):
     def _beat(self) -> None:
         if self._store is None:
             return
+        self._beats += 1  # a counter, not a clock: hosts' clocks differ
         try:
-            self._store.set(self._key(self.rank), f"{self.step} {time.time()} {socket.gethostname()} {os.getpid()}")
+            self._store.set(self._key(self.rank), f"{self.step} {self._beats} {socket.gethostname()} {os.getpid()}")
         except (RuntimeError, OSError):  # the store went away with its launcher
             self._store = None
 
-    def _heartbeats(self) -> dict[int, tuple[int, float, str, str]]:
-        """rank -> (last finished step, when it last posted, host, pid), for the ranks that posted."""
+    def _heartbeats(self) -> dict[int, tuple[int, int, str, str]]:
+        """rank -> (last finished step, heartbeat count, host, pid), for the ranks that posted."""
         beats = {}
         for rank in range(self.world):
             try:
                 if self._store is not None and self._store.check([self._key(rank)]):
-                    step, when, host, pid = self._store.get(self._key(rank)).decode().split()
-                    beats[rank] = (int(step), float(when), host, pid)
+                    step, count, host, pid = self._store.get(self._key(rank)).decode().split()
+                    beats[rank] = (int(step), int(count), host, pid)
             except (RuntimeError, OSError, ValueError):
                 continue
         return beats
@@ -126,26 +128,38 @@ class Watchdog(threading.Thread):
     # Ending the job -----------------------------------------------------------------------------------------------
 
     def _end_job(self, allowance: float) -> None:
-        beats, now = self._heartbeats(), time.time()
-        fresh = {r: b for r, b in beats.items() if now - b[1] <= STALE_SECONDS}
-        silent = sorted(set(range(self.world)) - set(fresh))
+        """Name who is behind, from two readings of the heartbeats STALE_SECONDS apart: a process whose count did
+        not move is stopped (or hung holding the GIL); among the others, one that finished fewer steps is stuck."""
+        before = self._heartbeats()
+        for _ in range(int(STALE_SECONDS / POLL_SECONDS)):
+            time.sleep(POLL_SECONDS)
+            self._beat()  # this process is alive: keep saying so while the others are read
+        beats = self._heartbeats()
+        silent = sorted(r for r in range(self.world) if r not in beats or before.get(r, (0, -1))[1] == beats[r][1])
+        alive = {r: b for r, b in beats.items() if r not in silent}
         waiting = f"step {self.step + 1}" if not self.slow else f"the phase after step {self.step}"
-        if silent and beats:
-            who = "; ".join(_describe(r, beats.get(r), now) for r in silent)
-            cause = f"{who}: stopped or hung"
-        elif beats and min(b[0] for b in fresh.values()) < max(b[0] for b in fresh.values()):
-            low = min(b[0] for b in fresh.values())
-            behind = [r for r, b in fresh.items() if b[0] == low]
-            who = ", ".join(f"rank {r} ({fresh[r][2]}, pid {fresh[r][3]})" for r in behind)
+        if silent and alive:
+            cause = "; ".join(_describe(r, beats.get(r)) for r in silent) + ": stopped or hung"
+        elif alive and min(b[0] for b in alive.values()) < max(b[0] for b in alive.values()):
+            low = min(b[0] for b in alive.values())
+            who = ", ".join(f"rank {r} ({b[2]}, pid {b[3]})" for r, b in alive.items() if b[0] == low)
             cause = f"{who} has not finished step {low + 1} while the others have"
         else:
             cause = "no process finished it (all waiting: a hung collective, file system or device)"
-        if self.rank == min(fresh, default=self.rank):  # one line for the job, from the first rank still alive
+        if self._first_to_end():  # one line for the job, from the first process that timed out
             self._exit(EXIT_TIMEOUT, f"error: rank {self.rank} waited {allowance:.0f} s for {waiting}; {cause}. "
                                      f"Ending the job (--timeout / --slow-timeout set the limits); nothing saved was "
                                      f"changed, {self.kept()}")
-        time.sleep(2.0)  # let that rank print first; the launcher stops everyone once one rank exits
+        time.sleep(2.0)  # let that process print first; the launcher stops everyone once one rank exits
         self._exit(EXIT_TIMEOUT, "")
+
+    def _first_to_end(self) -> bool:
+        if self._store is None:
+            return True
+        try:
+            return self._store.compare_set(f"fcmae/{self.run_id}/ending", "", str(self.rank)).decode() == str(self.rank)
+        except (RuntimeError, OSError):
+            return True
 
     @staticmethod
     def _exit(status: int, message: str) -> None:
@@ -156,8 +170,9 @@ class Watchdog(threading.Thread):
         os._exit(status)
 
 
-def _describe(rank: int, beat: tuple[int, float, str, str] | None, now: float) -> str:
+def _describe(rank: int, beat: tuple[int, int, str, str] | None) -> str:
     if beat is None:
         return f"rank {rank} never reported"
-    step, when, host, pid = beat
-    return f"rank {rank} ({host}, pid {pid}) has not posted a heartbeat for {now - when:.0f} s (last seen at step {step})"
+    step, _, host, pid = beat
+    return (f"rank {rank} ({host}, pid {pid}) has not posted a heartbeat for {STALE_SECONDS:.0f} s "
+            f"(last seen at step {step})")
