@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import names
+from .output import OutputError
 
 __all__ = ["FolderLock", "FolderInUse"]
 
@@ -52,9 +53,11 @@ class FolderLock:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
+            if e.errno not in (errno.EACCES, errno.EAGAIN):  # ENOLCK (NFSv3 without lockd), ENOSYS, EOPNOTSUPP, ...
                 os.close(fd)
-                raise
+                raise OutputError(e.errno, f"cannot lock {self.path}: the file system of {self.flag} does not support "
+                                           f"locks ({e.strerror}); mount it with locking (NFS: lockd / NFSv4, Lustre: "
+                                           f"-o flock) or choose another {self.flag}") from None
             holder = self._holder(fd)  # read through the same descriptor: closing another one would drop our locks
             os.close(fd)
             raise FolderInUse(f"{self.path.parent} is in use by another run ({holder}); wait for it to end, stop it, "

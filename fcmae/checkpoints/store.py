@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection
@@ -223,9 +224,14 @@ class CheckpointStore:
         """Keep the newest keep_last complete checkpoints."""
         for old in complete_checkpoints(self.folder)[: -self.keep_last]:
             # trainer_state.json first: a deletion cut short (SIGKILL) leaves an incomplete folder, never one that
-            # looks complete without its weights
-            (old / names.TRAINER_STATE).unlink()
-            shutil.rmtree(old)
+            # looks complete without its weights. A failure (NFS's .nfsXXXX files, EBUSY) costs disk space only: a
+            # warning, not an error the other processes would never hear of.
+            try:
+                (old / names.TRAINER_STATE).unlink()
+                shutil.rmtree(old)
+            except OSError as e:
+                print(f"warning: could not remove the old checkpoint {old} ({e.strerror or e}); remove it by hand",
+                      file=sys.stderr)
 
     def remove_stale_temps(self, say: Callable[[str], None]) -> None:
         """Delete the temp folders (.tmp_*) that runs which died mid-save left in checkpoints/, and say so.
