@@ -43,6 +43,7 @@ class FCMAE(nn.Module):
                                     config.patch_size, config.in_chans)
         initialize(self, config.init)  # like the official code: the whole model, once built
         self._compiled_step = None
+        self._cudagraphs = False  # the compiled step replays CUDA graphs (compile_step's mode)
         self._warned_ragged = False
 
     # Read-only views of the config: set them through it (`FCMAE(config.replace(mask_ratio=0.75))`).
@@ -50,6 +51,11 @@ class FCMAE(nn.Module):
     in_chans = property(lambda self: self.config.in_chans)
     mask_ratio = property(lambda self: self.config.mask_ratio)
     norm_pix_loss = property(lambda self: self.config.norm_pix_loss)
+
+    @property
+    def replays_cuda_graphs(self) -> bool:
+        """The compiled step replays CUDA graphs (compile_step's mode "reduce-overhead" or "max-autotune")."""
+        return self._compiled_step is not None and self._cudagraphs
 
     # Patches ------------------------------------------------------------------------------------------------
 
@@ -137,6 +143,8 @@ class FCMAE(nn.Module):
                 warnings.warn("fcmae: a mask whose samples keep different numbers of patches runs the sparse "
                               "encoder in eager mode, not compiled", stacklevel=2)
                 self._warned_ragged = True
+        if step is self._compiled_step and self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may be reused
         loss, pred = step(imgs, mask, grid, count)
         return loss, pred, mask
 
@@ -146,19 +154,40 @@ class FCMAE(nn.Module):
         pred = self.forward_decoder(latent, mask)
         return self.forward_loss(imgs, pred, mask), pred
 
-    def compile_step(self, **options: Any) -> "FCMAE":
+    def compile_step(self, mode: str | None = None, options: dict[str, Any] | None = None,
+                     **kwargs: Any) -> "FCMAE":
         """Run the forward (encoder, decoder and loss) through `torch.compile(fullgraph=True)`; returns self.
 
         In training mode, masks drawn by the model (or any mask whose samples keep equal counts) run compiled: one
         graph, and no recompilation after the first step for a fixed input size and batch. A ragged mask runs the
         sparse encoder eager, with a one-line warning; eval mode (reconstruction grids) runs eager. The weights
-        stay this module's own (no `_orig_mod.` prefix in the state dict). `options` go to torch.compile (e.g.
-        mode="max-autotune", or backend="aot_eager" to check the graph capture without code generation).
+        stay this module's own (no `_orig_mod.` prefix in the state dict).
+
+        Args:
+            mode: torch.compile's mode: "default", "reduce-overhead" (CUDA graphs: one launch replays the whole
+                forward or backward, which is what small models need, see benchmarks/README.md), "max-autotune"
+                or "max-autotune-no-cudagraphs". With CUDA graphs, each forward marks the start of a new step
+                (`torch.compiler.cudagraph_mark_step_begin`), so a step may run while the last one's outputs are
+                still held elsewhere.
+            options: inductor options, over the mode's own.
+            kwargs: other torch.compile arguments, e.g. backend="aot_eager" to check the graph capture without
+                code generation.
         """
-        options.setdefault("fullgraph", True)
-        options.setdefault("dynamic", False)
-        if options.get("backend", "inductor") == "inductor":
-            # Inductor otherwise hands the depthwise conv backward NCHW-strided tensors on CPU (2.6x slower there).
-            options.setdefault("options", {"force_layout_optimization": True})
-        self._compiled_step = torch.compile(self._step, **options)
+        kwargs.setdefault("fullgraph", True)
+        kwargs.setdefault("dynamic", False)
+        if kwargs.get("backend", "inductor") == "inductor":
+            # torch.compile takes a mode or options, not both: spell the mode out as its options (the documented
+            # way to see them) under ours and the caller's. Ours: inductor otherwise hands the depthwise conv
+            # backward NCHW-strided tensors on CPU (2.6x slower there).
+            from torch._inductor import list_mode_options
+
+            merged = list_mode_options(mode or "default", kwargs["dynamic"])
+            merged = {**merged, "force_layout_optimization": True, **(options or {})}
+            self._cudagraphs = bool(merged.get("triton.cudagraphs"))
+            kwargs["options"] = merged
+        else:  # another backend ignores inductor's modes and options
+            self._cudagraphs = False
+            if mode is not None or options:
+                raise ValueError(f"mode and options are inductor's; backend {kwargs['backend']!r} takes neither")
+        self._compiled_step = torch.compile(self._step, **kwargs)
         return self

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,8 @@ def build_parser(cls: type[TrainConfig], description: str = "") -> OneLineArgume
             continue
         args = [a for a in typing.get_args(hint) if a is not type(None) and a is not Ellipsis]
         value_type = args[0] if args else hint
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) > 1:
+            value_type = str  # e.g. an integer or "auto": checked by coerce, which names the field
         nargs = None
         if typing.get_origin(hint) in (list, tuple):
             nargs = "*" if option.key == "log_with" else "+"

@@ -48,7 +48,9 @@ class Samples(Dataset):
     def __init__(self, transform: Callable, labels: Sequence[int] | np.ndarray | None, seed: int, substitute: bool):
         self.transform, self.seed, self.substitute = transform, seed, substitute
         self.labels = np.asarray(labels if labels is not None else np.full(len(self), -1), dtype=np.int64)
-        self.epoch = 0
+        # In shared memory: persistent DataLoader workers hold their own copy of the dataset, and must still see
+        # the epoch the main process sets (their augmentations differ between epochs).
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._reported: set[int] = set()  # positions already warned about as unreadable
 
     def __len__(self) -> int:
@@ -58,9 +60,14 @@ class Samples(Dataset):
         """(opened PIL image or (H, W, C) float array, a name for messages) of one sample."""
         raise NotImplementedError
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Called by the data loader at each epoch: augmentations differ between epochs."""
-        self.epoch = epoch
+        """Called by the data loader at each epoch, before its workers are given the epoch's first indices:
+        augmentations differ between epochs."""
+        self._epoch.fill_(epoch)
 
     def _decode(self, source: Any, name: str) -> Image.Image | np.ndarray:
         """A file or stream -> an opened PIL image (photos) or a float array (.npy, TIFF, and any file when the

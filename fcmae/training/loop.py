@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -35,13 +35,15 @@ StepFn = Callable[[nn.Module, dict], tuple[Tensor, int]]
 
 
 def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = None,
-        on_epoch_end: Callable[[int], None] | None = None, on_save: Callable | None = None) -> None:
+        on_epoch_end: Callable[[int], None] | None = None, on_save: Callable | None = None,
+        feed: Callable[[Iterable[dict]], Iterable[dict]] | None = None) -> None:
     """Train from run.step (after resuming) to run.total_steps.
 
     step_fn(model, batch) -> (loss, images in the batch). Callbacks: every_step(step) after each optimizer step
     (e.g. visualization, EMA); on_epoch_end(epoch) when an epoch's last step is done, and at the run's last step
     if that ends an epoch early (--max-steps), before the checkpoint (e.g. evaluation); on_save(checkpoint
-    folder), on the main process after each checkpoint.
+    folder), on the main process after each checkpoint. feed(batches) -> batches, e.g. `fcmae.data.DeviceFeed`,
+    which moves them to the device a step ahead.
 
     A stop request (SIGTERM, SIGUSR1, the launcher gone; see fcmae.training.preemption) ends the run after the
     step in progress, with a checkpoint of it: `Preempted` is raised once it is saved.
@@ -60,6 +62,8 @@ def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = 
             batches = run.loader
             if skip:  # resumed mid-epoch: the epoch's order, less the batches already trained on
                 batches = run.accelerator.skip_first_batches(run.loader, skip * run.config.accum_steps)
+            if feed is not None:
+                batches = feed(batches)
             for _ in optimizer_steps(run, batches, step_fn, window):
                 bar.update(1)
                 watchdog.progress(run.step, slow=True)  # callbacks and saves may take long

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
@@ -33,6 +33,8 @@ from ..checkpoints.output import check_output_folder, explain_write_error
 from ..checkpoints.store import CheckpointStore, Position, check_position
 from ..config import ConfigError, TrainConfig, load_yaml, save_yaml
 from . import loop
+from .batch_size import find_batch_size
+from .compilation import compile_once
 from .cli import TrainingError
 from .launcher_store import connect_launcher_store
 from .preemption import StopSignals, ignore_in_worker
@@ -120,7 +122,8 @@ class Run:
             # memory are copied without blocking the host.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed,
                                                       non_blocking=torch.cuda.is_available()),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=process_group_timeout(config))],
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=process_group_timeout(config)),
+                             DistributedDataParallelKwargs(bucket_cap_mb=config.ddp_bucket_mb)],
         )
         if self.accelerator.device.type == "cuda":
             configure_cuda()
@@ -225,6 +228,37 @@ class Run:
         self.accelerator.gradient_accumulation_steps = accum
         if note:
             self.print(note)
+
+    def choose_batch_size(self, trial: Callable[[int], None], num_images: int) -> None:
+        """For `--batch-size auto`, before the loader is built: the batch of the checkpoint being resumed, or the
+        largest that fits the device (`fcmae.training.batch_size`; trial(size) runs one forward and backward).
+        Sets config.batch_size and says what was chosen."""
+        if not self.config.auto_batch:
+            return
+        resumed = self._resumed_batch_size()
+        if resumed:
+            self.config.batch_size = resumed
+            self.print(f"batch size auto: {resumed} per process, as the checkpoint being resumed trained")
+            return
+        self.config.batch_size, note = find_batch_size(trial, self.accelerator, self.config.effective_batch_size,
+                                                       num_images)
+        self.print(note)
+
+    def _resumed_batch_size(self) -> int | None:
+        """The batch size in the config.yaml of the checkpoint --resume names, if it can be read."""
+        if not self.config.resume:
+            return None
+        path = self.store.find() if self.config.resume == "auto" else Path(self.config.resume)
+        try:
+            saved = load_yaml(path / names.RUN_CONFIG).get("batch_size") if path else None
+        except (OSError, ConfigError):  # resume() itself names what is wrong with the checkpoint
+            return None
+        return saved if isinstance(saved, int) and not isinstance(saved, bool) else None
+
+    def compile_once(self, warm_up: Callable[[], None]) -> None:
+        """warm_up() (one compiled step) on the main process first, then on the others, which load its graph from
+        the cache (see fcmae.training.compilation)."""
+        compile_once(self.accelerator, warm_up)
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
                 place_batches: bool = True):
