@@ -198,6 +198,9 @@ def saved_eval_settings(resume: str) -> dict:
     return {**{key: saved[key] for key in EVAL_SETTINGS if key in saved}, **settings} if saved else settings
 
 
+EVAL_AUTO_BATCH = 64  # --eval with --batch-size auto
+
+
 def evaluate_only(config: FinetuneConfig) -> dict:
     """Accuracy of the weights named by --resume on val/; prints it and writes nothing.
 
@@ -213,7 +216,8 @@ def evaluate_only(config: FinetuneConfig) -> dict:
                                              for k in shown))
     _, val_set, classes = main_process_first(accelerator, lambda: datasets(config))
     model, metadata = load_for_eval(config, len(classes))
-    loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers,
+    batch_size = EVAL_AUTO_BATCH if config.auto_batch else config.batch_size  # no backward: any batch fits better
+    loader = DataLoader(val_set, batch_size=batch_size, num_workers=config.num_workers,
                         collate_fn=CollateUnreadable())
     model, loader = accelerator.prepare(model, loader)
     result = evaluate(model, loader, accelerator, progress=config.progress and sys.stdout.isatty())
@@ -229,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if config.eval:
         return evaluate_only(config)
     mixing = config.mixup > 0 or config.cutmix > 0
-    if mixing and config.batch_size % 2:
+    if mixing and not config.auto_batch and config.batch_size % 2:
         raise ConfigError(f"batch_size must be even with mixup/cutmix (pairs are mixed), got {config.batch_size}")
 
     if config.finetune and not Path(config.finetune).exists():  # before any data is written
@@ -244,7 +248,18 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if isinstance(train_set.transform, PretrainTransform) and rgb_only:
         run.print(f"note: {', '.join(rgb_only)} apply to 8-bit RGB photos only: off for this {config.in_chans}-channel "
                   "array data (random resized crop, flip, mixup and cutmix stay)")
-    model = build_model(config, len(classes), run.print)
+    model = build_model(config, len(classes), run.print).to(run.accelerator.device)
+
+    def trial_step(batch_size: int) -> None:  # --batch-size auto: one forward and backward at this size
+        images = torch.randn(batch_size, config.in_chans, *config.image_size, device=run.accelerator.device)
+        with run.accelerator.autocast():
+            loss = model(images).float().logsumexp(dim=1).mean()  # a cross-entropy's cost, without labels
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    run.choose_batch_size(trial_step, len(train_set))
+    if mixing and config.batch_size % 2:
+        raise ConfigError(f"batch_size must be even with mixup/cutmix (pairs are mixed), got {config.batch_size}")
     run.plan_batches(len(train_set))
     lr = run.base_lr()
     optimizer = optimizer_for(model, config, lr)

@@ -79,7 +79,7 @@ class Variant:
 
 
 def build(name: str, batch_size: int, img_size: int, mask_ratio: float, device: str, modes: list[str],
-          backends: list[str]):
+          backends: list[str], compile_mode: str | None = None, compile_backend: str = "inductor"):
     """{(mode, backend): model} with one set of weights, and the images. Backend "timm" is timm's dense
     ConvNeXt V2 of the same size (compiled whole)."""
     torch.manual_seed(0)
@@ -89,7 +89,8 @@ def build(name: str, batch_size: int, img_size: int, mask_ratio: float, device: 
         for backend in backends:
             if backend == "timm":
                 model = timm.create_model(name, num_classes=0).to(memory_format=torch.channels_last).to(device)
-                models[mode, backend] = torch.compile(model) if mode == "compiled" else model
+                models[mode, backend] = (torch.compile(model, mode=compile_mode, backend=compile_backend)
+                                         if mode == "compiled" else model)
                 continue
             model = fcmae.create_model(name, img_size=img_size, mask_ratio=mask_ratio, backend=backend)
             model.load_state_dict(reference.state_dict())
@@ -97,7 +98,8 @@ def build(name: str, batch_size: int, img_size: int, mask_ratio: float, device: 
                 if isinstance(module, torch.nn.Conv2d):
                     module.to(memory_format=torch.channels_last)
             model.to(device)
-            models[mode, backend] = model.compile_step() if mode == "compiled" else model
+            models[mode, backend] = (model.compile_step(mode=compile_mode, backend=compile_backend)
+                                     if mode == "compiled" else model)
     imgs = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=torch.channels_last)
     return models, imgs
 
@@ -139,8 +141,19 @@ def peak_memory(variant: Variant) -> float:
 
 def measure(args, name: str, batch_size: int) -> list[dict]:
     """One row per (mode, precision): every backend's time, peak, FLOP rate and prediction difference."""
-    models, imgs = build(name, batch_size, args.img_size, args.mask_ratio, args.device, args.modes, args.backends)
-    reference = Variant(models[args.modes[0], "dense"], imgs, "fp32")() if "fp32" in args.precisions else None
+    models, imgs = build(name, batch_size, args.img_size, args.mask_ratio, args.device, args.modes, args.backends,
+                         args.compile_mode, args.compile_backend)
+    if args.warmup_only:  # compile (into the shared cache) and leave
+        for mode in args.modes:
+            for precision in args.precisions:
+                for backend in args.backends:
+                    Variant(models[mode, backend], imgs, precision)()
+        print(f"warmed up {name} b{batch_size} {'/'.join(args.backends)} {'/'.join(args.modes)} "
+              f"{'/'.join(args.precisions)}", flush=True)
+        return []
+    dense = "dense" in args.backends
+    reference = (Variant(models[args.modes[0], "dense"], imgs, "fp32")() if "fp32" in args.precisions and dense
+                 else None)
     flops = {}
     for backend in args.backends:
         if backend == "timm":
@@ -166,14 +179,14 @@ def measure(args, name: str, batch_size: int) -> list[dict]:
                     variant()
                     times[backend].append(time.perf_counter() - start)
             row = {"model": name, "batch": batch_size, "mode": mode, "precision": precision, "warmup_s": warmup}
-            base = reference if reference is not None else preds["dense"]
+            base = reference if reference is not None else preds.get("dense")
             for backend, variant in variants.items():
                 seconds = statistics.median(times[backend])
                 row[backend] = seconds
                 row[f"{backend}_peak"] = float("nan") if args.no_memory else peak_memory(variant)
                 row[f"{backend}_tflops"] = flops[backend] / seconds / 1e12
                 pred = preds[backend]
-                row[f"{backend}_diff"] = (float("nan") if pred is None else
+                row[f"{backend}_diff"] = (float("nan") if pred is None or base is None else
                                           ((pred - base).abs().max() / base.abs().max()).item())
             rows.append(row)
             print(format_row(row, args.backends), flush=True)
@@ -181,8 +194,8 @@ def measure(args, name: str, batch_size: int) -> list[dict]:
 
 
 def header(backends: list[str]) -> str:
-    """The table's header for these backends; ratios are to the masked-dense step ("dense" is always timed)."""
-    others = [b for b in backends if b != "dense"]
+    """The table's header for these backends; ratios are to the masked-dense step, where it is timed."""
+    others = [b for b in backends if b != "dense"] if "dense" in backends else []
     versus_timm = ["sparse / timm"] if {"sparse", "timm"} <= set(backends) else []
     cells = ([f"{b} ms" for b in backends] + [f"{b} / dense" for b in others] + versus_timm
              + [f"{b} img/s" for b in backends]
@@ -192,7 +205,7 @@ def header(backends: list[str]) -> str:
 
 
 def format_row(r: dict, backends: list[str]) -> str:
-    others = [b for b in backends if b != "dense"]
+    others = [b for b in backends if b != "dense"] if "dense" in backends else []
     versus_timm = [f"**{r['sparse'] / r['timm']:.2f}x**"] if {"sparse", "timm"} <= set(backends) else []
     cells = ([f"{r[b] * 1e3:.1f}" for b in backends] + [f"**{r[b] / r['dense']:.2f}x**" for b in others] + versus_timm
              + [f"{r['batch'] / r[b]:.1f}" for b in backends] + [f"{r[f'{b}_peak']:.2f}" for b in backends]
@@ -206,14 +219,25 @@ def format_row(r: dict, backends: list[str]) -> str:
 def profile_sparse(args, name: str, batch_size: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    models, imgs = build(name, batch_size, args.img_size, args.mask_ratio, args.device, args.modes[:1], ["sparse"])
+    models, imgs = build(name, batch_size, args.img_size, args.mask_ratio, args.device, args.modes[:1], ["sparse"],
+                         args.compile_mode, args.compile_backend)
     variant = Variant(models[args.modes[0], "sparse"], imgs, args.precisions[0])
     variant()
+    variant()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if imgs.is_cuda else [])
+    start = time.perf_counter()
     with profile(activities=activities) as prof:
         variant()
+    wall = time.perf_counter() - start
     sort = "self_device_time_total" if imgs.is_cuda else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=20))
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
+    if imgs.is_cuda:  # launch-bound or not: the GPU's busy time against the step's wall time, kernels launched
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1e6  # us -> s
+        depthwise = sum(e.device_time for e in kernels if "conv" in e.name.lower() or "depthwise" in e.name.lower())
+        print(f"profile {name} b{batch_size} {args.modes[0]} {args.compile_mode or ''}: {len(kernels)} kernels, GPU "
+              f"busy {busy * 1e3:.1f} ms of {wall * 1e3:.1f} ms wall ({busy / wall:.0%}); kernels named conv "
+              f"(cuDNN's depthwise convs) {depthwise / 1e6 / max(busy, 1e-9):.0%} of busy time", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,14 +255,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the sparse step")
     parser.add_argument("--output", help="also write the table to this file (Markdown)")
     parser.add_argument("--no-timm", action="store_true", help="leave out timm's dense ConvNeXt V2 step")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled rows, e.g. "
+                        "reduce-overhead (CUDA graphs)")
+    parser.add_argument("--compile-backend", default="inductor", help="aot_eager: rehearse without code generation")
+    parser.add_argument("--warmup-only", action="store_true", help="compile every variant once (into the inductor "
+                        "cache, TORCHINDUCTOR_CACHE_DIR) and time nothing: for warm-ups in parallel processes")
     parser.add_argument("--backends", default="sparse,dense",
-                        help="comma-separated encoder backends, dense among them (default: sparse,dense); "
-                             "minkowski needs MinkowskiEngine and runs eager only")
+                        help="comma-separated: sparse, dense (our masked-dense model, the base of the X / dense "
+                             "ratios), minkowski (needs MinkowskiEngine, eager only), timm (added unless --no-timm)")
     args = parser.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(args.backends) - set(fcmae.encoder.BACKENDS))
-    if unknown or len(set(args.backends)) != len(args.backends) or "dense" not in args.backends:
-        parser.error(f"--backends takes different ones of {', '.join(fcmae.encoder.BACKENDS)}, dense among them")
+    known = set(fcmae.encoder.BACKENDS) | {"timm"}
+    unknown = sorted(set(args.backends) - known)
+    if unknown or len(set(args.backends)) != len(args.backends) or not args.backends:
+        parser.error(f"--backends takes different ones of {', '.join(sorted(known))}")
     if any(b.startswith("minkowski") for b in args.backends):
         from fcmae.minkowski import require
 
@@ -248,8 +278,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(e))
         if "compiled" in args.modes:
             parser.error("MinkowskiEngine's ops do not compile: add --modes eager")
-    if not args.no_timm:
+    if not args.no_timm and "timm" not in args.backends:
         args.backends.append("timm")
+    if args.compile_backend != "inductor" and args.compile_mode:
+        print(f"note: --compile-mode {args.compile_mode} is inductor's; not used with {args.compile_backend}")
+        args.compile_mode = None
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         configure_cuda()  # as a training run: cuDNN autotuning, TF32 for fp32 matmuls and convs
