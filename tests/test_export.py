@@ -329,27 +329,142 @@ def test_feature_pyramid_from_an_exported_folder(runs, tmp_path, capsys, monkeyp
         assert [torch.equal(a, b) for a, b in zip(overlay(batch), maps[1::2])] == [True, True]
 
 
+class OfficialLayerNorm(torch.nn.LayerNorm):
+    """The official LayerNorm over the channels of (N, C, H, W) maps (data_format="channels_first")."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class OfficialGRN(torch.nn.Module):
+    """The official dense GRN: gamma and beta (1, 1, 1, C), on (N, H, W, C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma, self.beta = torch.nn.Parameter(torch.zeros(1, 1, 1, dim)), torch.nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x):
+        gx = x.norm(p=2, dim=(1, 2), keepdim=True)
+        return self.gamma * (x * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6))) + self.beta + x
+
+
+class OfficialBlock(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = torch.nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1, self.act = torch.nn.Linear(dim, 4 * dim), torch.nn.GELU()
+        self.grn, self.pwconv2 = OfficialGRN(4 * dim), torch.nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        y = self.pwconv2(self.grn(self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class OfficialConvNeXtV2(torch.nn.Module):
+    """The official dense ConvNeXt V2 (models/convnextv2.py), written from its module names and shapes: what the
+    official main_finetune.py builds and loads a checkpoint into."""
+
+    def __init__(self, depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), num_classes: int = 1000):
+        super().__init__()
+        self.downsample_layers = torch.nn.ModuleList(
+            [torch.nn.Sequential(torch.nn.Conv2d(3, dims[0], 4, stride=4), OfficialLayerNorm(dims[0], eps=1e-6))]
+            + [torch.nn.Sequential(OfficialLayerNorm(dims[i], eps=1e-6), torch.nn.Conv2d(dims[i], dims[i + 1], 2, stride=2))
+               for i in range(3)])
+        self.stages = torch.nn.ModuleList(torch.nn.Sequential(*[OfficialBlock(d) for _ in range(n)])
+                                          for n, d in zip(depths, dims))
+        self.norm, self.head = torch.nn.LayerNorm(dims[-1], eps=1e-6), torch.nn.Linear(dims[-1], num_classes)
+
+    def feature_map(self, x):
+        """(N, 3, H, W) -> (N, C, H/32, W/32): the last stage's output, before the pooling and final norm."""
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        return x
+
+    def forward(self, x):
+        return self.head(self.norm(self.feature_map(x).mean((-2, -1))))
+
+
+def official_finetune_remap(checkpoint_model: dict) -> dict:
+    """What the official main_finetune.py --finetune does to checkpoint['model'] before loading it, as its source
+    documents: drop every key naming 'decoder', 'mask_token', 'proj' or 'pred'; then utils.remap_checkpoint_keys:
+    strip a leading `encoder.`, drop the component before the last of keys containing 'ln' or 'linear', turn
+    MinkowskiEngine `kernel`s into dense weights (none here: asserted), flatten non-1-D biases, and unsqueeze(0) then
+    unsqueeze(1) every tensor whose key contains 'grn'."""
+    kept = {k: v for k, v in checkpoint_model.items() if not any(s in k for s in ("decoder", "mask_token", "proj",
+                                                                                  "pred"))}
+    assert not any(k.endswith("kernel") for k in kept)
+    remapped = {}
+    for key, value in kept.items():
+        parts = key.split(".")[1:] if key.startswith("encoder") else key.split(".")
+        if any("ln" in p or "linear" in p for p in parts):
+            parts.pop(-2)
+        remapped[".".join(parts)] = value
+    for key, value in remapped.items():
+        if key.endswith("bias") and value.ndim != 1:
+            remapped[key] = value.reshape(-1)
+        elif "grn" in key:
+            remapped[key] = value.unsqueeze(0).unsqueeze(1)
+    return remapped
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_official_layout_export_matches_the_official_names(runs, tmp_path, capsys, suffix):
-    model = fcmae.load_model(runs / "pre" / "fcmae_model.safetensors")
-    out = tmp_path / f"detection{suffix}"
-    printed = export(capsys, runs / "pre" / "fcmae_model.safetensors", out, "--to", "official")
-    assert "official ConvNeXt V2 layout" in printed
-    if suffix == ".pth":
-        written = torch.load(out, weights_only=True)["model"]
-    else:
-        written = safetensors.torch.load_file(str(out))
+def test_official_export_of_a_pretrained_model_is_what_official_finetune_reads(runs, tmp_path, capsys, suffix):
+    """The released convnextv2_*_fcmae.pt layout (GRN (1, 4C)): after the official --finetune remap, it loads into the
+    official dense model with nothing mismatched, and gives our encoder's features; fcmae-convert reads it back."""
+    source = runs / "pre" / "fcmae_model.safetensors"
+    model = fcmae.load_model(source).eval()
+    out = tmp_path / f"atto_fcmae{suffix}"
+    printed = export(capsys, source, out, "--to", "official").splitlines()
+    written = (torch.load(out, weights_only=True)["model"] if suffix == ".pth"
+               else safetensors.torch.load_file(str(out)))
+    official = OfficialConvNeXtV2().eval()
+    missing, unexpected = official.load_state_dict(official_finetune_remap(written), strict=False)  # shapes: strict
+    assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"] and unexpected == []
+    _, batch = images()
+    with torch.no_grad():
+        assert rel_err(official.feature_map(batch), model.encoder(batch)) <= 1e-5
     expected = official_state(model.state_dict(), me=False, prefix=False, decoder=False)  # the tests' own naming
     assert written.keys() == expected.keys()
-    assert all(torch.equal(written[k], v) for k, v in expected.items())
-    assert written["stages.0.0.grn.gamma"].shape == (1, 1, 1, 160)
-    assert conv.detect_layout(written) == "official-dense"
+    assert all(torch.equal(written[k].flatten(), v.flatten()) for k, v in expected.items())
+    assert written["stages.0.0.grn.gamma"].shape == (1, 160) and written["stages.3.1.grn.beta"].shape == (1, 1280)
+
+    # What the printed lines say the file holds (item: a .safetensors file is a bare state dict).
+    if suffix == ".pth":
+        assert printed[-2] == f"{out} holds {{'model': state_dict}} in the layout of the released " \
+                              "convnextv2_*_fcmae.pt files (downsample_layers.*, stages.*, no decoder; GRN (1, 4C))"
+        assert printed[-1].startswith(f"use: the official main_finetune.py --finetune {out} ")
+    else:
+        assert printed[-2].startswith(f"{out} holds a bare state dict in the layout of the released")
+        assert printed[-1].startswith(f"use: safetensors.torch.load_file('{out}');")
+        assert "checkpoint['model']" not in "\n".join(printed) and "atto_fcmae.pth" in printed[-1]
+
+    # Read back by our own converter: the same timm weights, and a transformers folder equal to timm.
     again = conv.to_timm(out, conv_mlp=False)
-    assert all(torch.equal(again[k], v) for k, v in conv.to_timm(model.state_dict(), conv_mlp=False).items())
-    # A fine-tuned model keeps its classifier as the official `norm` and `head`.
-    export(capsys, runs / "ft" / "classifier.safetensors", tmp_path / "ft.pth", "--to", "official")
-    head = torch.load(tmp_path / "ft.pth", weights_only=True)["model"]
-    assert head["head.weight"].shape == (3, 320) and head["norm.weight"].shape == (320,)
+    assert all(torch.equal(again[k], v) for k, v in conv.to_timm(source, conv_mlp=False).items())
+    export(capsys, out, tmp_path / "hf", "--to", "transformers")
+    check_transformers_equals_timm(tmp_path / "hf", timm_reference(conv.to_timm(source), 0), batch, 0)
+
+
+def test_official_export_of_a_classifier_is_what_official_resume_reads(runs, tmp_path, capsys):
+    """A fine-tuned model keeps the dense layout (GRN (1, 1, 1, 4C)) with `norm` and `head`: the official --resume /
+    --eval path loads it strictly and gives timm's logits."""
+    source = runs / "ft" / "classifier.safetensors"
+    out = tmp_path / "ft.pth"
+    printed = export(capsys, source, out, "--to", "official").splitlines()
+    assert printed[-1] == f"use: the official main_finetune.py --eval true --resume {out} (a strict load)"
+    written = torch.load(out, weights_only=True)["model"]
+    assert written["head.weight"].shape == (3, 320) and written["norm.weight"].shape == (320,)
+    assert written["stages.0.0.grn.gamma"].shape == (1, 1, 1, 160)
+    official = OfficialConvNeXtV2(num_classes=3).eval()
+    official.load_state_dict(written)
+    reference = timm.create_model("convnextv2_atto", num_classes=3).eval()
+    reference.load_state_dict(safetensors.torch.load_file(str(source)))
+    _, batch = images()
+    with torch.no_grad():
+        assert rel_err(official(batch), reference(batch)) <= 1e-5
+    again, original = conv.to_timm(out), conv.to_timm(source)
+    assert again.keys() == original.keys() and all(torch.equal(again[k], v) for k, v in original.items())
 
 
 # Bad inputs -----------------------------------------------------------------------------------------------------
