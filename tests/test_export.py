@@ -3,6 +3,7 @@ pyramids, from real pretraining and fine-tuning runs, official-layout files and 
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -188,6 +189,27 @@ def test_transformers_from_a_timm_file(tmp_path, capsys):
     _, batch = images()
     check_transformers_equals_timm(tmp_path / "hf", source, batch, 4)
     assert "(timm weights)" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_transformers_encoder_config_has_no_label_map(runs, tmp_path, capsys):
+    """An encoder without a head: no `id2label` in config.json, so `num_labels=K` adds a K-class head without
+    transformers' warning that K "is incompatible to the id2label map of length 0"; without K, no head at all."""
+    folder = tmp_path / "hf"
+    export(capsys, runs / "pre" / "fcmae_model.safetensors", folder, "--to", "transformers")
+    config = json.loads((folder / "config.json").read_text())
+    assert "id2label" not in config and "label2id" not in config and config["num_labels"] == 0
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        fresh = transformers.ConvNextV2ForImageClassification.from_pretrained(str(folder), num_labels=10)
+        plain, report = loaded(transformers.ConvNextV2ForImageClassification, folder)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert fresh.classifier.out_features == 10 and fresh.config.num_labels == 10
+    assert not [r.getMessage() for r in records if "id2label" in r.getMessage()]
+    assert isinstance(plain.classifier, torch.nn.Identity) and report == {}
 
 
 # Hub-ready timm folders -----------------------------------------------------------------------------------------
