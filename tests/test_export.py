@@ -212,6 +212,46 @@ def test_transformers_encoder_config_has_no_label_map(runs, tmp_path, capsys):
     assert isinstance(plain.classifier, torch.nn.Identity) and report == {}
 
 
+def test_transformers_preprocessing_differs_from_finetune_only_as_the_card_says(runs, tmp_path, capsys):
+    """ConvNextImageProcessor crops from margin // 2 where torchvision's CenterCrop rounds margin / 2 half to even:
+    one pixel apart when a side's margin is 3 mod 4. The card says so, and it holds on a real 600x400 photo."""
+    import torchvision.transforms as T
+    from fcmae.data import demo_image_files
+
+    folder = tmp_path / "hf"
+    export(capsys, runs / "pre" / "fcmae_model.safetensors", folder, "--to", "transformers")
+    card = (folder / "README.md").read_text()
+    assert "(margin mod 4 = 3), transformers crops from margin // 2 and torchvision one pixel further" in card
+    assert "square images included" in card
+    coffee = load_rgb(next(f for f in demo_image_files() if f.name == "coffee.png"))
+    assert coffee.size == (600, 400)
+    for size, margins in ((64, (45, 9)), (96, (67, 13))):  # the resized photo is 109x73 and 163x109 px
+        processor = transformers.AutoImageProcessor.from_pretrained(str(folder), size={"shortest_edge": size})
+        pixels = processor(coffee, return_tensors="pt")["pixel_values"][0]
+        resized = T.Resize(int(size / 0.875), interpolation=T.InterpolationMode.BICUBIC)(coffee)
+        assert (resized.width - size, resized.height - size) == margins
+        finetune_view = eval_transform((size, size))(coffee)
+        floor_crop = T.Compose([T.ToTensor(), T.Normalize(timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)])(
+            resized.crop((margins[0] // 2, margins[1] // 2, margins[0] // 2 + size, margins[1] // 2 + size)))
+        assert (pixels - floor_crop).abs().max() < 0.05  # the resize kernels only
+        shifted = (pixels - finetune_view).abs().max().item()
+        assert shifted > 3 if any(m % 4 == 3 for m in margins) else shifted < 0.05
+
+    # From 384 px up ConvNextImageProcessor squashes the whole photo to a square: the export says so (an official
+    # checkpoint whose args record input_size 384).
+    model = randomize_(fcmae.create_model("custom", **SMALL), seed=4).eval()
+    path = save_official(tmp_path / "ckpt.pth", official_state(model.state_dict(), me=True), wrapped=True,
+                         args=argparse.Namespace(input_size=384, mask_ratio=0.6))
+    printed = export(capsys, path, tmp_path / "hf384", "--to", "transformers")
+    assert "resizes to 384x384 without a center crop from 384 px up" in printed
+    assert "ignores `crop_pct` from 384 px up and resizes the whole image to 384x384" in \
+        (tmp_path / "hf384" / "README.md").read_text()
+    pixels = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf384"))(coffee, return_tensors="pt")
+    squashed = T.Compose([T.Resize((384, 384), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                          T.Normalize(timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)])(coffee)
+    assert (pixels["pixel_values"][0] - squashed).abs().max() < 0.05
+
+
 # Hub-ready timm folders -----------------------------------------------------------------------------------------
 
 

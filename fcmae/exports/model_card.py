@@ -1,5 +1,5 @@
 """The README.md model card of an exported folder: Hub front matter, what the model is, where it came from, how it
-was trained (the settings the run's config records) and what the run measured, and how to load it."""
+was trained (the settings the run's config records) and what the run measured, how to preprocess, and how to load it."""
 
 from __future__ import annotations
 
@@ -64,11 +64,28 @@ def render_card(conversion: Conversion, info: SourceInfo, library: str, num_clas
     data = info.preprocessing
     lines += ["", "## Preprocessing", "",
               f"Input {data['input_size'][1]}x{data['input_size'][2]}, resize by 1/{data['crop_pct']} then center crop, "
-              f"{data['interpolation']} interpolation, mean {_floats(data['mean'])}, std {_floats(data['std'])}.",
-              "", "## Use", "", "```python",
+              f"{data['interpolation']} interpolation, mean {_floats(data['mean'])}, std {_floats(data['std'])}: what "
+              "`finetune.py` evaluates with (torchvision `Resize` and `CenterCrop`)."]
+    if library == "transformers":
+        lines += ["", _transformers_preprocessing(max(data["input_size"][1:]))]
+    lines += ["", "## Use", "", "```python",
               _LOAD[library].format(cls="ConvNextV2ForImageClassification" if num_classes else "ConvNextV2Model"),
               "```", ""]
     return "\n".join(lines)
+
+
+def _transformers_preprocessing(size: int) -> str:
+    """How transformers' ConvNextImageProcessor (preprocessor_config.json) differs from finetune.py's transform."""
+    if size >= 384:  # ConvNextImageProcessor's own rule: no crop from 384 px up
+        return (f"`preprocessor_config.json` does not match `finetune.py` at this size: transformers' "
+                f"`ConvNextImageProcessor` ignores `crop_pct` from 384 px up and resizes the whole image to "
+                f"{size}x{size} (no crop, the aspect ratio not kept). Preprocess as above yourself to match it.")
+    return ("`preprocessor_config.json` sets transformers' `ConvNextImageProcessor` to the same resize, crop, mean "
+            "and std, but not pixel for pixel: where the resized image is longer than the crop by 3, 7, 11, ... "
+            "pixels on a side (margin mod 4 = 3), transformers crops from margin // 2 and torchvision one pixel "
+            "further (it rounds margin / 2 half to even), so the input shifts by one pixel on that side (on a "
+            "600x400 photo at 96 px, normalized values differ by up to 3.6). Otherwise only the resize kernels "
+            "differ (normalized values within 0.02). This depends on each image's size, square images included.")
 
 
 def _classes(names: list[str] | None, limit: int = 10) -> str:

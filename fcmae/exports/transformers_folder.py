@@ -12,6 +12,10 @@ an Identity, and `from_pretrained(FOLDER, num_labels=K)` adds a fresh K-class he
 classifier, as a `ConvNextV2ForImageClassification` (`convnextv2.*` and `classifier.*`, `id2label` from the class
 names a fine-tuned file records). The weights are checked against transformers' own model (strict) before anything
 is written.
+
+`preprocessor_config.json` is transformers' `ConvNextImageProcessor` with finetune.py's evaluation settings. It does
+what finetune.py does up to a one-pixel crop offset on some image sizes, below 384 px; from 384 px up it resizes to a
+square without a crop (its own rule), which the export notes. The model card says both (`model_card`).
 """
 
 from __future__ import annotations
@@ -109,6 +113,10 @@ def write_transformers_folder(conversion: Conversion, info: SourceInfo, folder: 
     if height != width:
         conversion.notes.append(f"the model was trained at {height}x{width}; transformers' ConvNextImageProcessor "
                                 f"crops squares: preprocessor_config.json asks for {max(height, width)} px")
+    if max(height, width) >= 384:
+        conversion.notes.append(f"transformers' ConvNextImageProcessor resizes to {max(height, width)}x"
+                                f"{max(height, width)} without a center crop from 384 px up: preprocessor_config.json "
+                                "does not preprocess as finetune.py evaluates (the model card says how to)")
     processor = transformers.ConvNextImageProcessor(
         do_resize=True, size={"shortest_edge": max(height, width)}, crop_pct=data["crop_pct"], resample=3,  # bicubic
         do_rescale=True, do_normalize=True, image_mean=list(data["mean"]), image_std=list(data["std"]))
