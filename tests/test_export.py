@@ -2,6 +2,7 @@
 pyramids, from real pretraining and fine-tuning runs, official-layout files and timm files, checked on real photos."""
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -252,6 +253,44 @@ def test_transformers_preprocessing_differs_from_finetune_only_as_the_card_says(
     assert (pixels["pixel_values"][0] - squashed).abs().max() < 0.05
 
 
+def folder_text(folder: Path) -> str:
+    """Every text an exported folder holds: its JSON and Markdown files and each safetensors file's metadata."""
+    texts = [p.read_text() for p in sorted(folder.iterdir()) if p.suffix in (".json", ".md")]
+    for weights in folder.glob("*.safetensors"):
+        with safetensors.safe_open(str(weights), framework="pt") as f:
+            texts.append(json.dumps(f.metadata()))
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize("to", ["transformers", "timm"])
+def test_exported_folders_name_their_sources_by_file_name_and_sha256(runs, tmp_path, capsys, to):
+    """Nothing in a folder bound for the Hub says where its sources lay on this machine."""
+    source, pretrained = runs / "ft" / "classifier.safetensors", runs / "pre" / "fcmae_model.safetensors"
+    export(capsys, source, tmp_path / "ft", "--to", to)
+    text = folder_text(tmp_path / "ft")
+    assert str(runs) not in text and str(tmp_path) not in text and str(Path.home()) + "/" not in text
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert "| input | `classifier.safetensors` (fine-tuning run) |" in card
+    assert f"| SHA-256 | `{hashlib.sha256(source.read_bytes()).hexdigest()}` |" in card
+    assert f"| finetune | fcmae_model.safetensors (SHA-256 {hashlib.sha256(pretrained.read_bytes()).hexdigest()}) |" \
+        in card
+    assert "| data_path | labeled |" in card and "| data_path | photos |" in card
+    assert "detected timm layout in classifier.safetensors: convnextv2_atto" in card
+
+    # A checkpoint folder: its folder's name and the weights file inside; a file fcmae-convert wrote: its source's name.
+    ckpt = runs / "pre" / "checkpoints" / "step_00000002"
+    export(capsys, ckpt, tmp_path / "ckpt", "--to", to)
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert "| input | `step_00000002/model.safetensors` (pretraining checkpoint) |" in card
+    assert f"| SHA-256 | `{hashlib.sha256((ckpt / 'model.safetensors').read_bytes()).hexdigest()}` |" in card
+    export(capsys, pretrained, tmp_path / "model.safetensors", "--to", "fcmae")
+    export(capsys, tmp_path / "model.safetensors", tmp_path / "again", "--to", to)
+    assert "| converted from (source) | fcmae_model.safetensors (SHA-256 " in (tmp_path / "again" / "README.md").read_text()
+    for folder in ("ckpt", "again"):
+        text = folder_text(tmp_path / folder)
+        assert str(runs) not in text and str(tmp_path) not in text
+
+
 # Hub-ready timm folders -----------------------------------------------------------------------------------------
 
 
@@ -282,7 +321,7 @@ def test_timm_folder_from_a_pretraining_run_loads_through_local_dir(runs, tmp_pa
         assert rel_err(overlay.forward_features(batch), model.encoder(batch)) <= 1e-5
 
     card = (folder / "README.md").read_text()
-    assert "library_name: timm" in card and f"`{run / 'fcmae_model.safetensors'}` (pretraining run)" in card
+    assert "library_name: timm" in card and "| input | `fcmae_model.safetensors` (pretraining run) |" in card
     for setting in ("| mask_ratio | 0.5 |", "| input_size | [64] |", "| max_steps | 4 |", "| lr | 0.001 |"):
         assert setting in card
     assert "pretraining loss" in card and "at step 4 (epoch" in card and "output_dir" not in card

@@ -1,9 +1,13 @@
 """The README.md model card of an exported folder: Hub front matter, what the model is, where it came from, how it
-was trained (the settings the run's config records) and what the run measured, how to preprocess, and how to load it."""
+was trained (the settings the run's config records) and what the run measured, how to preprocess, and how to load it.
+
+The card goes to the Hub with the folder (`--push-to-hub`): it names the input by its file name and SHA-256, never by
+where it lay on this machine (see `source_info`)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from ..convert import Conversion
@@ -41,14 +45,19 @@ def render_card(conversion: Conversion, info: SourceInfo, library: str, num_clas
         front.append("license: cc-by-nc-4.0")
     front.append("---")
 
+    local = Path(conversion.source).resolve().name
+    notes = [note.replace(conversion.source, local) for note in conversion.notes]  # they name the input's path
     lines = [*front, "", f"# ConvNeXt V2 {size}, FCMAE" + (" + fine-tuned" if info.finetune else ""), "",
              f"A ConvNeXt V2 encoder (depths {_csv(config['depths'])}, dims {_csv(config['dims'])}) with {head}, "
              f"pretrained with FCMAE (fully convolutional masked autoencoder, Woo et al. 2023). Exported for "
              f"{library} by `fcmae-convert`.", "",
              "## Source", "", "| | |", "|---|---|",
-             f"| input | `{info.path}` ({info.kind}) |", f"| layout | {conversion.layout} |"]
+             f"| input | `{info.name}` ({info.kind}) |"]
+    if info.sha256:
+        lines.append(f"| SHA-256 | `{info.sha256}` |")
+    lines.append(f"| layout | {conversion.layout} |")
     lines += [f"| {k} | {v} |" for k, v in info.provenance.items()]
-    lines += [f"| conversion | {note} |" for note in conversion.notes]
+    lines += [f"| conversion | {note} |" for note in notes]
     if info.official:
         lines += ["", "The weights come from the official ConvNeXt V2 release, licensed CC-BY-NC 4.0 (non-commercial)."]
     for title, settings in (("Pretraining settings (FCMAE)", info.pretrain), ("Fine-tuning settings", info.finetune)):

@@ -77,7 +77,7 @@ def write_official(conversion: Conversion, path: str | os.PathLike) -> int:
     state = {k: v.contiguous() for k, v in to_official_names(conversion.state).items()}
     if path.suffix == ".safetensors":
         write_safetensors(state, path, {"format": "official-dense", "model": conversion.name,
-                                        "source": conversion.source, "layout": conversion.layout})
+                                        "source": Path(conversion.source).name, "layout": conversion.layout})
         return len(state)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"no such folder for {path.name}: {path.parent}")
