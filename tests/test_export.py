@@ -5,6 +5,8 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -289,6 +291,19 @@ def test_exported_folders_name_their_sources_by_file_name_and_sha256(runs, tmp_p
     for folder in ("ckpt", "again"):
         text = folder_text(tmp_path / folder)
         assert str(runs) not in text and str(tmp_path) not in text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_exported_folder_files_follow_the_umask(runs, tmp_path, capsys, umask):
+    """transformers' save_pretrained writes model.safetensors 0600; every file of an export gets the umask's mode."""
+    previous = os.umask(umask)
+    try:
+        for to in ("transformers", "timm"):
+            export(capsys, runs / "pre", tmp_path / to, "--to", to)
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / to).iterdir()}
+            assert modes and set(modes.values()) == {0o666 & ~umask}, modes
+    finally:
+        os.umask(previous)
 
 
 # Hub-ready timm folders -----------------------------------------------------------------------------------------
