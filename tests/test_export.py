@@ -226,6 +226,7 @@ def test_transformers_preprocessing_differs_from_finetune_only_as_the_card_says(
     card = (folder / "README.md").read_text()
     assert "(margin mod 4 = 3), transformers crops from margin // 2 and torchvision one pixel further" in card
     assert "square images included" in card
+    normalize = T.Compose([T.ToTensor(), T.Normalize(timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)])
     coffee = load_rgb(next(f for f in demo_image_files() if f.name == "coffee.png"))
     assert coffee.size == (600, 400)
     for size, margins in ((64, (45, 9)), (96, (67, 13))):  # the resized photo is 109x73 and 163x109 px
@@ -234,8 +235,8 @@ def test_transformers_preprocessing_differs_from_finetune_only_as_the_card_says(
         resized = T.Resize(int(size / 0.875), interpolation=T.InterpolationMode.BICUBIC)(coffee)
         assert (resized.width - size, resized.height - size) == margins
         finetune_view = eval_transform((size, size))(coffee)
-        floor_crop = T.Compose([T.ToTensor(), T.Normalize(timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)])(
-            resized.crop((margins[0] // 2, margins[1] // 2, margins[0] // 2 + size, margins[1] // 2 + size)))
+        left, top = margins[0] // 2, margins[1] // 2  # transformers' crop corner
+        floor_crop = normalize(resized.crop((left, top, left + size, top + size)))
         assert (pixels - floor_crop).abs().max() < 0.05  # the resize kernels only
         shifted = (pixels - finetune_view).abs().max().item()
         assert shifted > 3 if any(m % 4 == 3 for m in margins) else shifted < 0.05
@@ -250,8 +251,7 @@ def test_transformers_preprocessing_differs_from_finetune_only_as_the_card_says(
     assert "ignores `crop_pct` from 384 px up and resizes the whole image to 384x384" in \
         (tmp_path / "hf384" / "README.md").read_text()
     pixels = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf384"))(coffee, return_tensors="pt")
-    squashed = T.Compose([T.Resize((384, 384), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
-                          T.Normalize(timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)])(coffee)
+    squashed = normalize(T.Resize((384, 384), interpolation=T.InterpolationMode.BICUBIC)(coffee))
     assert (pixels["pixel_values"][0] - squashed).abs().max() < 0.05
 
 
@@ -287,7 +287,8 @@ def test_exported_folders_name_their_sources_by_file_name_and_sha256(runs, tmp_p
     assert f"| SHA-256 | `{hashlib.sha256((ckpt / 'model.safetensors').read_bytes()).hexdigest()}` |" in card
     export(capsys, pretrained, tmp_path / "model.safetensors", "--to", "fcmae")
     export(capsys, tmp_path / "model.safetensors", tmp_path / "again", "--to", to)
-    assert "| converted from (source) | fcmae_model.safetensors (SHA-256 " in (tmp_path / "again" / "README.md").read_text()
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert "| converted from (source) | fcmae_model.safetensors (SHA-256 " in card
     for folder in ("ckpt", "again"):
         text = folder_text(tmp_path / folder)
         assert str(runs) not in text and str(tmp_path) not in text
@@ -457,7 +458,8 @@ class OfficialGRN(torch.nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.gamma, self.beta = torch.nn.Parameter(torch.zeros(1, 1, 1, dim)), torch.nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.gamma = torch.nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = torch.nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x):
         gx = x.norm(p=2, dim=(1, 2), keepdim=True)
@@ -485,8 +487,8 @@ class OfficialConvNeXtV2(torch.nn.Module):
         super().__init__()
         self.downsample_layers = torch.nn.ModuleList(
             [torch.nn.Sequential(torch.nn.Conv2d(3, dims[0], 4, stride=4), OfficialLayerNorm(dims[0], eps=1e-6))]
-            + [torch.nn.Sequential(OfficialLayerNorm(dims[i], eps=1e-6), torch.nn.Conv2d(dims[i], dims[i + 1], 2, stride=2))
-               for i in range(3)])
+            + [torch.nn.Sequential(OfficialLayerNorm(dims[i], eps=1e-6),
+                                   torch.nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)) for i in range(3)])
         self.stages = torch.nn.ModuleList(torch.nn.Sequential(*[OfficialBlock(d) for _ in range(n)])
                                           for n, d in zip(depths, dims))
         self.norm, self.head = torch.nn.LayerNorm(dims[-1], eps=1e-6), torch.nn.Linear(dims[-1], num_classes)

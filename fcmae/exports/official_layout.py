@@ -34,7 +34,7 @@ from torch import Tensor
 from ..convert import KEY_TABLE, Conversion, template_regex
 from ..checkpoints import write_safetensors
 
-__all__ = ["OFFICIAL_SUFFIXES", "is_classifier", "to_official_names", "write_official", "describe_official"]
+__all__ = ["OFFICIAL_SUFFIXES", "describe_official", "is_classifier", "to_official_names", "write_official"]
 
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".safetensors")
 

@@ -88,8 +88,8 @@ def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
     run_dir, config_file, step = _run_files(path)
     config = _read_yaml(config_file) if config_file else {}
     weights = _weights_file(path)
-    info = SourceInfo(str(path), "model file", name=f"{path.resolve().name}/{weights.name}" if path.is_dir() else path.name,
-                      sha256=_sha256(weights) if weights.is_file() else None)
+    name = f"{path.resolve().name}/{weights.name}" if path.is_dir() else path.name
+    info = SourceInfo(str(path), "model file", name=name, sha256=_sha256(weights) if weights.is_file() else None)
     size = conversion.config.get("img_size")
 
     if "finetune" in config:
