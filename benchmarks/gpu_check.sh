@@ -46,11 +46,12 @@ WORK=$(mktemp -d)
 FAILED=()
 START=$SECONDS
 
-part() {  # part NAME TIMEOUT_S COMMAND...: run, time and record one part
-    local name=$1 limit=$2
+part() {  # part NAME TIMEOUT_S [--log FILE] COMMAND...: run, time and record one part (its output to FILE)
+    local name=$1 limit=$2 log=/dev/stdout
     shift 2
+    if [ "$1" = --log ]; then log=$2; shift 2; fi
     echo "=== $name ($((SECONDS - START)) s in)"
-    if timeout "$limit" "$@"; then echo "PASS $name"; else echo "FAIL $name (exit $?)"; FAILED+=("$name"); fi
+    if timeout "$limit" "$@" >> "$log" 2>&1; then echo "PASS $name"; else echo "FAIL $name (exit $?)"; FAILED+=("$name"); fi
 }
 
 finish() {  # the summary line; exits non-zero if any part failed
@@ -101,8 +102,10 @@ if [ $TIMINGS = 1 ]; then
 export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor
 if [ $REHEARSE = 1 ]; then  # the same commands on the CPU, small, aot_eager for inductor, no CUDA graphs
     DEV=cpu TINY=atto BASE=atto B=2 BA=4 SIZE="--img-size 64 --compile-backend aot_eager" PRETRAIN_COMPILE=""
+    STEPS=3 RECORDS=3 EFFECTIVE=64  # the loss need not fall in 3 steps: loss_falls fails here, and says so
 else
     DEV=cuda TINY=tiny BASE=base B=256 BA=1024 SIZE="" PRETRAIN_COMPILE="--compile-mode reduce-overhead"
+    STEPS=30 RECORDS=6 EFFECTIVE=512
 fi
 ST="$PYTHON benchmarks/step_time.py --device $DEV --precisions bf16 --repeats 5 $SIZE"
 warm() { timeout 200 $ST --warmup-only --modes compiled "$@" > "$WORK/warm_$RANDOM.log" 2>&1; }
@@ -113,13 +116,13 @@ for backend in sparse timm; do
     warm --model atto --batch-size $BA --backends $backend --no-timm --compile-mode reduce-overhead &
 done
 part "pretrain: torchrun NCCL world size 1, --batch-size auto, CUDA graphs, compile cache" 200 \
-    $PYTHON -m torch.distributed.run --nproc_per_node 1 pretrain.py --data-path "digits:$WORK/digits" \
-    --input-size 64 --model atto --decoder-embed-dim 128 --batch-size auto --effective-batch-size 512 \
+    --log "$RESULTS/pretrain_nccl.log" $PYTHON -m torch.distributed.run --nproc_per_node 1 pretrain.py --data-path "digits:$WORK/digits" \
+    --input-size 64 --model atto --decoder-embed-dim 128 --batch-size auto --effective-batch-size $EFFECTIVE \
     --mixed-precision bf16 $PRETRAIN_COMPILE --compile-cache "$WORK/inductor" --num-workers 6 \
-    --max-steps 30 --warmup-steps 5 --lr 2e-3 --log-every 5 --save-every 30 --no-progress \
-    --output-dir "$WORK/nccl" > "$RESULTS/pretrain_nccl.log" 2>&1
+    --max-steps $STEPS --warmup-steps 2 --lr 2e-3 --log-every $((STEPS / RECORDS)) --save-every $STEPS --no-progress \
+    --output-dir "$WORK/nccl"
 grep -E "batch size auto|process\(es\)|error" "$RESULTS/pretrain_nccl.log"; tail -n 2 "$RESULTS/pretrain_nccl.log"
-part "loss falls (NCCL run)" 20 $PYTHON benchmarks/loss_falls.py "$WORK/nccl/metrics.jsonl" 6
+part "loss falls (NCCL run)" 20 $PYTHON benchmarks/loss_falls.py "$WORK/nccl/metrics.jsonl" $RECORDS
 wait
 cat "$WORK"/warm_*.log | grep -E "warmed up|Error" || true
 part "timings: tiny and base, compiled, vs timm" 130 $ST --model $TINY $BASE --batch-size $B $B \
@@ -127,10 +130,9 @@ part "timings: tiny and base, compiled, vs timm" 130 $ST --model $TINY $BASE --b
 part "timings: atto b$BA, eager and reduce-overhead, vs timm" 70 $ST --model atto --batch-size $BA \
     --modes eager compiled --compile-mode reduce-overhead --backends sparse --no-memory \
     --output "$RESULTS/step_time_cuda_atto.md"
-part "profiles: atto (reduce-overhead) and base (compiled)" 60 bash -c "$ST --model atto --batch-size $BA \
+part "profiles: atto (reduce-overhead) and base (compiled)" 60 --log "$RESULTS/profiles.txt" bash -c "$ST --model atto --batch-size $BA \
     --modes compiled --compile-mode reduce-overhead --backends sparse --no-timm --profile --warmup-only \
-    && $ST --model $BASE --batch-size $B --modes compiled --backends sparse --no-timm --profile --warmup-only" \
-    > "$RESULTS/profiles.txt" 2>&1
+    && $ST --model $BASE --batch-size $B --modes compiled --backends sparse --no-timm --profile --warmup-only"
 grep "^profile" "$RESULTS/profiles.txt" || true
 part "eager rows with memory: atto, tiny, base (sparse, masked-dense, timm)" 60 $ST --model atto $TINY $BASE \
     --batch-size $B $B $B --modes eager --repeats 3 --output "$RESULTS/step_time_cuda_eager.md"

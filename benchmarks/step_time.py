@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
                         "reduce-overhead (CUDA graphs)")
     parser.add_argument("--compile-backend", default="inductor", help="aot_eager: rehearse without code generation")
     parser.add_argument("--warmup-only", action="store_true", help="compile every variant once (into the inductor "
-                        "cache, TORCHINDUCTOR_CACHE_DIR) and time nothing: for warm-ups in parallel processes")
+                        "cache, TORCHINDUCTOR_CACHE_DIR) and time nothing: for warm-ups in parallel processes; with --profile, "
+                        "only the profile")
     parser.add_argument("--backends", default="sparse,dense",
                         help="comma-separated: sparse, dense (our masked-dense model, the base of the X / dense "
                              "ratios), minkowski (needs MinkowskiEngine, eager only), timm (added unless --no-timm)")
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [title, "", header(args.backends)]
     for name, batch_size in zip(models, batch_sizes):
         name = fcmae.models.resolve_name(name)
-        lines += [format_row(row, args.backends) for row in measure(args, name, batch_size)]
+        if not (args.profile and args.warmup_only):  # both: the profile alone, which warms up itself
+            lines += [format_row(row, args.backends) for row in measure(args, name, batch_size)]
         if args.output:
             Path(args.output).write_text("\n".join(lines) + "\n")
         if args.profile:
