@@ -223,7 +223,7 @@ def evaluate_only(config: FinetuneConfig) -> dict:
     result = evaluate(model, loader, accelerator, progress=config.progress and sys.stdout.isatty())
     recorded = f" (recorded when saved: {float(metadata['val_acc1']):.2f})" if "val_acc1" in metadata else ""
     accelerator.print(f"{config.resume}: val_acc1 {result['acc1']:.2f} val_acc5 {result['acc5']:.2f} on "
-                      f"{result['images']} images{recorded}")
+                      f"{counted(result, 'images')}{recorded}")
     accelerator.end_training()  # destroys the process group: see fcmae.training.end_process_group
     return result
 
@@ -313,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         run.write_record(record, run.output_dir / names.METRICS)
         which, (best_model, result) = max(candidates.items(), key=lambda item: item[1][1]["acc1"])
         run.print(f"epoch {epoch}: train_loss {record['train_loss']:.4f} val_acc1 {record['val_acc1']:.2f}"
-                  + (f" ema_acc1 {record['ema_acc1']:.2f}" if "ema_acc1" in record else ""))
+                  + (f" ema_acc1 {record['ema_acc1']:.2f}" if "ema_acc1" in record else "")
+                  + (f", top-1 over {counted(result, 'val images')}" if result["unreadable"] else ""))
         if result["acc1"] > run.info.get("best_acc1", -1.0):
             run.info.update(best_acc1=result["acc1"], best_epoch=epoch, best_weights=which)
             if run.is_main:
@@ -325,6 +326,12 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     run.print(f"best val_acc1 {run.info.get('best_acc1', float('nan')):.2f} ({run.info.get('best_weights')} "
               f"weights, epoch {run.info.get('best_epoch')}): {where}")
     return run.info
+
+
+def counted(result: dict, noun: str) -> str:
+    """The images an `evaluate` result counts: '6 images', or '5 of 6 images (1 unreadable)'."""
+    images, unreadable = result["images"], result["unreadable"]
+    return f"{images} of {images + unreadable} {noun} ({unreadable} unreadable)" if unreadable else f"{images} {noun}"
 
 
 def save_best(model: nn.Module, config: FinetuneConfig, classes: list[str], which: str, epoch: int,

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..checkpoints import names
 from ..data import seeded
+from ..data.datasets import new_unreadable_warnings
 from .cli import TrainingError
 from .preemption import Preempted
 
@@ -137,7 +138,8 @@ def log(run: "Run", window: "Window", bar) -> dict:
     """A metrics record of the window since the last one: to the step log, the trackers and the progress bar."""
     check_finite(run, window)
     loss, images, seconds, unreadable = window.reduce(run.accelerator, known=run.unreadable)
-    run.unreadable |= unreadable
+    for line in new_unreadable_warnings(unreadable, run.unreadable):  # counted in run.unreadable; warned once
+        run.print(line, file=sys.stderr)
     record = {
         "step": run.step, "epoch": round(run.at / run.steps_per_epoch, 4), "loss": loss,
         "lr": max(group["lr"] for group in run.optimizer.param_groups),  # the undecayed group's
@@ -151,7 +153,8 @@ def log(run: "Run", window: "Window", bar) -> dict:
 class Window:
     """Loss and image sums since the last log record and the first non-finite loss since the last check, kept on
     the device (adding to them never waits on it), and the unreadable files met, by dataset position, kept on the
-    host (a bad file counts once however often it is drawn, by whichever process or worker)."""
+    host with its 'PATH: REASON' (a bad file counts once however often it is drawn, by whichever process or
+    worker)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -160,15 +163,15 @@ class Window:
 
     def reset(self) -> None:
         self.sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss*n, n batches, images, new bad files
-        self.unreadable: set[int] = set()
+        self.unreadable: dict[int, str] = {}
         self.start = time.perf_counter()
 
-    def add(self, loss: Tensor, images: int, unreadable: list[int] | None, step: int) -> None:
+    def add(self, loss: Tensor, images: int, unreadable: dict[int, str] | None, step: int) -> None:
         loss = loss.double()
         self.sums[0] += loss
         self.sums[1] += 1
         self.sums[2] += images
-        if unreadable:  # a plain list on the host (fcmae.data.CollateUnreadable)
+        if unreadable:  # a plain dict on the host (fcmae.data.CollateUnreadable)
             self.unreadable.update(unreadable)
         first = ~torch.isfinite(loss) & torch.isinf(self.bad[0])  # python scalars, not tensors: no host copy
         self.bad[0] = torch.where(first, float(step), self.bad[0])
@@ -180,14 +183,14 @@ class Window:
         step, value = min(bad, key=lambda b: b[0])
         return None if math.isinf(step) else (int(step), value)
 
-    def reduce(self, accelerator: Accelerator, known: set[int]) -> tuple[float, int, float, set[int]]:
+    def reduce(self, accelerator: Accelerator, known: set[int]) -> tuple[float, int, float, dict[int, str]]:
         """(mean loss, images, seconds, unreadable files not in `known`), over all processes; then starts a new
-        window. The positions are gathered only when some process met a new one."""
-        new = sorted(self.unreadable - known)
+        window. The files are gathered only when some process met a new one."""
+        new = [(position, text) for position, text in sorted(self.unreadable.items()) if position not in known]
         self.sums[3] = len(new)
         sums = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
         if sums[3] and accelerator.num_processes > 1:
             new = gather_object(new)  # every process's list, joined
         seconds = time.perf_counter() - self.start
         self.reset()
-        return sums[0] / max(sums[1], 1), int(sums[2]), seconds, set(new)
+        return sums[0] / max(sums[1], 1), int(sums[2]), seconds, dict(new)
