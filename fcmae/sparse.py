@@ -213,15 +213,24 @@ class VisiblePatches:
     def neighbour_index(self, kernel_size: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> Tensor:
         """(kh * kw, P * k * k) compact row of each visible site's neighbour at each kernel tap, in raster order of
         the taps; P * k * k (the zero row appended past the last site) where the neighbour is removed or off the
-        image. Tap (a, b) of site (y, x) is the site (y + (a - kh // 2) * dh, x + (b - kw // 2) * dw)."""
+        image. Tap (a, b) of site (y, x) is the site (y + (a - kh // 2) * dh, x + (b - kw // 2) * dw).
+
+        Read off the tile index (the neighbours of a patch's sites are its tile's sites): one gather of small
+        integers, instead of (kh * kw, P * k * k) coordinate arithmetic.
+        """
         key = ("neighbours", tuple(kernel_size), tuple(dilation))
         if key not in self._depthwise_index:
-            (kh, kw), (dh, dw) = kernel_size, dilation
-            device = self.site_index.device
-            dy = ((torch.arange(kh, device=device) - kh // 2) * dh).repeat_interleave(kw)
-            dx = ((torch.arange(kw, device=device) - kw // 2) * dw).repeat(kh)
-            first_site, y, x = self._dense_coordinates(self.site_index)
-            self._depthwise_index[key] = self._compact_rows(first_site, y + dy[:, None], x + dx[:, None])
+            (kh, kw), (dh, dw), k = kernel_size, dilation, self.side
+            reach = (dh * (kh // 2), dw * (kw // 2))
+            tile_width = k + 2 * reach[1]
+            tiles = self.tile_index(reach).view(self.num_visible, -1)  # (P, th * tw)
+            device = tiles.device
+            i = torch.arange(k, device=device)
+            tap_row = torch.arange(kh, device=device)[:, None, None, None] * dh + i[:, None]  # (kh, 1, k, 1)
+            tap_col = torch.arange(kw, device=device)[:, None, None] * dw + i  # (kw, 1, k)
+            in_tile = (tap_row * tile_width + tap_col).flatten()  # (kh, kw, k, k): tile site of tap (a, b), site (i, j)
+            neighbours = tiles.index_select(1, in_tile).view(self.num_visible, kh * kw, k * k)
+            self._depthwise_index[key] = neighbours.transpose(0, 1).reshape(kh * kw, -1)
         return self._depthwise_index[key]
 
     def tile_index(self, reach: tuple[int, int]) -> Tensor:

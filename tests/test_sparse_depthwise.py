@@ -166,7 +166,7 @@ def test_whole_model_loss_and_grads_equal_canvas(impl):
         for name in ("canvas", impl):
             set_depthwise_impl(name)
             model.zero_grad(set_to_none=True)
-            loss, pred, _ = model(imgs, mask)
+            loss, _, _ = model(imgs, mask)
             loss.backward()
             results[name] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
         (loss, grads), (ref_loss, ref_grads) = results[impl], results["canvas"]
