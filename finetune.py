@@ -37,6 +37,7 @@ from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
 from fcmae.training import Run, main_process_first, processes_without_gpu, quiet_worker, run_cli
+from fcmae.training.invocation import invocation
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
 # what --eval takes from the model it evaluates (explicit flags override): its input geometry and its channels
@@ -236,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         hint = " (the demo starts from: python pretrain.py --config configs/pretrain/digits.yaml)" if (
             "digits-pretrain" in config.finetune) else ""
         raise FileNotFoundError(f"--finetune checkpoint not found: {config.finetune}{hint}")
-    run = Run(config, project="fcmae-finetune", step_log=names.TRAIN_LOG)
+    run = Run(config, project="fcmae-finetune", step_log=names.TRAIN_LOG,
+              command=invocation(__file__, argv, DEMO_CONFIG))
     # "digits:FOLDER" is written once, by the main process; an error there ends every process with its message
     train_set, val_set, classes = run.main_process_first(lambda: datasets(config))
     config.check_data_channels(train_set[0]["image"].shape[0])

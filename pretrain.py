@@ -24,6 +24,7 @@ from fcmae.checkpoints import names
 from fcmae.config import PretrainConfig, parse_config
 from fcmae.data import CollateUnreadable, augment_batch, collate_encoded, pretrain_dataset, pretrain_sampler
 from fcmae.training import Run, quiet_worker, run_cli
+from fcmae.training.invocation import invocation
 from fcmae.visualize import sample_indices, save_reconstructions
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -47,7 +48,7 @@ def build_model(config: PretrainConfig, say=print) -> fcmae.FCMAE:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(PretrainConfig, argv, description=__doc__, demo=DEMO_CONFIG)
-    run = Run(config, project="fcmae-pretrain")
+    run = Run(config, project="fcmae-pretrain", command=invocation(__file__, argv, DEMO_CONFIG))
     # digits written, a folder indexed, shards counted: by the main process; an error there ends every process
     # with its one-line message
     mean, std = config.normalization()
