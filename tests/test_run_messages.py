@@ -83,7 +83,8 @@ def test_off_a_terminal_a_line_per_log_step_arrives_while_the_run_goes_on(photos
 def test_default_workers_are_the_cores_this_process_may_use(photos, tmp_path, monkeypatch):
     """A process held to one core (taskset, a SLURM CPU set) starts one worker, not 8 with torch's warning that it
     suggests at most 1."""
-    fast = [a for a in FAST if a not in ("--num-workers", "0")]
+    at = FAST.index("--num-workers")
+    fast = FAST[:at] + FAST[at + 2:]
     out = tmp_path / "run"
     core = min(os.sched_getaffinity(0))
     result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *fast, "--data-path", str(photos),
@@ -230,3 +231,39 @@ def test_the_resume_hint_repeats_the_flags_given(photos, tmp_path, capsys):
     assert words[2:] == [*argv, "--resume", "auto"]
     assert run(words[2:-3] + ["3", "--resume", "auto"]) == 0  # as printed, one step longer
     assert records(out)[-1]["step"] == 3
+
+
+def test_the_finetune_demos_missing_pretraining_names_a_command_that_works_here(tmp_path, monkeypatch, capsys):
+    """Run from another folder, the hint names the pretraining config by a path that exists from there, and that
+    config writes the file the demo fine-tunes from."""
+    monkeypatch.chdir(tmp_path)
+    start = "output/digits-pretrain/fcmae_model.safetensors"
+    assert finetune_run(["--config", str(finetune.DEMO_CONFIG), "--finetune", start]) == 2
+    err = error_lines(capsys)
+    hint = re.search(r"\(the demo starts from: (.*)\)$", err[0])
+    assert len(err) == 1 and hint, err
+    words = shlex.split(hint[1])
+    assert words[1] == str(ROOT / "pretrain.py") and Path(words[3]).is_file()
+    config = parse_config(PretrainConfig, words[2:])
+    assert Path(config.output_dir) / "fcmae_model.safetensors" == Path(start)
+
+
+def test_a_non_finite_loss_names_the_command_that_resumes(photos, tmp_path, monkeypatch, capsys):
+    import fcmae
+
+    forward_loss, calls = fcmae.FCMAE.forward_loss, {"n": 0}
+
+    def exploding(self, imgs, pred, mask):
+        calls["n"] += 1
+        loss = forward_loss(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(fcmae.FCMAE, "forward_loss", exploding)
+    argv = FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "run"), "--max-steps", "6",
+                   "--save-every", "1"]
+    assert run(argv) == 2
+    words = shlex.split(re.search(r"a finite loss is \S+ \((.*) resumes it\)", error_lines(capsys)[0])[1])
+    assert words[2:] == [*argv, "--resume", "auto"]
+    monkeypatch.setattr(fcmae.FCMAE, "forward_loss", forward_loss)
+    assert run(words[2:]) == 0  # from step 2, the newest checkpoint whose weights gave a finite loss
+    assert "resumed from" in capsys.readouterr().out and records(tmp_path / "run")[-1]["step"] == 6

@@ -64,7 +64,7 @@ class TrainConfig:
     batch_size: int = 64  # images per process and step
     accum_steps: int = 1  # gradient accumulation: effective batch = batch_size x processes x accum_steps
     effective_batch_size: int = 0  # > 0: choose accum_steps to reach this effective batch
-    num_workers: int = -1  # DataLoader worker processes per process; -1: this host's cores / its processes, at most 8
+    num_workers: int = -1  # DataLoader worker processes per process; -1: the cores it may use / processes per host, 1 to 8
     mean: list[float] = field(default_factory=list)  # per-channel mean of [0, 1] pixels; empty: ImageNet's (RGB)
     std: list[float] = field(default_factory=list)  # per-channel std, as many as mean (fcmae-stats DATA computes both)
     # Schedule: a per-step cosine with linear warmup

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from .watchdog import launched_by_launcher
 
-__all__ = ["Invocation", "invocation", "launch_mismatch"]
+__all__ = ["Invocation", "invocation", "launch_mismatch", "script_command"]
 
 # The launchers' console scripts: a hint names them, not the interpreter that runs them.
 LAUNCHER_SCRIPTS = ("accelerate", "accelerate-launch", "torchrun")
@@ -60,6 +60,12 @@ def invocation(script: str | os.PathLike, argv: Sequence[str] | None = None,
     args = ["--config", _shown(demo)] if demo_run else list(argv)
     launcher = _launcher_words(sys.argv[0]) if launched_by_launcher() else None
     return Invocation(launcher or [_python()], str(script), args, demo_run)
+
+
+def script_command(script: str | os.PathLike, *args: str | os.PathLike) -> str:
+    """The command that runs `script` with `args` from the working directory, quoted for a shell (paths inside the
+    working directory relative to it)."""
+    return shlex.join([_python(), _shown(script), *(_shown(a) if isinstance(a, Path) else str(a) for a in args)])
 
 
 def launch_mismatch() -> str:

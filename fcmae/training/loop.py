@@ -124,8 +124,8 @@ def check_finite(run: "Run", window: "Window") -> None:
         note = f"set aside {suspect.name}, whose weights gave it, as {aside.name}; "
     run.accelerator.wait_for_everyone()
     good = run.store.find()
-    kept = (f"the newest checkpoint whose weights gave a finite loss is {good} (--resume auto resumes it)" if good
-            else "no checkpoint whose weights gave a finite loss had been saved")
+    kept = (f"the newest checkpoint whose weights gave a finite loss is {good} ({run.resume_command()} resumes it)"
+            if good else "no checkpoint whose weights gave a finite loss had been saved")
     raise TrainingError(f"the loss became non-finite ({value}) at step {step}; stopped without saving. {note}{kept}. "
                         "Try a lower --blr, more warmup, or bf16 instead of fp16")
 
