@@ -267,3 +267,22 @@ def test_a_non_finite_loss_names_the_command_that_resumes(photos, tmp_path, monk
     monkeypatch.setattr(fcmae.FCMAE, "forward_loss", forward_loss)
     assert run(words[2:]) == 0  # from step 2, the newest checkpoint whose weights gave a finite loss
     assert "resumed from" in capsys.readouterr().out and records(tmp_path / "run")[-1]["step"] == 6
+
+
+def test_resume_hints_replace_a_resume_flag_and_the_launcher_check_reads_the_launchers_words(monkeypatch):
+    from fcmae.training import invocation
+
+    again = invocation.Invocation(["python"], "pretrain.py", ["--data-path", "my photos", "--resume", "old",
+                                                              "--resume=older", "--max-steps", "9"])
+    assert again.resume_auto() == "python pretrain.py --data-path 'my photos' --max-steps 9 --resume auto"
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "--num-processes", "7"])  # the script's own flags do not count
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    words = {"cmdline": ["python", "/venv/bin/accelerate", "launch", "--num-processes=4", "train.py",
+                         "--num-processes", "7"], "environ": ["PATH=/bin"]}
+    monkeypatch.setattr(invocation, "_parent_words", lambda name: words[name])
+    assert "asked for 4 processes but started this one alone" in invocation.launch_mismatch()
+    words["environ"].append("MASTER_ADDR=10.0.0.1")  # exported by a job script: the launcher set nothing
+    assert invocation.launch_mismatch() == ""
