@@ -37,8 +37,10 @@ from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
 from fcmae.training import Run, main_process_first, processes_without_gpu, quiet_worker, run_cli
+from fcmae.training.invocation import invocation, script_command
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
+PRETRAIN_DEMO = "configs/pretrain/digits.yaml"  # the pretraining the demo's --finetune file comes from
 # what --eval takes from the model it evaluates (explicit flags override): its input geometry and its channels
 EVAL_SETTINGS = ("input_size", "crop_pct", "interpolation", "in_chans", "mean", "std")
 
@@ -237,10 +239,12 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         raise ConfigError(f"batch_size must be even with mixup/cutmix (pairs are mixed), got {config.batch_size}")
 
     if config.finetune and not Path(config.finetune).exists():  # before any data is written
-        hint = " (the demo starts from: python pretrain.py --config configs/pretrain/digits.yaml)" if (
-            "digits-pretrain" in config.finetune) else ""
+        root = Path(__file__).resolve().parent
+        hint = (f" (the demo starts from: {script_command(root / 'pretrain.py', '--config', root / PRETRAIN_DEMO)})"
+                if "digits-pretrain" in config.finetune else "")
         raise FileNotFoundError(f"--finetune checkpoint not found: {config.finetune}{hint}")
-    run = Run(config, project="fcmae-finetune", step_log=names.TRAIN_LOG)
+    run = Run(config, project="fcmae-finetune", step_log=names.TRAIN_LOG,
+              command=invocation(__file__, argv, DEMO_CONFIG))
     # "digits:FOLDER" is written once, by the main process; an error there ends every process with its message
     train_set, val_set, classes = run.main_process_first(lambda: datasets(config))
     config.check_data_channels(train_set[0]["image"].shape[0])

@@ -27,6 +27,7 @@ from fcmae.data import (
     pretrain_sampler,
 )
 from fcmae.training import Run, quiet_worker, run_cli, use_compile_cache
+from fcmae.training.invocation import invocation
 from fcmae.visualize import sample_indices, save_reconstructions
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -50,7 +51,7 @@ def build_model(config: PretrainConfig, say=print) -> fcmae.FCMAE:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(PretrainConfig, argv, description=__doc__, demo=DEMO_CONFIG)
-    run = Run(config, project="fcmae-pretrain")
+    run = Run(config, project="fcmae-pretrain", command=invocation(__file__, argv, DEMO_CONFIG))
     device = run.accelerator.device
     if config.compile:
         use_compile_cache(config.compile_cache)  # before anything compiles

@@ -30,6 +30,22 @@ __all__ = ["TrainConfig", "PretrainConfig", "FinetuneConfig", "LINEAR_PROBE_RECI
 # FCMAEConfig fields a training config sets from its own (img_size is input_size): not keys of its model section.
 MODEL_SET_BY_RUN = {"img_size": "input_size"}
 
+# The most DataLoader workers a process starts by default: past it, more workers add memory, not throughput.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_num_workers() -> int:
+    """num_workers -1: the CPU cores this process may run on, shared by the launcher's processes on this host
+    (torchrun sets LOCAL_WORLD_SIZE; they all inherit one CPU set), at most MAX_DEFAULT_WORKERS and at least 1.
+    More workers than cores make torch warn and only oversubscribe the cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # a SLURM or taskset CPU set, not the machine's count
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    return max(1, min(MAX_DEFAULT_WORKERS, cores // processes))
+
+
 # The largest learning rate a config may ask for. No optimizer here trains anywhere near it: AdamW recipes peak
 # around 1e-3 and the largest lr of any recipe is the linear probe's SGD at blr 0.1 x 16384 / 256 = 6.4. Past it is
 # a typo (--lr 1e39 for 1e-3), which would end in the optimizer with a float overflow and a long traceback.
@@ -48,7 +64,7 @@ class TrainConfig:
     batch_size: int | Literal["auto"] = 64  # images per process and step; auto: the largest that fits the device
     accum_steps: int = 1  # gradient accumulation: effective batch = batch_size x processes x accum_steps
     effective_batch_size: int = 0  # > 0: choose accum_steps to reach this effective batch
-    num_workers: int = 8  # DataLoader worker processes per process
+    num_workers: int = -1  # DataLoader worker processes per process; -1: the cores it may use / processes per host, 1 to 8
     mean: list[float] = field(default_factory=list)  # per-channel mean of [0, 1] pixels; empty: ImageNet's (RGB)
     std: list[float] = field(default_factory=list)  # per-channel std, as many as mean (fcmae-stats DATA computes both)
     # Schedule: a per-step cosine with linear warmup
@@ -179,6 +195,8 @@ class TrainConfig:
         for name in ("batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every"):
             if not (name == "batch_size" and self.auto_batch) and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers == -1:
+            self.num_workers = default_num_workers()  # resolved here: config.yaml records the number used
         for name in ("num_workers", "max_steps", "warmup_epochs", "min_lr", "weight_decay", "effective_batch_size",
                      "timeout", "slow_timeout", "ddp_bucket_mb"):
             if getattr(self, name) < 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from datetime import timedelta
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
@@ -54,7 +55,7 @@ def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = 
     run.start()
     run.scheduler.step_update(run.at)
     epoch, skip = divmod(run.at, run.steps_per_epoch)
-    window = Window(run.accelerator.device)
+    window = Window(run.accelerator.device, run.step)
     # The bar is closed on errors too; signals and the watchdog are on only while training runs.
     with run.supervised() as watchdog, run.progress_bar(total=run.total_steps, initial=run.at, desc="train") as bar:
         run.model.train()
@@ -128,8 +129,8 @@ def check_finite(run: "Run", window: "Window") -> None:
         note = f"set aside {suspect.name}, whose weights gave it, as {aside.name}; "
     run.accelerator.wait_for_everyone()
     good = run.store.find()
-    kept = (f"the newest checkpoint whose weights gave a finite loss is {good} (--resume auto resumes it)" if good
-            else "no checkpoint whose weights gave a finite loss had been saved")
+    kept = (f"the newest checkpoint whose weights gave a finite loss is {good} ({run.resume_command()} resumes it)"
+            if good else "no checkpoint whose weights gave a finite loss had been saved")
     raise TrainingError(f"the loss became non-finite ({value}) at step {step}; stopped without saving. {note}{kept}. "
                         "Try a lower --blr, more warmup, or bf16 instead of fp16")
 
@@ -147,7 +148,19 @@ def log(run: "Run", window: "Window", bar) -> dict:
     }  # fmt: skip
     run.write_record(record)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+    steps, window.logged_step = run.step - window.logged_step, run.step
+    if run.progress_lines:
+        run.print(progress_line(run, record, seconds / max(steps, 1)))
     return record
+
+
+def progress_line(run: "Run", record: dict, step_seconds: float) -> str:
+    """What the bar shows, as one plain line for a log file: step/total, loss, lr, images/s and the time left at the
+    pace of the steps since the last line."""
+    left = timedelta(seconds=round((run.total_steps - run.at) * step_seconds))
+    skipped = f", {record['skipped_files']} unreadable files skipped" if record["skipped_files"] else ""
+    return (f"step {run.at}/{run.total_steps} (epoch {record['epoch']:g}): loss {record['loss']:.4f}, lr "
+            f"{record['lr']:.2e}, {record['images_per_s']:.1f} img/s, ETA {left}{skipped}")
 
 
 class Window:
@@ -156,8 +169,9 @@ class Window:
     host with its 'PATH: REASON' (a bad file counts once however often it is drawn, by whichever process or
     worker)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, step: int = 0):
         self.device = device
+        self.logged_step = step  # the step of the last log record (the window's steps follow it)
         self.bad = torch.tensor([math.inf, 0.0], device=device, dtype=torch.float64)  # first bad step, its loss
         self.reset()
 
