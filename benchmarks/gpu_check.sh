@@ -108,14 +108,14 @@ else
     STEPS=30 RECORDS=6 EFFECTIVE=512
 fi
 ST="$PYTHON benchmarks/step_time.py --device $DEV --precisions bf16 --repeats 5 $SIZE"
-warm() { timeout 200 $ST --warmup-only --modes compiled "$@" > "$WORK/warm_$RANDOM.log" 2>&1; }
+warm() { timeout 180 $ST --warmup-only --modes compiled "$@" > "$WORK/warm_$RANDOM.log" 2>&1; }
 echo "=== warm-ups and the NCCL run, in parallel ($((SECONDS - START)) s in)"
 for backend in sparse timm; do
     warm --model $TINY --batch-size $B --backends $backend --no-timm &
     warm --model $BASE --batch-size $B --backends $backend --no-timm &
     warm --model atto --batch-size $BA --backends $backend --no-timm --compile-mode reduce-overhead &
 done
-part "pretrain: torchrun NCCL world size 1, --batch-size auto, CUDA graphs, compile cache" 200 \
+part "pretrain: torchrun NCCL world size 1, --batch-size auto, CUDA graphs, compile cache" 180 \
     --log "$RESULTS/pretrain_nccl.log" $PYTHON -m torch.distributed.run --nproc_per_node 1 pretrain.py --data-path "digits:$WORK/digits" \
     --input-size 64 --model atto --decoder-embed-dim 128 --batch-size auto --effective-batch-size $EFFECTIVE \
     --mixed-precision bf16 $PRETRAIN_COMPILE --compile-cache "$WORK/inductor" --num-workers 6 \
@@ -136,6 +136,9 @@ part "profiles: atto (reduce-overhead) and base (compiled)" 60 --log "$RESULTS/p
 grep "^profile" "$RESULTS/profiles.txt" || true
 part "eager rows with memory: atto, tiny, base (sparse, masked-dense, timm)" 60 $ST --model atto $TINY $BASE \
     --batch-size $B $B $B --modes eager --repeats 3 --output "$RESULTS/step_time_cuda_eager.md"
+part "depthwise conv alone, per stage: canvas vs gather vs tiles (eager)" 40 $PYTHON benchmarks/depthwise_conv.py \
+    --device $DEV --model $BASE --batch-size $B --precision bf16 --modes eager --repeats 5 \
+    --output "$RESULTS/depthwise_cuda.md"
 (cd "$WORK" && tar czf "$RESULTS/inductor_cache.tgz" inductor 2>/dev/null \
     && ls -la "$RESULTS/inductor_cache.tgz") || true  # the next session may carry it (same torch, same GPU)
 fi
