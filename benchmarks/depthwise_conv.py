@@ -121,24 +121,24 @@ def measure(model: str, batch_size: int, args: argparse.Namespace, compiled: boo
     grid = (args.img_size // PATCH, args.img_size // PATCH)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
-    stages = [Stage(batch_size, grid, PATCH // STEM >> i, dims[i], args.mask_ratio, device, dtype, compiled, seed=i)
-              for i in range(len(dims))]
-    times: dict[tuple[int, str], list[float]] = {(i, impl): [] for i in range(len(stages)) for impl in args.impls}
-    for i, stage in enumerate(stages):  # warm-up: compiles, and grows the allocator's pools
+    stages = {i: Stage(batch_size, grid, PATCH // STEM >> i, dims[i], args.mask_ratio, device, dtype, compiled, seed=i)
+              for i in range(len(dims)) if args.stages is None or i + 1 in args.stages}
+    times: dict[tuple[int, str], list[float]] = {(i, impl): [] for i in stages for impl in args.impls}
+    for stage in stages.values():  # warm-up: compiles, and grows the allocator's pools
         for impl in args.impls:
             for _ in range(2):
                 stage.step(impl)
     for _ in range(args.repeats):
-        for i, stage in enumerate(stages):
+        for i, stage in stages.items():
             for impl in args.impls:
                 times[i, impl].append(stage.step(impl))
     index = {(i, impl): statistics.median(stage.index_time(impl) for _ in range(3))
-             for i, stage in enumerate(stages) for impl in args.impls}
+             for i, stage in stages.items() for impl in args.impls}
 
     mode = "compiled" if compiled else "eager"
     rows, total = [], {impl: 0.0 for impl in args.impls}
     auto_total, auto_names = 0.0, []
-    for i, stage in enumerate(stages):
+    for i, stage in stages.items():
         median = {impl: statistics.median(times[i, impl]) for impl in args.impls}
         for impl in args.impls:
             total[impl] += depths[i] * median[impl] + (0.0 if compiled else index[i, impl])
@@ -150,7 +150,7 @@ def measure(model: str, batch_size: int, args: argparse.Namespace, compiled: boo
                          channels=stage.channels, sites=stage.num_sites, depth=depths[i],
                          ms={impl: 1e3 * median[impl] for impl in args.impls},
                          index_ms={impl: 1e3 * index[i, impl] for impl in args.impls}, auto=auto))
-    complete = all(name in args.impls for name in auto_names)
+    complete = len(stages) == len(dims) and all(name in args.impls for name in auto_names)
     rows.append(dict(model=model, batch=batch_size, mode=mode, stage="per step", side="", channels="", sites="",
                      depth=sum(depths), ms={impl: 1e3 * total[impl] for impl in args.impls}, index_ms={},
                      auto=f"{1e3 * auto_total:.1f} ms" if complete else "-"))
@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--stages", type=int, nargs="+", help="time only these stages (1-4; default: all)")
     parser.add_argument("--whole-step", action="store_true", help="time whole eager steps, dense and sparse")
     parser.add_argument("--output", help="also write the table to this file (Markdown)")
     args = parser.parse_args(argv)
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             parser.error(str(error))
     torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64  # each stage and implementation compiles the same function anew
     torch.backends.cudnn.benchmark = True
     if args.whole_step:
         lines = [step_table_head(args.impls)]
@@ -258,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model in args.model:
         for mode in args.modes:
-            rows += measure(model, args.batch_size, args, compiled=mode == "compiled")
-            print(table(rows[-5:], args.impls), flush=True)
+            new = measure(model, args.batch_size, args, compiled=mode == "compiled")
+            rows += new
+            print(table(new, args.impls), flush=True)
     text = table(rows, args.impls)
     print(f"\n{args.img_size} px, mask ratio {args.mask_ratio}, {args.precision}, {args.device}, "
           f"{args.threads} threads, median of {args.repeats}\n{text}")

@@ -58,19 +58,17 @@ def depthwise_impl(device: torch.device, side: int, reach: int) -> str:
     """The implementation `depthwise_conv` runs on `device` for patches of side k = `side` sites and a kernel that
     reaches `reach` sites from its centre (3 for 7x7).
 
-    "auto" resolves to:
-      compiled (any device)  "gather": inductor fuses the kh * kw taps into one kernel over the visible sites;
-      CPU, eager             "tiles" where k > reach (the halo is at most 6.25x the patch), else "gather";
-      CUDA, eager            "canvas": unmeasured for the others on CUDA, where "gather" would launch two kernels
-                             per tap in eager mode.
+    "auto" resolves to (benchmarks/README.md has the measurements):
+      CPU, eager or compiled  "tiles" where k > reach (the halo is at most 6.25x the patch), else "gather";
+      CUDA, compiled          "gather": inductor fuses the kh * kw taps into one kernel over the visible sites;
+      CUDA, eager             "canvas", the only one measured on CUDA so far (eagerly, "gather" launches two
+                              kernels per tap; "tiles" is untried there).
     """
     if _depthwise_impl != "auto":
         return _depthwise_impl
-    if torch.compiler.is_compiling():
-        return "gather"
     if device.type == "cpu":
         return "tiles" if side > reach else "gather"
-    return "canvas"
+    return "gather" if torch.compiler.is_compiling() else "canvas"
 
 
 class PatchIndex:

@@ -83,8 +83,9 @@ def test_equals_canvas_for_other_kernels(impl, kernel_size, dilation):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_equals_canvas_under_bf16_autocast(impl):
-    layout = make_layout((2, 2), 8)
+@pytest.mark.parametrize("side", [8, 2])
+def test_equals_canvas_under_bf16_autocast(impl, side):
+    layout = make_layout((2, 2), side)
     out, *_ = assert_matches_canvas(layout, make_conv(8), impl, tol=2e-2, autocast=True)
     assert out.dtype == torch.bfloat16
 
@@ -153,7 +154,7 @@ def test_index_is_built_once_per_stage():
     assert layout.downsampled().neighbour_index((7, 7)).shape == (49, layout.num_visible * 4)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [*IMPLS, "auto"])
 def test_whole_model_loss_and_grads_equal_canvas(impl):
     torch.manual_seed(0)
     model = randomize_(fcmae.create_model("atto", img_size=64, **SMALL))
@@ -208,6 +209,14 @@ def test_auto_picks_per_device_and_stage_and_is_overridable():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [depthwise_impl(cpu, side, 3) for side in (8, 4, 2, 1)] == ["tiles", "tiles", "gather", "gather"]
     assert depthwise_impl(cuda, 8, 3) == "canvas"
+    seen = {}
+
+    def probe(x):
+        seen["cuda"], seen["cpu"] = depthwise_impl(cuda, 8, 3), depthwise_impl(cpu, 8, 3)
+        return x + 1
+
+    torch.compile(probe, backend="eager", fullgraph=True)(torch.zeros(1))
+    assert seen == {"cuda": "gather", "cpu": "tiles"}  # compiled: inductor fuses the gathers on CUDA
     set_depthwise_impl("gather")
     assert depthwise_impl(cpu, 8, 3) == depthwise_impl(cuda, 8, 3) == "gather"
     assert sparse._depthwise_impl == "gather"
