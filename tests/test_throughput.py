@@ -1,7 +1,6 @@
 """The GPU-throughput paths, checked on the CPU: compile modes, --batch-size auto, uint8 batches normalized on the
 device, the device feed, persistent workers that follow the epoch, DDP and compile-cache settings."""
 
-import functools
 import os
 import subprocess
 import sys

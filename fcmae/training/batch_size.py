@@ -72,7 +72,8 @@ def find_batch_size(trial: Callable[[int], None], accelerator: Accelerator, effe
                           "smaller --input-size or model")
     limit = "its memory" if cuda else f"{cap} (the CPU cap)"
     tried = f"; {', '.join(map(str, too_large))} did not fit" if too_large else ""
-    return found, f"batch size auto: {found} per process, the largest that fits {accelerator.device} up to {limit}{tried}"
+    note = f"batch size auto: {found} per process, the largest that fits {accelerator.device} up to {limit}{tried}"
+    return found, note
 
 
 def _fits(trial: Callable[[int], None], size: int, device: torch.device) -> bool:
