@@ -257,7 +257,7 @@ class VisiblePatches:
     def _compact_rows(self, first_site: Tensor, y: Tensor, x: Tensor) -> Tensor:
         """The compact row (index into (P * k * k, C)) of the dense site (y, x) of the sample whose map starts at
         flat index first_site, broadcast together; P * k * k where that site is removed or off the map. int32 (half
-        the memory of int64, and what the gathers need) unless the batch has 2^31 sites."""
+        the memory of int64; index_select takes either) unless the batch has 2^31 sites."""
         height, width = self.dense_size
         num_sites = self.site_index.numel()
         dtype = torch.int32 if self.batch_size * height * width < 2**31 - 1 else torch.int64
