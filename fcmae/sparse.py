@@ -59,16 +59,22 @@ def depthwise_impl(device: torch.device, side: int, reach: int) -> str:
     reaches `reach` sites from its centre (3 for 7x7).
 
     "auto" resolves to (benchmarks/README.md has the measurements):
-      CPU, eager or compiled  "tiles" where k > reach (the halo is at most 6.25x the patch), else "gather";
+      CPU, k > reach          "tiles" (the halo is at most 6.25x the patch), eager or compiled;
+      CPU, k <= reach         "gather" when compiled or on one thread; "canvas" eagerly on more threads, where each
+                              of the gather loop's small ops pays for a parallel region (measured 5x slower than the
+                              canvas on 2 threads of a busy machine, and 1.2x faster on one);
       CUDA, compiled          "gather": inductor fuses the kh * kw taps into one kernel over the visible sites;
       CUDA, eager             "canvas", the only one measured on CUDA so far (eagerly, "gather" launches two
                               kernels per tap; "tiles" is untried there).
     """
     if _depthwise_impl != "auto":
         return _depthwise_impl
+    compiling = torch.compiler.is_compiling()
     if device.type == "cpu":
-        return "tiles" if side > reach else "gather"
-    return "gather" if torch.compiler.is_compiling() else "canvas"
+        if side > reach:
+            return "tiles"
+        return "gather" if compiling or torch.get_num_threads() == 1 else "canvas"
+    return "gather" if compiling else "canvas"
 
 
 class PatchIndex:
@@ -257,7 +263,7 @@ class VisiblePatches:
     def _compact_rows(self, first_site: Tensor, y: Tensor, x: Tensor) -> Tensor:
         """The compact row (index into (P * k * k, C)) of the dense site (y, x) of the sample whose map starts at
         flat index first_site, broadcast together; P * k * k where that site is removed or off the map. int32 (half
-        the memory of int64, and what the gathers need) unless the batch has 2^31 sites."""
+        the memory of int64; index_select takes either) unless the batch has 2^31 sites."""
         height, width = self.dense_size
         num_sites = self.site_index.numel()
         dtype = torch.int32 if self.batch_size * height * width < 2**31 - 1 else torch.int64

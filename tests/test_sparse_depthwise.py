@@ -207,16 +207,23 @@ def test_compiles_in_one_graph(impl):
 
 def test_auto_picks_per_device_and_stage_and_is_overridable():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [depthwise_impl(cpu, side, 3) for side in (8, 4, 2, 1)] == ["tiles", "tiles", "gather", "gather"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert [depthwise_impl(cpu, side, 3) for side in (8, 4, 2, 1)] == ["tiles", "tiles", "gather", "gather"]
+        torch.set_num_threads(2)
+        assert [depthwise_impl(cpu, side, 3) for side in (8, 4, 2, 1)] == ["tiles", "tiles", "canvas", "canvas"]
+    finally:
+        torch.set_num_threads(threads)
     assert depthwise_impl(cuda, 8, 3) == "canvas"
     seen = {}
 
     def probe(x):
-        seen["cuda"], seen["cpu"] = depthwise_impl(cuda, 8, 3), depthwise_impl(cpu, 8, 3)
+        seen["cuda"], seen["cpu"] = depthwise_impl(cuda, 8, 3), [depthwise_impl(cpu, side, 3) for side in (8, 2)]
         return x + 1
 
     torch.compile(probe, backend="eager", fullgraph=True)(torch.zeros(1))
-    assert seen == {"cuda": "gather", "cpu": "tiles"}  # compiled: inductor fuses the gathers on CUDA
+    assert seen == {"cuda": "gather", "cpu": ["tiles", "gather"]}  # compiled: inductor fuses the gathers
     set_depthwise_impl("gather")
     assert depthwise_impl(cpu, 8, 3) == depthwise_impl(cuda, 8, 3) == "gather"
     assert sparse._depthwise_impl == "gather"
