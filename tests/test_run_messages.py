@@ -146,7 +146,7 @@ def test_resuming_the_other_scripts_checkpoint_says_which_it_is_in_one_line(phot
     assert run(FAST + ["--data-path", str(photos), "--output-dir", str(pre), "--max-steps", "2"]) == 0
     ft = tmp_path / "ft"
     assert finetune_run(FINETUNE_FAST + ["--data-path", str(labeled), "--output-dir", str(ft), "--max-steps", "2"]) == 0
-    capsys.readouterr()
+    assert f"output: {ft} (config.yaml, metrics.jsonl, train_log.jsonl, checkpoints/)" in capsys.readouterr().out
     pre_checkpoint, ft_checkpoint = pre / "checkpoints" / "step_00000002", ft / "checkpoints" / "step_00000002"
 
     for allow in ([], ["--allow-resume-change"]):

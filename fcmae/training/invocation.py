@@ -88,9 +88,9 @@ def launch_mismatch() -> str:
     script = sys.argv[0]
     flags = words[: words.index(script)] if script in words else words
     asked = _flag_value(flags, "num_processes")
-    many = f"{asked} processes" if asked and asked > 1 else "several processes (or machines)"
     if asked == 1:
         return ""  # one process, several machines: each machine's launcher starts its one, as asked
+    many = f"{asked} processes" if asked else "several processes (or machines)"
     return (f"warning: accelerate launch was asked for {many} but started this one alone: without --multi_gpu it "
             "runs the script once. Add --multi_gpu (on a machine without GPUs too: the processes then train over "
             "gloo), or leave --num_processes out")

@@ -508,7 +508,8 @@ class Run:
             self.print(self.warmup_warning, file=sys.stderr)
         if self.config.log_with:
             self.accelerator.init_trackers(self.project, config=_flat(self.config.to_dict()))
-        self.print(f"output: {self.output_dir.resolve()} (config.yaml, {self.metrics_path.name}, checkpoints/)")
+        logs = ", ".join(sorted({log.name for log in self.logs[:2]}))
+        self.print(f"output: {self.output_dir.resolve()} (config.yaml, {logs}, checkpoints/)")
         if "tensorboard" in self.config.log_with:
             tracker = self.accelerator.get_tracker("tensorboard")
             logdir = Path(getattr(tracker, "logging_dir", self.output_dir / self.project)).resolve()
