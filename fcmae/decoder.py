@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from timm.models.convnext import ConvNeXtBlock
 from torch import Tensor, nn
 
+from .grad_strides import in_param_strides
+
 __all__ = ["FCMAEDecoder", "split_patches"]
 
 
@@ -71,7 +73,7 @@ class FCMAEDecoder(nn.Module):
         kept, removed = split_patches(mask, count)
         # The kept patches' features, projected, on a map that holds the mask token everywhere else.
         tokens = x.permute(0, 2, 3, 1).reshape(n * gh * gw, -1).index_select(0, kept)  # (K, C_enc)
-        tokens = F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)  # (K, E)
+        tokens = F.linear(tokens, in_param_strides(self.proj.weight).flatten(1), self.proj.bias)  # (K, E)
         token = self.mask_token.view(1, -1).to(tokens.dtype)
         canvas = token.expand(n * gh * gw, -1).index_copy(0, kept, tokens)  # (N * L, E)
         x = canvas.view(n, gh, gw, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
@@ -81,7 +83,7 @@ class FCMAEDecoder(nn.Module):
             rows = _last_block_rows(self.blocks[-1], x, removed, None if count is None else gh * gw - count)
         else:
             rows = x.permute(0, 2, 3, 1).reshape(n * gh * gw, -1).index_select(0, removed)  # the mask token
-        rows = F.linear(rows, self.pred.weight.flatten(1), self.pred.bias)  # (M, P)
+        rows = F.linear(rows, in_param_strides(self.pred.weight).flatten(1), self.pred.bias)  # (M, P)
         pred = rows.new_zeros(n * gh * gw, rows.shape[1]).index_copy(0, removed, rows)
         return pred.view(n, gh * gw, -1)
 

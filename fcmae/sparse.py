@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .grad_strides import in_param_strides
+
 __all__ = ["VisiblePatches", "PatchIndex", "strided_conv", "kept_count", "compute_dtype", "DEPTHWISE_IMPLS",
            "set_depthwise_impl", "depthwise_impl"]
 
@@ -195,7 +197,7 @@ class VisiblePatches:
         """
         reach = conv_reach(conv)
         x = x.to(compute_dtype(x))
-        weight = conv.weight.to(x.dtype)
+        weight = in_param_strides(conv.weight).to(x.dtype)
         bias = conv.bias.to(x.dtype) if conv.bias is not None else None
         impl = impl or depthwise_impl(x.device, self.side, max(reach))
         if impl == "canvas" or self.num_visible == 0:

@@ -231,12 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.encoder.check_input(imgs)
         save_reconstructions(model, imgs, args.out, seed=args.seed)
     except (ValueError, OSError) as e:
-        from .training.cli import debugging, show_causes
+        from .training.cli import debugging, print_error, show_causes
 
         if debugging():
             show_causes(e)
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 2
     print(f"wrote {args.out} ({len(imgs)} images, mask ratio {model.mask_ratio})")
     return 0

@@ -24,7 +24,7 @@ def test_help_describes_every_flag_with_its_default(cls):
         assert f"{option.flag}" in text and " ".join(option.doc.split()) in text, option.flag
     assert "--mask-ratio MASK_RATIO fraction of the patches removed from each image (default: 0.6)" in text or \
         cls is FinetuneConfig
-    assert "--batch-size BATCH_SIZE images per process and step (default: " in text
+    assert "--batch-size BATCH_SIZE images per process and step; auto: the largest that fits the device (default: " in text
     assert "--norm-pix-loss, --no-norm-pix-loss" in text or cls is FinetuneConfig
 
 

@@ -241,3 +241,20 @@ def test_bad_settings_and_convs_raise_one_line_errors():
         assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="unknown depthwise conv implementation 'fast'"):
         layout.depthwise_conv(x, make_conv(6), "fast")
+
+
+@pytest.mark.parametrize("impl", ["canvas", *IMPLS])
+def test_weight_gradients_come_back_in_the_weights_strides(impl):
+    """pretrain.py stores conv weights channels-last. Every parameter's gradient must have the parameter's strides,
+    even on size-1 dims (depthwise and 1x1 weights), or DDP warns on every multi-GPU run that the gradients do not
+    match its buckets. Autograd ignores those strides, so the gradients show what each op computed."""
+    set_depthwise_impl(impl)
+    model = fcmae.FCMAE(fcmae.FCMAEConfig(**SMALL, decoder_depth=1))
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model(images)[0].backward()
+    mismatched = {name: (tuple(p.grad.stride()), p.stride()) for name, p in model.named_parameters()
+                  if p.grad is not None and p.grad.stride() != p.stride()}
+    assert not mismatched
