@@ -23,7 +23,7 @@ import fcmae
 from fcmae.checkpoints import names
 from fcmae.config import ConfigError, PretrainConfig, parse_config
 from fcmae.data import (
-    CollateUnreadable, DeviceFeed, DevicePixels, augment_batch, collate_encoded, collate_pixels, pretrain_dataset,
+    CollateUnreadable, DeviceAugment, DeviceFeed, DevicePixels, collate_encoded, collate_pixels, pretrain_dataset,
     pretrain_sampler,
 )
 from fcmae.training import Run, quiet_worker, run_cli, use_compile_cache
@@ -62,19 +62,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                               std, encoded=config.gpu_augment, normalize=False))
     mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
     collate = CollateUnreadable(collate_encoded if config.gpu_augment else collate_pixels)  # + batch["unreadable"]
-    to_device = DevicePixels(device, mean, std)
-
-    def images_of(batch: dict) -> torch.Tensor:
-        """The batch's images on the device: (N, C, H, W), augmented there first with --gpu-augment."""
-        if config.gpu_augment:
-            return augment_batch(batch["image"], config.image_size, device, mean, std)
-        return to_device(batch["image"])
+    # The batch's images on the device, (N, C, H, W) normalized; with --gpu-augment decoded and augmented there
+    images_of = DeviceAugment(device, config.image_size, mean, std) if config.gpu_augment else \
+        DevicePixels(device, mean, std)
 
     def transfer(batch: dict) -> dict:  # DeviceFeed's: the next batch, while the step before runs
-        return {**batch, "image": images_of(batch)}
+        return {**batch, "image": images_of(batch["image"])}
 
     # Fixed images for the reconstruction grids: drawn at random with the run's seed, epoch-0 augmentation.
-    vis_images = images_of(collate([dataset[i] for i in sample_indices(VIS_IMAGES, len(dataset), config.seed)]))
+    vis_images = images_of(collate([dataset[i] for i in sample_indices(VIS_IMAGES, len(dataset), config.seed)])["image"])
     config.check_data_channels(vis_images.shape[1])
     model = build_model(config, run.print)
     for module in model.modules():  # conv weights in the activations' channels-last format, as their grads are

@@ -27,7 +27,7 @@ from .folders import (
     IMAGE_EXTENSIONS, demo_image_files, find_images, find_labeled_images, resolve_data_path, walk_images, write_digits,
 )
 from .device_feed import DeviceFeed, DevicePixels, collate_pixels
-from .gpu_augment import EncodedCrop, augment_batch, collate_encoded
+from .gpu_augment import DeviceAugment, EncodedCrop, augment_batch, collate_encoded
 from .seeding import preserved_rng, seeded
 from .shards import ShardImages, ShardOrder, is_shards, shard_dataset
 from .transforms import EvalTransform, PretrainTransform, eval_transform, pretrain_transform
@@ -36,7 +36,7 @@ __all__ = [
     "IMAGE_EXTENSIONS", "DataError", "find_images", "find_labeled_images", "demo_image_files", "load_rgb",
     "load_array", "ImageFiles", "Samples", "ShardImages", "ShardOrder", "FileIndex", "PretrainTransform",
     "EvalTransform", "pretrain_transform", "eval_transform", "pretrain_dataset", "pretrain_sampler", "seeded",
-    "preserved_rng", "write_digits", "resolve_data_path", "walk_images", "is_shards", "EncodedCrop", "augment_batch",
+    "preserved_rng", "write_digits", "resolve_data_path", "walk_images", "is_shards", "EncodedCrop", "DeviceAugment", "augment_batch",
     "collate_encoded", "CollateUnreadable", "DeviceFeed", "DevicePixels", "collate_pixels",
 ]
 
