@@ -18,7 +18,9 @@ Columns:
                  forward of that backend, 2 x multiply-adds of every matmul and convolution, times 3 for forward
                  and backward (elementwise ops, norms and the loss not counted; see step_flops for why the
                  backward is not counted directly). The sparse backend's count is its own: matmuls over visible
-                 sites only, depthwise convs over the canvas.
+                 sites only; depthwise convs as its implementation runs them ("tiles", the CPU's default: native
+                 convs over haloed visible patches; "canvas": over the whole canvas; "gather": not counted, as
+                 its multiply-adds are elementwise ops).
   diff           max |pred - pred of eager fp32 dense| / max |pred of eager fp32 dense|, over the removed patches
                  (the ones the loss reads); timm's has no pred.
 

@@ -85,7 +85,7 @@ class TrainConfig:
     log_every: int = 20  # steps between metrics records
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb
     progress: bool = True  # progress bars (--no-progress: none; also none when stdout is not a terminal)
-    allow_resume_change: bool = False  # resume with another batch size/processes/accum/seed/data: same epoch point
+    allow_resume_change: bool = False  # resume with another batch size/processes/accum/seed/data/input size: same epoch point
     timeout: float = 300.0  # seconds a step may wait on another process (hung, stopped) before the job ends; 0: never
     slow_timeout: float = 1800.0  # the same for a first step (compiling), evaluation, saves; setup: it + 60 s; 0: never
     # The keys given as command-line flags (set by parse_config; not a setting itself).
