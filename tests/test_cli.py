@@ -75,8 +75,9 @@ def test_unknown_flag_is_one_line_with_did_you_mean():
 
 @pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
 def test_readme_flag_tables_are_the_generated_ones(cls):
-    """README's tables are `python -m fcmae.config.command_line`'s output: regenerate them when a field changes."""
-    assert flag_table(cls) in (ROOT / "README.md").read_text()
+    """docs/configuration.md's tables are `python -m fcmae.config`'s output: scripts/update_flag_tables.py regenerates
+    them when a field changes."""
+    assert flag_table(cls) in (ROOT / "docs" / "configuration.md").read_text()
 
 
 def test_readme_offers_a_cpu_only_install_outside_the_quickstart():

@@ -327,5 +327,5 @@ def test_the_slurm_example_parses_and_launches_as_the_readme_says():
     launch = [line.strip().removesuffix("&").strip() for line in text.splitlines()
               if "accelerate launch" in line and not line.startswith("#")]  # run in the background there
     assert len(launch) == 1
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "cluster.md").read_text()
     assert launch[0] in readme, launch[0]

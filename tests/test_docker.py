@@ -34,7 +34,7 @@ def test_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("readme", ["README.md", "docker/README.md"])
+@pytest.mark.parametrize("readme", ["docs/docker.md", "docker/README.md"])
 def test_readme_commands_are_what_verify_runs(readme: str) -> None:
     """Every `docker run ... fcmae:cpu CMD` in the README is run by verify.sh as `in_image CMD`, and the README
     shows verify.sh's build command; so the documented commands are the tested ones."""
