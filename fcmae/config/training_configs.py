@@ -216,6 +216,8 @@ class PretrainConfig(TrainConfig):
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
     compile: bool = False  # torch.compile the forward and loss whole (fullgraph); ragged masks run eager
     gpu_augment: bool = False  # decode JPEGs (nvjpeg) and crop, flip, normalize on the device; workers only read files
+    monitor_data: str = ""  # labeled images (train/, val/, a folder per class): log the features' kNN top-1 (knn_top1)
+    monitor_every: int = 1000  # steps between kNN evaluations on monitor_data (and one at the last step)
 
     def validate(self) -> None:
         """Also builds `model` (from its settings, if given as a mapping), with img_size = input_size."""
@@ -231,6 +233,8 @@ class PretrainConfig(TrainConfig):
             require()
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
+        if self.monitor_every < 1:
+            raise ConfigError(f"monitor_every must be >= 1, got {self.monitor_every}")
         self.check_normalization()
         if self.gpu_augment and self.model.in_chans != 3:
             raise ConfigError(f"gpu_augment decodes RGB photos; with in_chans {self.model.in_chans} leave it off")
