@@ -102,7 +102,8 @@ def test_pooled_features_are_the_dense_encoders_pooled_last_stage():
 
 def probe_knn(probe, crops: Path, model_file: Path) -> tuple[float, float]:
     """benchmarks/probe.py's path on a model file: fcmae.convert to timm, timm's pooled features of the crops at
-    SIZE px, its kNN (now knn_accuracy) and scikit-learn's on the same features."""
+    SIZE px, its kNN (now knn_accuracy) and scikit-learn's on the same features. Also checks that the monitor's
+    features of the model are timm's."""
     timm_file = probe.convert(model_file)
     tf = eval_transform((SIZE, SIZE), crop_pct=1.0)
     split = {}
@@ -111,6 +112,9 @@ def probe_knn(probe, crops: Path, model_file: Path) -> tuple[float, float]:
         images = torch.stack([tf(load_rgb(f)) for f in files])
         split[name] = probe.features(timm_file, "convnextv2_atto", images, "cpu"), np.asarray(labels)
     (train, y_train), (val, y_val) = split["train"], split["val"]
+    monitor = KNNMonitor(crops, (SIZE, SIZE))
+    ours, _ = monitor.features(fcmae.load_model(model_file).encoder, SimpleNamespace(device=torch.device("cpu")))
+    np.testing.assert_allclose(ours.double().numpy(), np.concatenate([train, val]), rtol=1e-4, atol=1e-5)
     return probe.probe(train, y_train, val, y_val)["knn"], sklearn_knn(train, y_train, val, y_val)
 
 
@@ -120,19 +124,19 @@ def test_a_pretraining_run_logs_the_knn_that_probe_py_computes(probe, crops, tmp
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *RUN, "--data-path", str(crops),
-                             "--output-dir", str(out), "--max-steps", "5", "--monitor-data", str(crops),
+                             "--output-dir", str(out), "--max-steps", "3", "--monitor-data", str(crops),
                              "--monitor-every", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kNN monitor: 68 train / 51 val images of 17 classes" in result.stdout
     knn = [r for r in records(out) if "knn_top1" in r]
-    assert [r["step"] for r in knn] == [2, 4, 5]
+    assert [r["step"] for r in knn] == [2, 3]
     assert all(r["knn_seconds"] > 0 and set(r) == {"step", "knn_top1", "knn_seconds"} for r in knn)
     assert all(0 <= r["knn_top1"] <= 100 for r in knn)
-    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4, 5]  # the loss records are as before
-    ours, sklearns = probe_knn(probe, crops, out / "fcmae_model.safetensors")  # the weights of step 5
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]  # the loss records are as before
+    ours, sklearns = probe_knn(probe, crops, out / "fcmae_model.safetensors")  # the weights of step 3
     assert knn[-1]["knn_top1"] == pytest.approx(ours, abs=1e-9) == pytest.approx(sklearns, abs=1e-9)
     assert knn[-1]["knn_top1"] > 100 / 17  # above chance on real photos
-    assert f"step 5: knn_top1 {knn[-1]['knn_top1']:.2f}" in result.stdout
+    assert f"step 3: knn_top1 {knn[-1]['knn_top1']:.2f}" in result.stdout
 
 
 def test_two_processes_shard_the_monitor_and_log_the_same_knn(probe, crops, tmp_path):

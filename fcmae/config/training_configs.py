@@ -244,8 +244,12 @@ class PretrainConfig(TrainConfig):
 # epochs with 10 of warmup, no weight decay, RandomResizedCrop + flip and nothing else. SGD (momentum 0.9) rather
 # than MAE's LARS: LARS moves each weight by lr x 0.001 of its norm per step, which on a dataset smaller than one
 # effective batch (one step per epoch, 90 in all) leaves the head at its init; --optimizer lars restores it.
+# On data too small for MAE's batch (fewer than 20 x 16384 images: ImageNet-1k has 78 steps of it an epoch) the
+# effective batch shrinks until an epoch makes 20 steps, the lr with it (blr x batch / 256): 90 steps of a full-data
+# batch leave the head far from what the features support (61.9% against logistic regression's 95% on 1,438 digits).
 LINEAR_PROBE_RECIPE: dict[str, Any] = dict(
-    optimizer="sgd", blr=0.1, lr=None, effective_batch_size=16384, epochs=90, warmup_epochs=10.0, warmup_steps=-1,
+    optimizer="sgd", blr=0.1, lr=None, effective_batch_size=16384, min_steps_per_epoch=20, epochs=90,
+    warmup_epochs=10.0, warmup_steps=-1,
     min_lr=0.0, weight_decay=0.0, layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0,
     aa="", color_jitter=0.0, model_ema=False,
 )  # fmt: skip
@@ -283,6 +287,7 @@ class FinetuneConfig(TrainConfig):
     interpolation: str = "bicubic"  # resize interpolation, training and evaluation
     eval: bool = False  # only evaluate the weights given by --resume (a model file or a checkpoint folder)
     linear_probe: bool = False  # the MAE linear-probe protocol (LINEAR_PROBE_RECIPE): frozen encoder, BN + linear
+    min_steps_per_epoch: int = 0  # > 0: a smaller effective batch where the data has fewer steps of it per epoch
     save_every: int = 5000
 
     @classmethod
@@ -294,12 +299,30 @@ class FinetuneConfig(TrainConfig):
         explicit = set(flags) | (set(file) if file.get("linear_probe") else set())
         return {k: v for k, v in LINEAR_PROBE_RECIPE.items() if k not in explicit}
 
+    def effective_accum_steps(self, processes: int, batches_per_epoch: int) -> tuple[int, str]:
+        """TrainConfig's, then with min_steps_per_epoch: fewer accumulated batches where an epoch of
+        batches_per_epoch would make fewer optimizer steps than that (the lr follows the batch used)."""
+        accum, note = super().effective_accum_steps(processes, batches_per_epoch)
+        steps = -(-batches_per_epoch // accum)  # Accelerate also steps on an epoch's last, partial accumulation
+        if not (self.effective_batch_size and self.min_steps_per_epoch) or steps >= self.min_steps_per_epoch:
+            return accum, note
+        per_step = self.batch_size * processes
+        accum = max(batches_per_epoch // self.min_steps_per_epoch, 1)
+        few = "" if batches_per_epoch >= self.min_steps_per_epoch else (
+            f"; the data holds only {batches_per_epoch}, lower --batch-size for more")
+        return accum, (f"accum_steps {accum}: effective batch {per_step * accum} = {self.batch_size} x {processes} "
+                       f"process(es) x {accum} instead of {self.effective_batch_size}, so that an epoch of "
+                       f"{batches_per_epoch} batch(es) makes {-(-batches_per_epoch // accum)} optimizer steps, not "
+                       f"{steps} (min_steps_per_epoch {self.min_steps_per_epoch}{few}); the lr follows the batch")
+
     def validate(self) -> None:
         super().validate()
         self.model = resolve_name(self.model)
         if self.in_chans < 1:
             raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
         self.check_normalization()
+        if self.min_steps_per_epoch < 0:
+            raise ConfigError(f"min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0 (0: count the class folders), got {self.num_classes}")
         if self.layer_decay_type not in ("single", "group"):
