@@ -92,7 +92,7 @@ def augment_batch(encoded: dict, size: tuple[int, int], device: torch.device | s
         crop = image[None, :, top:top + h, left:left + w].float()
         out[n] = F.interpolate(crop, size=size, mode="bicubic", antialias=True, align_corners=False)[0]
     out = out.clamp_(0, 255).round_()  # PIL's resize output is 8-bit: the CPU path's values
-    flip = encoded["flip"].to(device)
+    flip = encoded["flip"].to(device, non_blocking=True)  # pinned by the loader on a GPU machine: no host wait
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
