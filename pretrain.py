@@ -59,9 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # digits written, a folder indexed, shards counted: by the main process; an error there ends every process
     # with its one-line message. Photos stay uint8 until they reach the device (DevicePixels normalizes there).
     mean, std = config.normalization()
-    monitor = run.main_process_first(lambda: KNNMonitor(  # checked at start, then each process loads its share
-        config.monitor_data, config.image_size, mean, std, config.in_channels, run.accelerator.process_index,
-        run.accelerator.num_processes, config.batch_size, config.num_workers)) if config.monitor_data else None
+    monitor = KNNMonitor.start(run.accelerator, config.monitor_data, config.image_size, mean, std,
+                               config.in_channels, config.num_workers) if config.monitor_data else None
     dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed, mean,
                                                               std, encoded=config.gpu_augment, normalize=False))
     mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
@@ -132,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def every_step(step: int) -> None:
         visualize(step)
         if monitor is not None and (step % config.monitor_every == 0 or run.at == run.total_steps):
-            record = monitor.evaluate(run.unwrapped_model.encoder, run.accelerator)  # on every process: a collective
+            record = monitor.evaluate(run.unwrapped_model.encoder, run.accelerator, config.batch_size)  # a collective
             run.write_record({"step": step, **record})
             run.print(f"step {step}: knn_top1 {record['knn_top1']:.2f} ({record['knn_seconds']:.1f} s)")
 

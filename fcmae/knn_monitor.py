@@ -12,9 +12,15 @@ The protocol is `benchmarks/probe.py`'s kNN, which imports `knn_accuracy` from h
 - standardized with the train features' mean and std, cosine similarity, k = min(20, train images), majority vote
   with ties to the lowest class index (scikit-learn's StandardScaler and KNeighborsClassifier, in float64).
 
-With several processes each computes the features of its share of the images (images i, i + world, ...) and
-gathers the rest, so every process spends the same time in it (the watchdog's slow phase) and none waits in a
-training collective for another; the vote is then computed on every process alike.
+With several processes each decodes (once, at start) and computes the features of its share of the images
+(images i, i + world, ...) and gathers the rest, so every process spends the same time in it (the watchdog's
+slow phase after a step) and none waits in a training collective for another; the vote is then computed on every
+process alike. Bad input ends the run before training with one line: a missing folder or split, no class folders,
+fewer than 2 classes, splits with different classes, an unreadable image.
+
+The monitor reads the weights and nothing else: no global RNG is drawn (loading has its own generator, the
+features are deterministic), the encoder is back in training mode after it, and the training steps are reseeded
+every step anyway, so a run's losses and weights, and its exact resume, are the same with the monitor as without.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -86,34 +93,20 @@ class KNNMonitor:
         mean, std: the run's per-channel normalization (None: ImageNet's).
         in_chans: the model's channels; other than 3 (or .npy / TIFF files) reads arrays, as finetune.py does.
         rank, world: this process and the number of processes; it keeps the images rank, rank + world, ...
-        batch_size: images per forward pass.
         num_workers: decoding processes for the one-time load.
 
-    Raises DataError (one line) for a missing folder, a missing split, fewer than 2 classes or splits whose class
-    folders differ. Photos are kept as 8-bit crops (3 bytes a pixel), arrays as float32.
+    Raises DataError (one line) for a missing folder, a missing split or class folders, fewer than 2 classes or
+    splits whose class folders differ. Files of this share that cannot be read are listed in `unreadable`
+    ("PATH: REASON"); `start` refuses them, since the kNN of a subset would not be probe.py's number. Photos are kept as 8-bit crops (3 bytes a
+    pixel), arrays as float32. Loading draws nothing from the global RNGs, so a run's initialization and its
+    training are the same with the monitor as without.
     """
 
     def __init__(self, root: str | Path, size: tuple[int, int], mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, in_chans: int = 3, rank: int = 0, world: int = 1,
-                 batch_size: int = 64, num_workers: int = 0):
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"--monitor-data {root} is not a folder; it takes a labeled ImageFolder with train/ and "
-                            f"val/ subfolders, one folder per class in each")
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise DataError(f"--monitor-data {root} has no {split}/ folder; expected {root}/train/<class>/... "
-                                f"and {root}/val/<class>/...")
-        files, labels, classes = find_labeled_images(root / "train")
-        if len(classes) < 2:
-            raise DataError(f"--monitor-data {root / 'train'} has {len(classes)} class folder; a kNN accuracy needs "
-                            "at least 2")
-        val_files, val_labels, val_classes = find_labeled_images(root / "val")
-        if val_classes != classes:
-            differing = sorted(set(val_classes) ^ set(classes))
-            raise DataError(f"--monitor-data: train/ and val/ have different class folders (differing: "
-                            f"{', '.join(differing[:8])})")
-        self.root, self.classes, self.batch_size = root, classes, batch_size
+                 num_workers: int = 0):
+        self.root = root = Path(root).expanduser()
+        files, labels, val_files, val_labels, self.classes = labeled_splits(root)
         self.num_train = len(files)
         self.labels = torch.tensor(labels + val_labels)
         self.rank, self.world = rank, world
@@ -129,10 +122,34 @@ class KNNMonitor:
                                    T.PILToTensor()])
         mine = all_files[rank::world]
         dataset = ImageFiles(mine, transform, self.labels[rank::world].tolist(), substitute=False)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=CollateUnreadable())
+        # Its own generator: iterating a DataLoader draws a seed from the one it is given (the global RNG by
+        # default), which would shift the model's initialization after it.
+        loader = DataLoader(dataset, batch_size=LOAD_BATCH, num_workers=num_workers,
+                            collate_fn=CollateUnreadable(), generator=torch.Generator())
         batches = list(loader)
         self.images = torch.cat([b["image"] for b in batches]) if batches else torch.empty(0)
-        self.readable = torch.cat([b["readable"] for b in batches]) if batches else torch.empty(0, dtype=torch.bool)
+        self.unreadable = [text for b in batches for text in b["unreadable"].values()]  # "PATH: REASON" each
+
+    @classmethod
+    def start(cls, accelerator: Accelerator, root: str | Path, size: tuple[int, int],
+              mean: Sequence[float] | None = None, std: Sequence[float] | None = None, in_chans: int = 3,
+              num_workers: int = 0) -> KNNMonitor:
+        """pretrain.py's monitor, before training: its folders checked by the main process first (a bad one: the
+        same one-line error on every process, none left waiting), then every process decodes its share at once;
+        an unreadable image in any share ends every process with the same line."""
+        from .training.run import main_process_first  # fcmae.training does not import the monitor
+
+        main_process_first(accelerator, lambda: labeled_splits(root), others=False)
+        monitor = cls(root, size, mean, std, in_chans, accelerator.process_index, accelerator.num_processes,
+                      num_workers)
+        unreadable = monitor.unreadable
+        if accelerator.num_processes > 1:
+            unreadable = [text for share in gather_object([unreadable]) for text in share]  # in rank order
+        if unreadable:
+            raise DataError(f"--monitor-data {monitor.root}: {len(unreadable)} unreadable image(s), first "
+                            f"{unreadable[0]}; fix or remove them (the kNN counts every image, as "
+                            "benchmarks/probe.py does)")
+        return monitor
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -147,36 +164,60 @@ class KNNMonitor:
             return images  # normalized by EvalTransform
         return images.float().div(255).sub_(self.mean.to(images.device)).div_(self.std.to(images.device))
 
-    def features(self, encoder: SparseConvNeXtV2, accelerator: Accelerator) -> tuple[Tensor, Tensor]:
-        """(features (N, C) float32, readable (N,) bool) of every monitor image, in file order, on every process."""
+    def features(self, encoder: SparseConvNeXtV2, accelerator: Accelerator, batch_size: int = 64) -> Tensor:
+        """(N, C) float32 features of every monitor image, in file order, on every process (on the host)."""
         device = accelerator.device
         out = [pooled_features(encoder, self.normalized(batch.to(device, non_blocking=True)))
-               for batch in self.images.split(self.batch_size)]
+               for batch in self.images.split(batch_size) if len(batch)]  # a share may be empty
         feats = torch.cat(out) if out else torch.empty(0, encoder.num_features, device=device)
-        if self.world > 1:  # one gather of [features, readable] padded to the largest share; image i back at row i
+        if self.world > 1:  # one gather of the features padded to the largest share; image i back at row i
             share = -(-len(self) // self.world)
-            rows = torch.cat([feats, self.readable.to(device, feats.dtype)[:, None]], dim=1)
-            rows = torch.cat([rows, rows.new_zeros(share - len(rows), rows.shape[1])])
-            rows = accelerator.gather(rows).view(self.world, share, -1).transpose(0, 1).reshape(-1, rows.shape[1])
-            rows = rows[:len(self)].cpu()
-            return rows[:, :-1], rows[:, -1] > 0
-        return feats.cpu(), self.readable.clone()
+            feats = torch.cat([feats, feats.new_zeros(share - len(feats), feats.shape[1])])
+            feats = accelerator.gather(feats).view(self.world, share, -1).transpose(0, 1).reshape(-1, feats.shape[1])
+        return feats[:len(self)].cpu()
 
-    def evaluate(self, encoder: SparseConvNeXtV2, accelerator: Accelerator) -> dict[str, float]:
+    def evaluate(self, encoder: SparseConvNeXtV2, accelerator: Accelerator, batch_size: int = 64) -> dict[str, float]:
         """{"knn_top1": val accuracy in %, "knn_seconds": wall time of this evaluation}; the same on every process.
-        Unreadable files (named in a warning when loaded) are left out of both sides."""
+        A collective with several processes: every process calls it at the same step."""
         start = time.perf_counter()
         was_training = encoder.training
         encoder.eval()
         try:
-            feats, readable = self.features(encoder, accelerator)
+            feats = self.features(encoder, accelerator, batch_size)
         finally:
             encoder.train(was_training)
-        train = readable.clone()
-        train[self.num_train:] = False
-        val = readable.clone()
-        val[:self.num_train] = False
-        if not train.any() or not val.any():
-            raise DataError(f"--monitor-data {self.root}: no readable image in train/ or in val/")
-        top1 = knn_accuracy(feats[train], self.labels[train], feats[val], self.labels[val])
+        n = self.num_train
+        top1 = knn_accuracy(feats[:n], self.labels[:n], feats[n:], self.labels[n:])
         return {"knn_top1": top1, "knn_seconds": round(time.perf_counter() - start, 3)}
+
+
+LOAD_BATCH = 64  # images a decoding batch: the load's only use of a batch size
+
+
+def labeled_splits(root: Path | str) -> tuple[list[Path], list[int], list[Path], list[int], list[str]]:
+    """(train files, labels, val files, labels, classes) of DIR/train and DIR/val; DataError (one line naming
+    the problem and the layout expected) for a missing folder or split, fewer than 2 classes, or splits whose
+    class folders differ."""
+    root = Path(root).expanduser()
+    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    if not root.is_dir():
+        raise DataError(f"--monitor-data {root} is not a folder; it takes a labeled ImageFolder with train/ and "
+                        f"val/ subfolders, one folder per class in each")
+    found = {}
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"--monitor-data {root} has no {split}/ folder; {layout}")
+        try:
+            found[split] = find_labeled_images(root / split)
+        except DataError as e:  # no class folders (no labels), or a class folder without images
+            raise DataError(f"--monitor-data: {e}; {layout}") from None
+    (files, labels, classes), (val_files, val_labels, val_classes) = found["train"], found["val"]
+    if len(classes) < 2:
+        raise DataError(f"--monitor-data {root / 'train'} has {len(classes)} class folder; a kNN accuracy needs "
+                        "at least 2")
+    if val_classes != classes:
+        differing = sorted(set(val_classes) ^ set(classes))
+        raise DataError(f"--monitor-data: train/ and val/ have different class folders (differing: "
+                        f"{', '.join(differing[:8])})")
+    return files, labels, val_files, val_labels, classes
+

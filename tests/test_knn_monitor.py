@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from accelerate.state import AcceleratorState
 from sklearn.datasets import load_digits
@@ -19,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 import fcmae
 from fcmae.data import eval_transform, find_labeled_images, load_rgb
 from fcmae.knn_monitor import KNNMonitor, knn_accuracy, pooled_features
-from fcmae.training import run_cli
+from fcmae.training import Run, run_cli
 from helpers import SMALL, launcher_failure, randomize_
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +115,7 @@ def probe_knn(probe, crops: Path, model_file: Path) -> tuple[float, float]:
         split[name] = probe.features(timm_file, "convnextv2_atto", images, "cpu"), np.asarray(labels)
     (train, y_train), (val, y_val) = split["train"], split["val"]
     monitor = KNNMonitor(crops, (SIZE, SIZE))
-    ours, _ = monitor.features(fcmae.load_model(model_file).encoder, SimpleNamespace(device=torch.device("cpu")))
+    ours = monitor.features(fcmae.load_model(model_file).encoder, SimpleNamespace(device=torch.device("cpu")))
     np.testing.assert_allclose(ours.double().numpy(), np.concatenate([train, val]), rtol=1e-4, atol=1e-5)
     return probe.probe(train, y_train, val, y_val)["knn"], sklearn_knn(train, y_train, val, y_val)
 
@@ -139,6 +141,48 @@ def test_a_pretraining_run_logs_the_knn_that_probe_py_computes(probe, crops, tmp
     assert f"step 3: knn_top1 {knn[-1]['knn_top1']:.2f}" in result.stdout
 
 
+def test_the_monitor_changes_no_loss_and_exact_resume_stays_exact(crops, tmp_path, monkeypatch):
+    """The monitor reads the weights only (its loading draws nothing from the global RNG, which seeds the model's
+    initialization): a run with it has the losses and weights of a run without, to the bit, and so does a run
+    stopped after its step-3 checkpoint and resumed, whose knn_top1 records are the uninterrupted run's."""
+    common = RUN + ["--data-path", str(crops), "--max-steps", "6", "--save-every", "3", "--seed", "3"]
+    monitored = common + ["--monitor-data", str(crops), "--monitor-every", "2"]
+    assert call(common + ["--output-dir", str(tmp_path / "plain")]) == 0
+    assert call(monitored + ["--output-dir", str(tmp_path / "straight")]) == 0
+    interrupted = tmp_path / "interrupted"
+    original_save = Run.save_checkpoint
+
+    def save_then_crash(self, on_save=None):
+        path = original_save(self, on_save)
+        if self.step == 3:
+            raise KeyboardInterrupt  # preempted right after the step-3 checkpoint, mid-epoch (8 steps an epoch)
+        return path
+
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_crash)
+    assert call(monitored + ["--output-dir", str(interrupted)]) == 130
+    monkeypatch.setattr(Run, "save_checkpoint", original_save)
+    assert call(monitored + ["--output-dir", str(interrupted), "--resume", "auto"]) == 0
+
+    def losses(out):
+        return [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
+
+    assert len(losses(tmp_path / "plain")) == 6
+    assert losses(tmp_path / "plain") == losses(tmp_path / "straight") == losses(interrupted)
+    knn = [r["knn_top1"] for r in records(tmp_path / "straight") if "knn_top1" in r]
+    assert [r["step"] for r in records(interrupted) if "knn_top1" in r] == [2, 4, 6]
+    assert [r["knn_top1"] for r in records(interrupted) if "knn_top1" in r] == knn
+    plain = safetensors.torch.load_file(tmp_path / "plain" / "fcmae_model.safetensors")
+    for out in (tmp_path / "straight", interrupted):
+        weights = safetensors.torch.load_file(out / "fcmae_model.safetensors")
+        assert all(torch.equal(plain[k], weights[k]) for k in plain), out.name
+
+
+def test_loading_the_monitor_draws_nothing_from_the_global_rng(crops):
+    before = torch.get_rng_state()
+    KNNMonitor(crops, (SIZE, SIZE), num_workers=1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_two_processes_shard_the_monitor_and_log_the_same_knn(probe, crops, tmp_path):
     """Under two processes (gloo) each computes half the features and gathers the rest; the result is the kNN of
     the whole set, as probe.py computes it on the run's model, and no process waits on the other past --timeout."""
@@ -160,8 +204,9 @@ def test_shares_gathered_back_in_file_order(crops):
     """Ranks keep images r, r + world, ...; the gather puts each feature back at its image's row, padding dropped
     (119 images over 3 processes: shares of 40, 40 and 39)."""
     encoder = randomize_(fcmae.create_model("atto", img_size=SIZE, **SMALL)).encoder
-    whole = KNNMonitor(crops, (SIZE, SIZE), batch_size=16)
-    shards = [KNNMonitor(crops, (SIZE, SIZE), rank=r, world=3, batch_size=16) for r in range(3)]
+    whole = KNNMonitor(crops, (SIZE, SIZE))
+    shards = [KNNMonitor(crops, (SIZE, SIZE), rank=r, world=3) for r in range(3)]
+    assert [len(s.images) for s in shards] == [40, 40, 39]
     local = [pooled_features(encoder, shard.normalized(shard.images)) for shard in shards]
 
     class Gather:  # what accelerator.gather does with each process's (padded) rows: concatenates them in rank order
@@ -171,17 +216,14 @@ def test_shares_gathered_back_in_file_order(crops):
             self.rank = rank
 
         def gather(self, rows):
-            padded = [torch.cat([f, s.readable.float()[:, None]], 1) for f, s in zip(local, shards)]
-            padded = [torch.cat([p, p.new_zeros(len(rows) - len(p), p.shape[1])]) for p in padded]
-            assert torch.equal(padded[self.rank], rows)
+            padded = [torch.cat([f, f.new_zeros(len(rows) - len(f), f.shape[1])]) for f in local]
+            torch.testing.assert_close(padded[self.rank], rows)
             return torch.cat(padded)
 
-    expected, readable = whole.features(encoder, SimpleNamespace(device=torch.device("cpu")))
-    assert readable.all() and len(expected) == 119
+    expected = whole.features(encoder, SimpleNamespace(device=torch.device("cpu")), batch_size=16)
+    assert len(expected) == 119
     for rank, shard in enumerate(shards):
-        feats, readable = shard.features(encoder, Gather(rank))
-        torch.testing.assert_close(feats, expected)
-        assert readable.all()
+        torch.testing.assert_close(shard.features(encoder, Gather(rank), batch_size=16), expected)
 
 
 def test_monitor_images_are_probe_py_crops_normalized_like_training(probe, crops):
@@ -211,8 +253,19 @@ def test_bad_monitor_data_is_a_one_line_error_at_start(crops, tmp_path, capsys):
         (differ / split).mkdir(parents=True)
         for name in names:
             (differ / split / name).symlink_to(crops / split / name, target_is_directory=True)
+    unlabeled = tmp_path / "unlabeled"  # images straight in train/ and val/: no class folders, no labels
+    for split in ("train", "val"):
+        (unlabeled / split).mkdir(parents=True)
+        for photo in sorted((crops / split / "astronaut").iterdir())[:2]:
+            (unlabeled / split / photo.name).symlink_to(photo)
+    broken = tmp_path / "broken"  # every crop, and half of one in val/ (an interrupted copy)
+    shutil.copytree(crops, broken)
+    whole = sorted((broken / "val" / "coffee").iterdir())[0]
+    (broken / "val" / "coffee" / "cut.png").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
     cases = {tmp_path / "missing": "is not a folder", no_val: "has no val/ folder", one_class: "has 1 class folder",
-             differ: "train/ and val/ have different class folders (differing: camera, coffee)"}
+             differ: "train/ and val/ have different class folders (differing: camera, coffee)",
+             unlabeled: f"{unlabeled / 'train'} has no class subfolders",
+             broken: f"1 unreadable image(s), first {broken / 'val' / 'coffee' / 'cut.png'}: "}
     for monitor_data, message in cases.items():
         out = tmp_path / f"out-{monitor_data.name}"
         capsys.readouterr()
