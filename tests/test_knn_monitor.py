@@ -200,6 +200,35 @@ def test_two_processes_shard_the_monitor_and_log_the_same_knn(probe, crops, tmp_
     assert knn[-1]["knn_top1"] == pytest.approx(ours, abs=1e-9) == pytest.approx(sklearns, abs=1e-9)
 
 
+def test_an_unreadable_image_in_one_share_ends_both_processes_with_one_line(crops, tmp_path):
+    """Each process decodes its share; a file only process 1 reads is still every process's one-line error, given
+    before training (none waits at a collective for a peer that has gone)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(crops, broken)
+    whole = sorted((broken / "val" / "coffee").iterdir())[0].read_bytes()
+    cut = broken / "val" / "coffee" / "cut.png"
+    cut.write_bytes(whole[:len(whole) // 2])  # an interrupted copy
+    train, _, _ = find_labeled_images(broken / "train")
+    val, _, _ = find_labeled_images(broken / "val")
+    if (train + val).index(cut) % 2 == 0:  # process 1's share (images 1, 3, 5, ...): one more file before it
+        (broken / "val" / "coffee" / "aaa.png").write_bytes(whole)
+    train, _, _ = find_labeled_images(broken / "train")
+    val, _, _ = find_labeled_images(broken / "val")
+    assert (train + val).index(cut) % 2 == 1
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "pretrain.py"),
+           *RUN, "--batch-size", "4", "--data-path", str(crops), "--output-dir", str(tmp_path / "run"),
+           "--max-steps", "1", "--monitor-data", str(broken)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    ranks = launcher_failure(result.stderr)
+    assert result.returncode != 0
+    line = f"error: --monitor-data {broken}: 1 unreadable image(s), first {cut}: "
+    assert ranks.count(line) == 2, ranks
+    assert "gloo" not in ranks.lower() and "Traceback" not in ranks, ranks
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_shares_gathered_back_in_file_order(crops):
     """Ranks keep images r, r + world, ...; the gather puts each feature back at its image's row, padding dropped
     (119 images over 3 processes: shares of 40, 40 and 39)."""
