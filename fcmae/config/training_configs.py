@@ -321,7 +321,7 @@ class FinetuneConfig(TrainConfig):
     interpolation: str = "bicubic"  # resize interpolation, training and evaluation
     eval: bool = False  # only evaluate the weights given by --resume (a model file or a checkpoint folder)
     linear_probe: bool = False  # the MAE linear-probe protocol (LINEAR_PROBE_RECIPE): frozen encoder, BN + linear
-    min_steps_per_epoch: int = 0  # > 0: a smaller effective batch where the data has fewer steps of it per epoch
+    min_steps_per_epoch: int = 0  # > 0: accumulate less where an epoch would make fewer steps (--linear-probe: 20)
     save_every: int = 5000
 
     @classmethod
