@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState
 from sklearn.datasets import load_digits
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fcmae
 from fcmae.data import eval_transform, find_labeled_images, load_rgb
@@ -144,11 +145,12 @@ def test_a_pretraining_run_logs_the_knn_that_probe_py_computes(probe, crops, tmp
 def test_the_monitor_changes_no_loss_and_exact_resume_stays_exact(crops, tmp_path, monkeypatch):
     """The monitor reads the weights only (its loading draws nothing from the global RNG, which seeds the model's
     initialization): a run with it has the losses and weights of a run without, to the bit, and so does a run
-    stopped after its step-3 checkpoint and resumed, whose knn_top1 records are the uninterrupted run's."""
+    stopped after its step-3 checkpoint and resumed, whose knn_top1 records are the uninterrupted run's (and
+    the tracker's, TensorBoard here)."""
     common = RUN + ["--data-path", str(crops), "--max-steps", "6", "--save-every", "3", "--seed", "3"]
     monitored = common + ["--monitor-data", str(crops), "--monitor-every", "2"]
     assert call(common + ["--output-dir", str(tmp_path / "plain")]) == 0
-    assert call(monitored + ["--output-dir", str(tmp_path / "straight")]) == 0
+    assert call(monitored + ["--output-dir", str(tmp_path / "straight"), "--log-with", "tensorboard"]) == 0
     interrupted = tmp_path / "interrupted"
     original_save = Run.save_checkpoint
 
@@ -171,6 +173,10 @@ def test_the_monitor_changes_no_loss_and_exact_resume_stays_exact(crops, tmp_pat
     knn = [r["knn_top1"] for r in records(tmp_path / "straight") if "knn_top1" in r]
     assert [r["step"] for r in records(interrupted) if "knn_top1" in r] == [2, 4, 6]
     assert [r["knn_top1"] for r in records(interrupted) if "knn_top1" in r] == knn
+    events = EventAccumulator(str(next((tmp_path / "straight").rglob("events.out.tfevents.*")).parent))
+    events.Reload()  # the tracker got the same records
+    assert [e.step for e in events.Scalars("knn_top1")] == [2, 4, 6]
+    assert [e.value for e in events.Scalars("knn_top1")] == pytest.approx(knn, rel=1e-6)  # stored as float32
     plain = safetensors.torch.load_file(tmp_path / "plain" / "fcmae_model.safetensors")
     for out in (tmp_path / "straight", interrupted):
         weights = safetensors.torch.load_file(out / "fcmae_model.safetensors")
