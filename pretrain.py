@@ -26,6 +26,7 @@ from fcmae.data import (
     CollateUnreadable, DeviceAugment, DeviceFeed, DevicePixels, collate_encoded, collate_pixels, pretrain_dataset,
     pretrain_sampler,
 )
+from fcmae.knn_monitor import KNNMonitor
 from fcmae.training import Run, quiet_worker, run_cli, use_compile_cache
 from fcmae.training.invocation import invocation
 from fcmae.visualize import sample_indices, save_reconstructions
@@ -58,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # digits written, a folder indexed, shards counted: by the main process; an error there ends every process
     # with its one-line message. Photos stay uint8 until they reach the device (DevicePixels normalizes there).
     mean, std = config.normalization()
+    monitor = KNNMonitor.start(run.accelerator, config.monitor_data, config.image_size, mean, std,
+                               config.in_channels, config.num_workers) if config.monitor_data else None
     dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed, mean,
                                                               std, encoded=config.gpu_augment, normalize=False))
     mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
@@ -109,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, optimizer, loader = run.prepare(model, optimizer, loader, place_batches=False)
     run.print(f"{config.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(dataset)} images\n{run.describe()}")
+    if monitor is not None:
+        run.print(monitor.describe() + f", every {config.monitor_every} steps")
 
     def visualize(step: int) -> None:
         due = (config.vis_every and step % config.vis_every == 0) or run.at == run.total_steps
@@ -119,6 +124,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             if "tensorboard" in config.log_with:
                 run.accelerator.get_tracker("tensorboard", unwrap=True).add_image("reconstructions", grid, step)
 
+    def every_step(step: int) -> None:
+        visualize(step)
+        if monitor is not None and (step % config.monitor_every == 0 or run.at == run.total_steps):
+            record = monitor.evaluate(run.unwrapped_model.encoder, run.accelerator, config.batch_size)  # a collective
+            run.write_record({"step": step, **record})
+            run.print(f"step {step}: knn_top1 {record['knn_top1']:.2f} ({record['knn_seconds']:.1f} s)")
+
     def save_model_file(checkpoint: Path) -> None:
         fcmae.save_model(run.unwrapped_model, run.output_dir / names.PRETRAINED_MODEL,
                          {"step": str(run.step), "checkpoint": checkpoint.name})
@@ -128,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         loss, _, _ = model(images)
         return loss, images.shape[0]
 
-    run.fit(step_fn, every_step=visualize, on_save=save_model_file, feed=DeviceFeed(transfer, device))
+    run.fit(step_fn, every_step=every_step, on_save=save_model_file, feed=DeviceFeed(transfer, device))
     run.print(f"done: {run.output_dir / names.PRETRAINED_MODEL}, metrics in {run.metrics_path}")
 
 

@@ -36,11 +36,11 @@ import torch
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 import fcmae
 from fcmae.data import demo_image_files, eval_transform, find_labeled_images, load_rgb
+from fcmae.knn_monitor import knn_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 CROP = 128  # saved crop size: 16 patches of 32 px
@@ -167,15 +167,16 @@ def probe(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.nda
 
     The probe's regularization is chosen per feature set by 3-fold cross-validation on the train crops only (val
     never picks it): features of different scale and rank want different C, and one fixed C favours some rows.
+    The kNN is the library's (`fcmae.knn_monitor.knn_accuracy`), the one `pretrain.py --monitor-data` logs.
     """
+    knn = knn_accuracy(torch.from_numpy(train), torch.from_numpy(y_train), torch.from_numpy(val),
+                       torch.from_numpy(y_val))  # standardizes with the train statistics itself
     scaler = StandardScaler().fit(train)
     train, val = scaler.transform(train), scaler.transform(val)
     folds = StratifiedKFold(n_splits=min(3, np.bincount(y_train).min()), shuffle=True, random_state=0)
     linear = GridSearchCV(LogisticRegression(max_iter=1000), {"C": list(PROBE_C)}, cv=folds,
                           n_jobs=-1).fit(train, y_train)  # the nine CV fits on all cores: half the probe's time
-    knn = KNeighborsClassifier(n_neighbors=min(20, len(y_train)), metric="cosine").fit(train, y_train)
-    return {"linear": 100 * linear.score(val, y_val), "knn": 100 * knn.score(val, y_val),
-            "C": linear.best_params_["C"]}
+    return {"linear": 100 * linear.score(val, y_val), "knn": knn, "C": linear.best_params_["C"]}
 
 
 def raw_pixels(images: torch.Tensor, size: int = 16) -> np.ndarray:

@@ -242,6 +242,8 @@ class PretrainConfig(TrainConfig):
     compile_mode: str = ""  # torch.compile mode (implies compile): default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
     compile_cache: str = ""  # folder for compiled kernels, shared by the processes and by later runs; empty: inductor's own
     gpu_augment: bool = False  # decode JPEGs (nvjpeg) and crop, flip, normalize on the device; workers only read files
+    monitor_data: str = ""  # labeled images (train/, val/, a folder per class): log the features' kNN top-1 (knn_top1)
+    monitor_every: int = 1000  # steps between kNN evaluations on monitor_data (and one at the last step)
 
     def validate(self) -> None:
         """Also builds `model` (from its settings, if given as a mapping), with img_size = input_size."""
@@ -257,6 +259,8 @@ class PretrainConfig(TrainConfig):
             require()
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
+        if self.monitor_every < 1:
+            raise ConfigError(f"monitor_every must be >= 1, got {self.monitor_every}")
         self.check_normalization()
         if self.compile_mode:
             if self.compile_mode not in COMPILE_MODES:
@@ -274,8 +278,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # epochs with 10 of warmup, no weight decay, RandomResizedCrop + flip and nothing else. SGD (momentum 0.9) rather
 # than MAE's LARS: LARS moves each weight by lr x 0.001 of its norm per step, which on a dataset smaller than one
 # effective batch (one step per epoch, 90 in all) leaves the head at its init; --optimizer lars restores it.
+# On data too small for MAE's batch (fewer than 20 x 16384 images; ImageNet-1k makes 78 steps of it an epoch) the
+# effective batch shrinks until an epoch makes 20 steps, and the lr with it (blr x batch / 256): one step an epoch
+# leaves the head far from what the features support (README, Linear probe).
 LINEAR_PROBE_RECIPE: dict[str, Any] = dict(
-    optimizer="sgd", blr=0.1, lr=None, effective_batch_size=16384, epochs=90, warmup_epochs=10.0, warmup_steps=-1,
+    optimizer="sgd", blr=0.1, lr=None, effective_batch_size=16384, min_steps_per_epoch=20, epochs=90,
+    warmup_epochs=10.0, warmup_steps=-1,
     min_lr=0.0, weight_decay=0.0, layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, reprob=0.0,
     aa="", color_jitter=0.0, model_ema=False,
 )  # fmt: skip
@@ -313,6 +321,7 @@ class FinetuneConfig(TrainConfig):
     interpolation: str = "bicubic"  # resize interpolation, training and evaluation
     eval: bool = False  # only evaluate the weights given by --resume (a model file or a checkpoint folder)
     linear_probe: bool = False  # the MAE linear-probe protocol (LINEAR_PROBE_RECIPE): frozen encoder, BN + linear
+    min_steps_per_epoch: int = 0  # > 0: accumulate less where an epoch would make fewer steps (--linear-probe: 20)
     save_every: int = 5000
 
     @classmethod
@@ -324,12 +333,30 @@ class FinetuneConfig(TrainConfig):
         explicit = set(flags) | (set(file) if file.get("linear_probe") else set())
         return {k: v for k, v in LINEAR_PROBE_RECIPE.items() if k not in explicit}
 
+    def effective_accum_steps(self, processes: int, batches_per_epoch: int) -> tuple[int, str]:
+        """TrainConfig's, then with min_steps_per_epoch: fewer accumulated batches where an epoch of
+        batches_per_epoch would make fewer optimizer steps than that (the lr follows the batch used)."""
+        accum, note = super().effective_accum_steps(processes, batches_per_epoch)
+        steps = -(-batches_per_epoch // accum)  # Accelerate also steps on an epoch's last, partial accumulation
+        if not (self.effective_batch_size and self.min_steps_per_epoch) or steps >= self.min_steps_per_epoch:
+            return accum, note
+        per_step = self.batch_size * processes
+        accum = max(batches_per_epoch // self.min_steps_per_epoch, 1)
+        few = "" if batches_per_epoch >= self.min_steps_per_epoch else (
+            f"; the data holds only {batches_per_epoch}, lower --batch-size for more")
+        return accum, (f"accum_steps {accum}: effective batch {per_step * accum} = {self.batch_size} x {processes} "
+                       f"process(es) x {accum} instead of {self.effective_batch_size}, so that an epoch of "
+                       f"{batches_per_epoch} batch(es) makes {-(-batches_per_epoch // accum)} optimizer steps, not "
+                       f"{steps} (min_steps_per_epoch {self.min_steps_per_epoch}{few}); the lr follows the batch")
+
     def validate(self) -> None:
         super().validate()
         self.model = resolve_name(self.model)
         if self.in_chans < 1:
             raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
         self.check_normalization()
+        if self.min_steps_per_epoch < 0:
+            raise ConfigError(f"min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0 (0: count the class folders), got {self.num_classes}")
         if self.layer_decay_type not in ("single", "group"):
