@@ -176,6 +176,31 @@ class FCMAEConfig:
             raise ConfigError(f"the file's fcmae model config is not a mapping: {metadata['config'][:80]}")
         return cls.from_dict(values, source="the file's model config")
 
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> FCMAEConfig | None:
+        """The FCMAE model a pretraining run's config (its config.yaml, as a mapping) trains; None when the run
+        trains no FCMAE model (a fine-tuning run's `model` names a timm classifier).
+
+        Runs write the model nested (`model: {name: convnextv2_atto, mask_ratio: 0.6, ...}`); runs written before
+        held its settings at the top level (`model: convnextv2_atto`, `mask_ratio: 0.6`). Both are read here, the
+        one reader of a run's model. The run's `input_size` (H [W]) is the model's img_size.
+        """
+        model = config.get("model")
+        if isinstance(model, Mapping):
+            values = {str(k).replace("-", "_"): v for k, v in model.items()}
+        elif "mask_ratio" in config:  # the flat layout of older runs: the model's fields among the run's
+            fields = {f.name for f in dataclasses.fields(cls)} - {"name", "img_size"}
+            values = {k: v for k, v in config.items() if k in fields}
+            if model is not None:
+                values["name"] = model
+        else:
+            return None
+        size = config.get("input_size")
+        if size is not None:
+            size = list(size) if isinstance(size, (list, tuple)) else [size]
+            values["img_size"] = size * 2 if len(size) == 1 else size
+        return cls.from_dict(values, source="the run's model config")
+
     def replace(self, **changes: Any) -> FCMAEConfig:
         """A copy with `changes`, validated. A new name brings its own depths and dims unless they are given (or
         this config's were not the old name's)."""
