@@ -19,13 +19,12 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .encoder import BACKENDS
 from .errors import ConfigError
 from .fields import check_names, coerce
-from .initialization import INIT_SCHEMES
-from .masking import grid_size, kept_per_sample
+from .patch_grid import grid_size, kept_per_sample
 
-__all__ = ["FCMAEConfig", "MODEL_SIZES", "MODEL_FORMAT", "list_models", "resolve_name"]
+__all__ = ["FCMAEConfig", "MODEL_SIZES", "MODEL_FORMAT", "BACKENDS", "INIT_SCHEMES", "STEM_STRIDE", "CUSTOM",
+           "list_models", "resolve_name"]
 
 # name: (depths, dims), from the ConvNeXt V2 paper; the names are timm's.
 MODEL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -38,9 +37,11 @@ MODEL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "convnextv2_large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
     "convnextv2_huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
 }
-CUSTOM = "custom"
+CUSTOM = "custom"  # the name of a size given by its depths and dims (and of an encoder that matches no named size)
 MODEL_FORMAT = "fcmae"  # the "format" entry of a model file's metadata
-STEM_STRIDE = 4
+STEM_STRIDE = 4  # the stem's patchify stride; each later stage halves the resolution once more
+BACKENDS = ("sparse", "dense", "minkowski", "minkowski-official")  # fcmae.encoder's, fcmae.minkowski's last two
+INIT_SCHEMES = ("timm", "official")  # fcmae.initialization's
 
 
 def list_models() -> list[str]:

@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState
 import fcmae
 from fcmae import FCMAEConfig
 from fcmae.checkpoints import names
-from fcmae.training import run_cli
+from fcmae.cli import run_cli
 from helpers import write_photos
 
 ROOT = Path(__file__).resolve().parent.parent

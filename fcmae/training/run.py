@@ -33,11 +33,11 @@ from ..checkpoints.folder_lock import FolderLock
 from ..checkpoints.output import check_output_folder, explain_write_error
 from ..checkpoints.store import CheckpointStore, Position, check_position, check_trained_settings, check_training_kind
 from ..config import ConfigError, TrainConfig, from_dict, load_yaml, save_yaml
+from ..errors import TrainingError
 from ..model_config import FCMAEConfig
 from . import loop
 from .batch_size import find_batch_size
 from .compilation import compile_once
-from .cli import TrainingError
 from .invocation import Invocation, launch_mismatch
 from .launcher_store import connect_launcher_store
 from .preemption import StopSignals, ignore_in_worker
