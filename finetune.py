@@ -42,7 +42,7 @@ from fcmae.data.datasets import ARRAY_SUFFIXES
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
-from fcmae.training import Run, main_process_first, processes_without_gpu, quiet_worker
+from fcmae.training import Run, fit, main_process_first, processes_without_gpu, quiet_worker
 from fcmae.training.invocation import invocation, script_command
 
 PRETRAIN_DEMO = "configs/pretrain/digits.yaml"  # the pretraining the demo's --finetune file comes from
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             if run.is_main:
                 save_best(best_model, config, classes, which, epoch, result, run.output_dir / names.CLASSIFIER)
 
-    run.fit(step_fn, every_step=update_ema, on_epoch_end=end_of_epoch)
+    fit(run, step_fn, every_step=update_ema, on_epoch_end=end_of_epoch)
     best = run.output_dir / names.CLASSIFIER
     where = best if best.is_file() else "not rewritten here (no epoch beat the resumed checkpoint's best)"
     run.print(f"best val_acc1 {run.info.get('best_acc1', float('nan')):.2f} ({run.info.get('best_weights')} "

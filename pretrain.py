@@ -32,7 +32,7 @@ from fcmae.data import (
     CollateUnreadable, DeviceFeed, DevicePixels, augment_batch, collate_encoded, collate_pixels, pretrain_dataset,
     pretrain_sampler,
 )
-from fcmae.training import Run, quiet_worker, use_compile_cache
+from fcmae.training import Run, fit, quiet_worker, use_compile_cache
 from fcmae.training.invocation import invocation
 from fcmae.visualize import sample_indices, save_reconstructions
 
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         loss, _, _ = model(images)
         return loss, images.shape[0]
 
-    run.fit(step_fn, every_step=visualize, on_save=save_model_file, feed=DeviceFeed(transfer, device))
+    fit(run, step_fn, every_step=visualize, on_save=save_model_file, feed=DeviceFeed(transfer, device))
     run.print(f"done: {run.output_dir / names.PRETRAINED_MODEL}, metrics in {run.metrics_path}")
 
 
