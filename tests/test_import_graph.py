@@ -187,3 +187,15 @@ def test_help_imports_neither_torch_nor_timm(command):
     imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert "fcmae" in imported  # the listing works
     assert not imported & {"torch", "timm", "transformers", "accelerate"}
+
+
+@pytest.mark.parametrize("script, flag", [("pretrain.py", "--mask-ratoi"), ("finetune.py", "--smoothin")])
+def test_a_bad_flag_is_answered_before_torch_imports(script, flag):
+    """A typo ends with the one-line "did you mean" error and status 2, without waiting for torch and timm."""
+    out = subprocess.run([sys.executable, "-X", "importtime", script, flag, "0.1"], capture_output=True, text=True,
+                         cwd=ROOT)
+    errors = [line for line in out.stderr.splitlines() if not line.startswith("import time:")]
+    assert out.returncode == 2 and len(errors) == 1 and errors[0].startswith(f"error: unknown flag {flag}"), errors
+    assert "did you mean" in errors[0]
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "timm"}
