@@ -16,6 +16,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from fcmae.cli import check_command_line, run_cli
+from fcmae.config import ConfigError, FinetuneConfig, from_dict, load_yaml, parse_config
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
+if __name__ == "__main__":  # --help and a bad flag are answered here, before torch and timm import (seconds)
+    check_command_line(FinetuneConfig, description=__doc__, demo=DEMO_CONFIG)
+
 import timm
 import torch
 from accelerate import Accelerator
@@ -28,7 +35,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fcmae.checkpoints import load, load_state_dict_strict, names, write_safetensors
-from fcmae.config import ConfigError, FinetuneConfig, from_dict, load_yaml, parse_config
 from fcmae.data import (
     CollateUnreadable, DataError, EvalTransform, ImageFiles, PretrainTransform, find_labeled_images, resolve_data_path,
 )
@@ -36,10 +42,9 @@ from fcmae.data.datasets import ARRAY_SUFFIXES
 from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
-from fcmae.training import Run, main_process_first, processes_without_gpu, quiet_worker, run_cli
+from fcmae.training import Run, fit, main_process_first, processes_without_gpu, quiet_worker
 from fcmae.training.invocation import invocation, script_command
 
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
 PRETRAIN_DEMO = "configs/pretrain/digits.yaml"  # the pretraining the demo's --finetune file comes from
 # what --eval takes from the model it evaluates (explicit flags override): its input geometry and its channels
 EVAL_SETTINGS = ("input_size", "crop_pct", "interpolation", "in_chans", "mean", "std")
@@ -324,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             if run.is_main:
                 save_best(best_model, config, classes, which, epoch, result, run.output_dir / names.CLASSIFIER)
 
-    run.fit(step_fn, every_step=update_ema, on_epoch_end=end_of_epoch)
+    fit(run, step_fn, every_step=update_ema, on_epoch_end=end_of_epoch)
     best = run.output_dir / names.CLASSIFIER
     where = best if best.is_file() else "not rewritten here (no epoch beat the resumed checkpoint's best)"
     run.print(f"best val_acc1 {run.info.get('best_acc1', float('nan')):.2f} ({run.info.get('best_weights')} "

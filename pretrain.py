@@ -14,6 +14,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from fcmae.cli import check_command_line, run_cli
+from fcmae.config import ConfigError, PretrainConfig, parse_config
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+if __name__ == "__main__":  # --help and a bad flag are answered here, before torch and timm import (seconds)
+    check_command_line(PretrainConfig, description=__doc__, demo=DEMO_CONFIG)
+
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
@@ -21,17 +28,15 @@ from torch.utils.data import DataLoader
 
 import fcmae
 from fcmae.checkpoints import names
-from fcmae.config import ConfigError, PretrainConfig, parse_config
 from fcmae.data import (
     CollateUnreadable, DeviceAugment, DeviceFeed, DevicePixels, collate_encoded, collate_pixels, pretrain_dataset,
     pretrain_sampler,
 )
 from fcmae.knn_monitor import KNNMonitor
-from fcmae.training import Run, quiet_worker, run_cli, use_compile_cache
+from fcmae.training import Run, fit, quiet_worker, use_compile_cache
 from fcmae.training.invocation import invocation
 from fcmae.visualize import sample_indices, save_reconstructions
 
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 VIS_IMAGES = 8
 
 
@@ -140,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         loss, _, _ = model(images)
         return loss, images.shape[0]
 
-    run.fit(step_fn, every_step=every_step, on_save=save_model_file, feed=DeviceFeed(transfer, device))
+    fit(run, step_fn, every_step=every_step, on_save=save_model_file, feed=DeviceFeed(transfer, device))
     run.print(f"done: {run.output_dir / names.PRETRAINED_MODEL}, metrics in {run.metrics_path}")
 
 

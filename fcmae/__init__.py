@@ -1,13 +1,24 @@
-"""fcmae: FCMAE pretraining of ConvNeXt V2 with a pure-PyTorch sparse encoder."""
+"""fcmae: FCMAE pretraining of ConvNeXt V2 with a pure-PyTorch sparse encoder.
+
+    fcmae.FCMAE, fcmae.create_model, fcmae.FCMAEConfig, fcmae.list_models   the model (fcmae.fcmae, model_config)
+    fcmae.load, fcmae.load_model, fcmae.save_model                          files (fcmae.checkpoints)
+    fcmae.convert, fcmae.exports, fcmae.data, fcmae.config, fcmae.training  the packages
+
+Everything imports on first use (PEP 562), not with `import fcmae`: a command answers `--help` without waiting for
+torch and timm, and `python -m fcmae.convert` finds its package not yet loaded.
+"""
+
+from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
-from .encoder import SparseConvNeXtV2
-from .fcmae import FCMAE
-from .masking import random_mask
-from .checkpoints import load, load_model, save_model
-from .model_config import FCMAEConfig
-from .models import create_model, list_models
+if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and readers
+    from .checkpoints import load, load_model, save_model
+    from .encoder import SparseConvNeXtV2
+    from .fcmae import FCMAE, create_model
+    from .masking import random_mask
+    from .model_config import FCMAEConfig, list_models
 
 __all__ = [
     "FCMAE", "FCMAEConfig", "SparseConvNeXtV2", "create_model", "list_models", "load", "load_model", "save_model",
@@ -15,13 +26,28 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_SUBMODULES = ("convert", "visualize", "data", "config", "training", "layer_decay", "evaluation", "linear_probe",
-               "checkpoints")
+# name -> the module that defines it
+_ATTRIBUTES = {
+    "FCMAE": "fcmae", "create_model": "fcmae", "FCMAEConfig": "model_config", "list_models": "model_config",
+    "SparseConvNeXtV2": "encoder", "random_mask": "masking", "load": "checkpoints", "load_model": "checkpoints",
+    "save_model": "checkpoints",
+}
 
 
-def __getattr__(name: str):
-    """`fcmae.convert`, `fcmae.visualize`, ... after a plain `import fcmae`. Imported on first use, not up front:
-    an eager import would make `python -m fcmae.convert` warn that the module was already loaded."""
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'fcmae' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    """`fcmae.FCMAE`, `from fcmae import load_model`, `fcmae.convert`, `fcmae.sparse`, ...: imported on first use."""
+    if name in _ATTRIBUTES:
+        value = getattr(importlib.import_module(f".{_ATTRIBUTES[name]}", __name__), name)
+        globals()[name] = value  # once
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":  # the module exists but a dependency of it is missing: say so
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

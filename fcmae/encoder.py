@@ -23,12 +23,10 @@ from timm.models.convnext import ConvNeXtBlock
 from torch import Tensor, nn
 
 from .masking import apply_keep, check_mask, grid_size
+from .model_config import BACKENDS, STEM_STRIDE
 from .sparse import VisiblePatches, kept_count, strided_conv
 
 __all__ = ["SparseConvNeXtV2", "Block", "BACKENDS"]
-
-BACKENDS = ("sparse", "dense", "minkowski", "minkowski-official")
-STEM_STRIDE = 4
 
 
 def _conv_nhwc(x: Tensor, conv: nn.Conv2d) -> Tensor:

@@ -1,4 +1,5 @@
-"""The errors a user's own mistake raises. The scripts print their one-line message and exit with status 2.
+"""The errors the commands answer with a one-line message and exit status 2: a user's own mistake, and a run
+that cannot go on.
 
 A module of its own so that every layer (model config, training config, data, checkpoints) can raise them
 without importing another.
@@ -6,7 +7,7 @@ without importing another.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError"]
+__all__ = ["UserError", "ConfigError", "TrainingError"]
 
 
 class UserError(ValueError):
@@ -15,3 +16,7 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A bad config value, key or file; the scripts print its one-line message and exit."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says what was kept."""

@@ -16,7 +16,7 @@ from .masking import check_mask, grid_size, kept_per_sample, random_mask
 from .model_config import FCMAEConfig
 from .sparse import kept_count
 
-__all__ = ["FCMAE"]
+__all__ = ["FCMAE", "create_model"]
 
 
 class FCMAE(nn.Module):
@@ -207,3 +207,13 @@ class FCMAE(nn.Module):
                 raise ValueError(f"mode and options are inductor's; backend {kwargs['backend']!r} takes neither")
         self._compiled_step = torch.compile(self._step, **kwargs)
         return self
+
+
+def create_model(name: str = "convnextv2_atto", **overrides: Any) -> FCMAE:
+    """Build an FCMAE model by name: `FCMAE(FCMAEConfig(name, **overrides))`.
+
+    Overrides are FCMAEConfig's fields: img_size (224), patch_size (32), in_chans (3), mask_ratio (0.6),
+    decoder_depth (1), decoder_embed_dim (512), norm_pix_loss (True), drop_path_rate (0.0), backend ("sparse"),
+    init ("timm" or "official"), and depths / dims for a custom size. A bad one raises a one-line ConfigError.
+    """
+    return FCMAE(FCMAEConfig.from_dict({"name": name, **overrides}, source="create_model's settings"))

@@ -19,9 +19,10 @@ from timm.layers import trunc_normal_
 from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
+from .model_config import INIT_SCHEMES
+
 __all__ = ["INIT_SCHEMES", "init_timm", "initialize"]
 
-INIT_SCHEMES = ("timm", "official")
 OFFICIAL_STD = 1.0  # timm's trunc_normal_ default, which the official code calls without a std
 DOWNSAMPLE_STD = 0.02  # the official MinkowskiConvolution branch
 

@@ -12,21 +12,9 @@ import numbers
 import torch
 from torch import Tensor
 
+from .patch_grid import grid_size, kept_per_sample
+
 __all__ = ["grid_size", "random_mask", "kept_per_sample", "check_mask", "apply_keep"]
-
-
-def grid_size(img_size: int | tuple[int, int], patch_size: int = 32) -> tuple[int, int]:
-    """Patch grid (gh, gw) of an image of `img_size` (an int for square, or (H, W)).
-
-    Raises ValueError unless H and W are positive multiples of `patch_size`.
-    """
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in size):
-        raise ValueError(f"image size must be an int or (H, W) ints, got {img_size!r}")
-    h, w = int(size[0]), int(size[1])
-    if h <= 0 or w <= 0 or h % patch_size or w % patch_size:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch_size} (e.g. 224 or 256x192)")
-    return h // patch_size, w // patch_size
 
 
 def random_mask(
@@ -57,11 +45,6 @@ def random_mask(
     ids_keep = noise.argsort(dim=1)[:, :len_keep]
     mask = torch.ones(batch_size, num_patches, device=noise.device)
     return mask.scatter_(1, ids_keep, 0.0)  # 0 is keep, 1 is remove
-
-
-def kept_per_sample(num_patches: int, mask_ratio: float) -> int:
-    """Patches each sample keeps in a mask drawn by `random_mask`: int(L * (1 - mask_ratio)), as the official code."""
-    return int(num_patches * (1 - mask_ratio))
 
 
 def check_mask(mask: Tensor, batch_size: int, grid: tuple[int, int], device: torch.device | None = None) -> Tensor:

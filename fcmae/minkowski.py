@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor, nn
 
-from .convert import dense_conv_to_me, dense_depthwise_to_me
+from .minkowski_kernels import dense_conv_to_me, dense_depthwise_to_me
 
 if TYPE_CHECKING:
     import MinkowskiEngine as ME

@@ -19,13 +19,12 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .encoder import BACKENDS
 from .errors import ConfigError
 from .fields import check_names, coerce
-from .initialization import INIT_SCHEMES
-from .masking import grid_size, kept_per_sample
+from .patch_grid import grid_size, kept_per_sample
 
-__all__ = ["FCMAEConfig", "MODEL_SIZES", "MODEL_FORMAT", "list_models", "resolve_name"]
+__all__ = ["FCMAEConfig", "MODEL_SIZES", "MODEL_FORMAT", "BACKENDS", "INIT_SCHEMES", "STEM_STRIDE", "CUSTOM",
+           "list_models", "resolve_name"]
 
 # name: (depths, dims), from the ConvNeXt V2 paper; the names are timm's.
 MODEL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -38,9 +37,11 @@ MODEL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "convnextv2_large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
     "convnextv2_huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
 }
-CUSTOM = "custom"
+CUSTOM = "custom"  # the name of a size given by its depths and dims (and of an encoder that matches no named size)
 MODEL_FORMAT = "fcmae"  # the "format" entry of a model file's metadata
-STEM_STRIDE = 4
+STEM_STRIDE = 4  # the stem's patchify stride; each later stage halves the resolution once more
+BACKENDS = ("sparse", "dense", "minkowski", "minkowski-official")  # fcmae.encoder's, fcmae.minkowski's last two
+INIT_SCHEMES = ("timm", "official")  # fcmae.initialization's
 
 
 def list_models() -> list[str]:
@@ -175,6 +176,31 @@ class FCMAEConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"the file's fcmae model config is not a mapping: {metadata['config'][:80]}")
         return cls.from_dict(values, source="the file's model config")
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> FCMAEConfig | None:
+        """The FCMAE model a pretraining run's config (its config.yaml, as a mapping) trains; None when the run
+        trains no FCMAE model (a fine-tuning run's `model` names a timm classifier).
+
+        Runs write the model nested (`model: {name: convnextv2_atto, mask_ratio: 0.6, ...}`); runs written before
+        held its settings at the top level (`model: convnextv2_atto`, `mask_ratio: 0.6`). Both are read here, the
+        one reader of a run's model. The run's `input_size` (H [W]) is the model's img_size.
+        """
+        model = config.get("model")
+        if isinstance(model, Mapping):
+            values = {str(k).replace("-", "_"): v for k, v in model.items()}
+        elif "mask_ratio" in config:  # the flat layout of older runs: the model's fields among the run's
+            fields = {f.name for f in dataclasses.fields(cls)} - {"name", "img_size"}
+            values = {k: v for k, v in config.items() if k in fields}
+            if model is not None:
+                values["name"] = model
+        else:
+            return None
+        size = config.get("input_size")
+        if size is not None:
+            size = list(size) if isinstance(size, (list, tuple)) else [size]
+            values["img_size"] = size * 2 if len(size) == 1 else size
+        return cls.from_dict(values, source="the run's model config")
 
     def replace(self, **changes: Any) -> FCMAEConfig:
         """A copy with `changes`, validated. A new name brings its own depths and dims unless they are given (or

@@ -23,15 +23,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from .checkpoints import load_model
-from .config import OneLineArgumentParser
-from .data import DataError, eval_transform, find_images, load_rgb
+from .data import DataError, eval_transform, load_rgb
 from .data.datasets import describe_unreadable, unreadable_warning
 from .fcmae import FCMAE
-from .masking import grid_size
 
 __all__ = ["COLUMNS", "reconstruct", "prediction_alone", "reconstruction_grid", "draw_reconstructions",
-           "save_reconstructions", "sample_indices", "main"]
+           "save_reconstructions", "sample_indices", "load_images"]
 
 
 COLUMNS = ("original", "masked", "reconstruction of the hidden patches (with their true mean/std)",
@@ -201,46 +198,7 @@ def load_images(paths: Sequence[Path], size: tuple[int, int]) -> Tensor:
     return torch.stack(images)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = OneLineArgumentParser(prog="python -m fcmae.visualize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="an fcmae model file (fcmae_model.safetensors), a pretraining run folder, or one of its "
-                             "training-state folders (checkpoints/step_N)")
-    parser.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
-    parser.add_argument("--out", default="reconstructions.png", help="PNG to write")
-    parser.add_argument("--num-images", type=int, default=8)
-    parser.add_argument("--input-size", type=int, nargs="+", default=None, help="H [W]; default: the model's")
-    parser.add_argument("--mask-ratio", type=float, default=None, help="default: the model's")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the mask and of the images sampled")
-    try:
-        args = parser.parse_args(argv)
-        if args.num_images < 1:
-            raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-        if args.input_size and len(args.input_size) > 2:
-            raise ValueError(f"--input-size takes one or two values (H [W]), got {len(args.input_size)}")
-        if Path(args.out).is_dir() or Path(args.out).suffix.lower() != ".png":
-            raise ValueError(f"--out must name a .png file, got {args.out}")
-        overrides = {} if args.mask_ratio is None else {"mask_ratio": args.mask_ratio}
-        model = load_model(args.checkpoint, **overrides).eval()
-        size = tuple(args.input_size * 2)[:2] if args.input_size else model.config.img_size
-        grid_size(size, model.patch_size)
-        source = Path(args.images)
-        files = [source] if source.is_file() else find_images(source)
-        paths = [files[i] for i in sample_indices(args.num_images, len(files), args.seed)]
-        imgs = load_images(paths, size)
-        model.encoder.check_input(imgs)
-        save_reconstructions(model, imgs, args.out, seed=args.seed)
-    except (ValueError, OSError) as e:
-        from .training.cli import debugging, print_error, show_causes
+if __name__ == "__main__":  # python -m fcmae.visualize: the command (fcmae.cli.visualize)
+    from fcmae.cli.visualize import main
 
-        if debugging():
-            show_causes(e)
-            raise
-        print_error(str(e))
-        return 2
-    print(f"wrote {args.out} ({len(imgs)} images, mask ratio {model.mask_ratio})")
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ import torch
 from timm.models.convnext import checkpoint_filter_fn
 
 import fcmae
+import fcmae.cli.visualize
 from fcmae import convert
 from helpers import SMALL, randomize_
 from test_convert import official_state, save_official, small_model
@@ -89,7 +90,7 @@ def test_a_malicious_pickle_is_refused_as_needing_arbitrary_unpickling(tmp_path,
     with pytest.raises(ValueError, match=r"evil.pth was refused: loading it needs arbitrary unpickling.*system"):
         fcmae.load(path)
     assert not (tmp_path / "PWNED").exists()
-    visualize = fcmae.visualize.main(["--checkpoint", str(path), "--images", str(tmp_path), "--out", "g.png"])
+    visualize = fcmae.cli.visualize.main(["--checkpoint", str(path), "--images", str(tmp_path), "--out", "g.png"])
     assert visualize == 2 and not (tmp_path / "PWNED").exists()
 
 

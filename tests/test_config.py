@@ -98,7 +98,7 @@ def test_bad_flags_fail_with_one_line(argv, message):
 ])
 def test_absurd_learning_rates_end_in_one_line_and_exit_2(tmp_path, capsys, argv, text, message):
     """Issue 22 D: --lr 1e39 passed validation, then ended in a 30-line overflow traceback."""
-    from fcmae.training import run_cli
+    from fcmae.cli import run_cli
 
     if text:
         (tmp_path / "c.yaml").write_text(text)

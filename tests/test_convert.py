@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import fcmae
 from fcmae import convert as conv
+from fcmae.cli import convert as convert_cli
 from helpers import SMALL, randomize_, rel_err
 
 
@@ -323,7 +324,7 @@ def test_cli_timm_file_loads_with_pretrained_cfg_overlay(tmp_path, monkeypatch, 
     model = randomize_(fcmae.create_model("atto"), seed=3).eval()
     fcmae.save_model(model, tmp_path / "model.safetensors")
     out = tmp_path / "atto_timm.safetensors"
-    assert conv.main([str(tmp_path / "model.safetensors"), str(out), "--to", "timm"]) == 0
+    assert convert_cli.main([str(tmp_path / "model.safetensors"), str(out), "--to", "timm"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"detected fcmae layout in {tmp_path / 'model.safetensors'}: convnextv2_atto")
     assert "dropped the decoder (15 tensors)" in printed
@@ -346,7 +347,7 @@ def test_cli_timm_file_loads_with_pretrained_cfg_overlay(tmp_path, monkeypatch, 
         assert rel_err(plain.forward_features(imgs), expected) <= 1e-5
     # --no-conv-mlp for a timm model built with Linear MLPs.
     linear = tmp_path / "linear.safetensors"
-    assert conv.main([str(tmp_path / "model.safetensors"), str(linear), "--to", "timm", "--no-conv-mlp"]) == 0
+    assert convert_cli.main([str(tmp_path / "model.safetensors"), str(linear), "--to", "timm", "--no-conv-mlp"]) == 0
     assert "conv_mlp=False" in capsys.readouterr().out
     built = timm.create_model("convnextv2_atto", num_classes=0, conv_mlp=False, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(linear))).eval()
@@ -391,7 +392,7 @@ def test_fcmae_file_round_trips_with_its_config(tmp_path, capsys):
     model = randomize_(fcmae.create_model("atto", img_size=(64, 96), mask_ratio=0.75, **SMALL), seed=5)
     fcmae.save_model(model, tmp_path / "model.safetensors")
     out = tmp_path / "copy.safetensors"
-    assert conv.main([str(tmp_path / "model.safetensors"), str(out), "--to", "fcmae"]) == 0
+    assert convert_cli.main([str(tmp_path / "model.safetensors"), str(out), "--to", "fcmae"]) == 0
     assert "use: fcmae.load_model" in capsys.readouterr().out
     loaded = fcmae.load_model(out)
     assert loaded.config == model.config
@@ -411,7 +412,7 @@ def test_training_state_folder_without_metadata(tmp_path, capsys):
     (folder / "config.yaml").write_text("model: custom\n")
     (folder / "optimizer.bin").write_bytes(b"not read")
     out = tmp_path / "model.safetensors"
-    assert conv.main([str(folder), str(out), "--to", "fcmae"]) == 0
+    assert convert_cli.main([str(folder), str(out), "--to", "fcmae"]) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0] == (f"detected fcmae layout in {folder}: custom (depths 1,1,2,1, dims "
                                        "16,24,32,40), decoder depth 1 width 32, no classifier head")
@@ -419,7 +420,7 @@ def test_training_state_folder_without_metadata(tmp_path, capsys):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
     timm_out = tmp_path / "custom_timm.safetensors"
-    assert conv.main([str(folder), str(timm_out), "--to", "timm"]) == 0
+    assert convert_cli.main([str(folder), str(timm_out), "--to", "timm"]) == 0
     assert "depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), conv_mlp=False" in capsys.readouterr().out
     with safetensors.safe_open(str(timm_out), "pt") as f:
         assert json.loads(f.metadata()["timm_kwargs"]) == {"depths": [1, 1, 2, 1], "dims": [16, 24, 32, 40],
@@ -534,7 +535,7 @@ def test_unreadable_inputs(tmp_path):
 
 
 def one_line_error(capsys, argv) -> str:
-    assert conv.main([str(a) for a in argv]) == 2
+    assert convert_cli.main([str(a) for a in argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     return captured.err
@@ -556,7 +557,7 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     other.write_bytes(kept)
     assert "other.safetensors exists; pass --overwrite" in one_line_error(capsys, [model_file, other, "--to", "timm"])
     assert other.read_bytes() == kept
-    assert conv.main([str(model_file), str(other), "--to", "timm", "--overwrite"]) == 0
+    assert convert_cli.main([str(model_file), str(other), "--to", "timm", "--overwrite"]) == 0
     assert other.read_bytes() != kept
     capsys.readouterr()
     assert "argument --to: invalid choice: 'onnx'" in one_line_error(capsys, [model_file, out, "--to", "onnx"])
@@ -572,7 +573,7 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert "missing 1 key(s): decoder.proj.bias" in one_line_error(capsys, [partial, out, "--to", "fcmae"])
     assert not out.exists()
 
-    assert conv.main([str(partial), str(out), "--to", "fcmae", "--no-strict"]) == 0
+    assert convert_cli.main([str(partial), str(out), "--to", "fcmae", "--no-strict"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"detected official-me layout in {partial}: custom")
     assert "non-strict: initialized 1 decoder tensor(s) missing from the input: 1 key(s): decoder.proj.bias" in printed

@@ -439,7 +439,8 @@ def test_gpu_augment_makes_the_crops_and_flips_of_the_cpu_path(tmp_path, device)
 def test_channel_stats_of_a_sample(tmp_path, capsys):
     import tifffile
 
-    from fcmae.data.stats import channel_stats, main
+    from fcmae.cli.stats import main
+    from fcmae.data.stats import channel_stats
 
     rng = np.random.default_rng(0)
     stack = []
@@ -479,7 +480,8 @@ def damaged_copies(files: list[Path], folder: Path) -> list[Path]:
 def test_channel_stats_skip_warn_and_count_unreadable_files(tmp_path, capsys):
     """Issue 24 item 9: fcmae-stats stopped at the first unreadable file; it skips, warns once per file and counts
     them as training does, and the statistics are those of the readable images."""
-    from fcmae.data.stats import channel_stats, main
+    from fcmae.cli.stats import main
+    from fcmae.data.stats import channel_stats
 
     files = write_photos(tmp_path, 6, size=64)
     bad = damaged_copies(files, tmp_path)

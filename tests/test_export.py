@@ -19,6 +19,7 @@ import torch
 import fcmae
 import fcmae.exports
 from fcmae import convert as conv
+from fcmae.cli import convert as convert_cli
 from fcmae.data import eval_transform, load_rgb
 from helpers import SMALL, randomize_, rel_err, write_photos
 from test_convert import official_state, save_official
@@ -61,7 +62,7 @@ def images(count: int = 4) -> tuple[list, torch.Tensor]:
 
 
 def export(capsys, *argv) -> str:
-    assert conv.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert convert_cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
     return capsys.readouterr().out
 
 
@@ -589,7 +590,7 @@ def test_official_export_of_a_classifier_is_what_official_resume_reads(runs, tmp
 
 
 def one_line_error(capsys, argv) -> str:
-    assert conv.main([str(a) for a in argv]) == 2
+    assert convert_cli.main([str(a) for a in argv]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured
     return captured.err

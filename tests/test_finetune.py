@@ -18,7 +18,7 @@ from fcmae.config import LINEAR_PROBE_RECIPE, ConfigError
 from fcmae.data import write_digits
 from fcmae.layer_decay import layer_id, param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
-from fcmae.training import run_cli
+from fcmae.cli import run_cli
 from helpers import launcher_failure
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import fcmae
 from fcmae.data import eval_transform, find_labeled_images, load_rgb
 from fcmae.knn_monitor import KNNMonitor, knn_accuracy, pooled_features
-from fcmae.training import Run, run_cli
+from fcmae.cli import run_cli
+from fcmae.training import Run
 from helpers import SMALL, launcher_failure, randomize_
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState
 import fcmae
 from fcmae.config import LINEAR_PROBE_RECIPE, ConfigError
 from fcmae.data import find_labeled_images, load_rgb
-from fcmae.training import run_cli
+from fcmae.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -17,7 +17,7 @@ from PIL import Image
 import fcmae
 from fcmae.data import demo_image_files, load_rgb
 from fcmae.data.stats import channel_stats
-from fcmae.training import run_cli
+from fcmae.cli import run_cli
 from helpers import rel_err
 
 ROOT = Path(__file__).resolve().parent.parent

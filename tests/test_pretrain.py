@@ -13,7 +13,8 @@ import torch
 from accelerate.state import AcceleratorState
 
 import fcmae
-from fcmae.training import Run, end_process_group, run_cli
+from fcmae.cli import end_process_group, run_cli
+from fcmae.training import Run
 from helpers import launcher_failure, write_photos
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,7 +31,7 @@ FINETUNE_FAST = ["--model", "atto", "--input-size", "64", "--batch-size", "4", "
 def finetune_run(argv):
     from accelerate.state import AcceleratorState
 
-    from fcmae.training import run_cli
+    from fcmae.cli import run_cli
 
     try:
         return run_cli(finetune.main, argv)

@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from fcmae.data import DataError, ShardImages, ShardOrder, pretrain_dataset, pretrain_sampler
-from fcmae.data.shard_writer import main as shards_main
+from fcmae.cli.shards import main as shards_main
 from fcmae.data.shard_writer import write_shards
 from helpers import write_photos
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.training import Run, run_cli
+from fcmae.cli import run_cli
+from fcmae.training import Run
 from helpers import launcher_failure
 from test_pretrain import FAST, ROOT, error_lines, photos, records, run  # noqa: F401 (photos: a fixture)
 

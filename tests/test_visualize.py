@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import fcmae
-from fcmae.visualize import main, reconstruct, reconstruction_grid, sample_indices
+from fcmae.cli.visualize import main
+from fcmae.visualize import reconstruct, reconstruction_grid, sample_indices
 from helpers import SMALL, randomize_, write_photos
 
 

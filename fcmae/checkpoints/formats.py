@@ -67,11 +67,20 @@ class Loaded:
     def model_config(self) -> FCMAEConfig | None:
         """The FCMAE model config this input records: its metadata's, or its pretraining run's; else None."""
         config = FCMAEConfig.from_metadata(self.metadata)
-        if config is None and self.run_config and "mask_ratio" in self.run_config:
-            from ..config import PretrainConfig, from_dict  # the run's config: only when asked
-
-            config = from_dict(PretrainConfig, self.run_config).model
+        if config is None and self.run_config:
+            config = FCMAEConfig.from_run_config(self.run_config)
         return config
+
+    def what(self) -> str:
+        """What the input is, in words, for messages: "a fine-tuning run's training-state folder", "a torch file
+        in the official-me layout", ..."""
+        if self.model_config is not None:
+            return f"an FCMAE {self.kind}"
+        if self.run_config is not None:  # a run that trains no FCMAE model: finetune.py's
+            return f"a fine-tuning run's {self.kind} (a classifier)"
+        if self.metadata.get("format") == "timm":
+            return "a timm classifier model file" if "classes" in self.metadata else "a timm model file"
+        return f"a {self.kind} in the {self.layout} layout"
 
     def describe(self) -> str:
         return f"{self.path}: {self.kind}, {self.layout} layout, {len(self.state)} tensors"

@@ -22,10 +22,8 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> FCMAE:
     loaded = load(path)
     config = loaded.model_config
     if config is None:
-        hint = ("a fine-tuned classifier" if loaded.layout == "timm" or loaded.run_config else
-                f"a {loaded.kind} in the {loaded.layout} layout")
-        raise ValueError(f"{path} is not an fcmae model file (no fcmae config in its metadata: {hint}); "
-                         "use `fcmae-convert --to fcmae` for official or timm checkpoints")
+        raise ValueError(f"{path} is {loaded.what()}, not an FCMAE model (it records no FCMAE config); "
+                         "`fcmae-convert --to fcmae` builds one from official or timm weights")
     if "name" in overrides:
         raise ValueError("load_model cannot change the model name; it comes from the file")
     model = FCMAE(config.replace(**overrides))

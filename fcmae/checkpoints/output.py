@@ -1,4 +1,5 @@
-"""Output folders and failed writes: one line that names the path and the fix, instead of raw errno text."""
+"""Output files and folders, and failed writes: one line that names the path and the fix, instead of raw errno
+text."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import errno
 import os
 from pathlib import Path
 
-__all__ = ["OutputError", "check_output_folder", "explain_write_error", "free_space", "file_mode"]
+from .names import ACCELERATE_WEIGHTS
+
+__all__ = ["OutputError", "check_output_folder", "check_output_file", "explain_write_error", "free_space", "file_mode"]
 
 
 class OutputError(OSError):
@@ -98,6 +101,22 @@ def check_output_folder(folder: str | os.PathLike, flag: str = "--output-dir", c
         except OSError as e:
             raise OutputError(e.errno, f"cannot create {flag} {folder}: {_fix(e, flag)}") from None
     return folder
+
+
+def check_output_file(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool,
+                      suffixes: tuple[str, ...] = (".safetensors",)) -> None:
+    """A conversion's output file: a .safetensors file (timm and fcmae.load_model pick the reader by suffix; an
+    export may allow other `suffixes`), and never the input itself: converting a model file onto itself would
+    replace it, decoder and all, with the converted weights. Another existing file is replaced only with
+    `overwrite` (it may be a run's model file)."""
+    out, src = Path(output), Path(source)
+    if out.suffix not in suffixes:
+        raise ValueError(f"the output must be a {' or '.join(suffixes)} file, got {output}")
+    read = src / ACCELERATE_WEIGHTS if src.is_dir() else src
+    if out.exists() and read.exists() and out.samefile(read):
+        raise ValueError(f"the output {output} is the input file; write the conversion to a new file")
+    if out.is_file() and not overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it, or choose another output file")
 
 
 def _fix(error: OSError, flag: str) -> str:

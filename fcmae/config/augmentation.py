@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import re
 
-from timm.data import auto_augment
-from timm.data.transforms import str_to_interp_mode
-
 from ..errors import ConfigError
 from ..fields import did_you_mean
 
@@ -27,7 +24,7 @@ _SECTIONS: dict[str, dict[str, type]] = {
 # RandAugment's transform sets ("t<name>"), as timm's rand_augment_choices reads them: any other name silently
 # gives the default set.
 _RAND_TRANSFORM_SETS = ("weights", "3aw", "3a")
-_BUILDERS = {"rand": auto_augment.rand_augment_transform, "augmix": auto_augment.augment_and_mix_transform}
+_BUILDERS = {"rand": "rand_augment_transform", "augmix": "augment_and_mix_transform"}  # timm.data.auto_augment's
 EXAMPLES = 'e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original-mstd0.5, or "" for none'
 # Names timm's transforms resolve for both training and evaluation ("random" is training-only).
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "hamming", "box")
@@ -57,14 +54,18 @@ def check_augment_policy(aa: str) -> None:
         except ValueError:
             kind = "an integer" if keys[match[1]] is int else "a number"
             raise ConfigError(f"aa {aa!r}: section {section!r} needs {kind} after {match[1]!r}") from None
+    from timm.data import auto_augment  # here, not at the top: the command line (and --help) imports no timm
+
     try:
-        _BUILDERS.get(family, auto_augment.auto_augment_transform)(aa, None)
+        getattr(auto_augment, _BUILDERS.get(family, "auto_augment_transform"))(aa, None)
     except (AssertionError, ValueError, KeyError) as e:  # timm asserts on what it cannot build
         raise ConfigError(f"aa {aa!r} is not a timm augmentation policy ({e}); {EXAMPLES}") from None
 
 
 def check_interpolation(name: str) -> None:
     """ConfigError unless timm resolves `name` as a resize interpolation."""
+    from timm.data.transforms import str_to_interp_mode
+
     try:
         if name not in INTERPOLATIONS:
             raise KeyError(name)

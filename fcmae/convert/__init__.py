@@ -4,23 +4,48 @@ One module per idea, in pipeline order:
 
     fcmae.checkpoints   reading every input format (`load`), and the key layouts (`detect_layout`, LAYOUTS)
     key_rules           the key table: official (MinkowskiEngine / dense) names <-> ours, renaming to ours
-    kernels             MinkowskiEngine <-> dense kernel layout math
+    fcmae.minkowski_kernels  MinkowskiEngine <-> dense kernel layout math (beside the backend that needs it)
     shapes              depths, dims, decoder and model name inferred from the weights
     conversion          `convert` / `to_timm` / `to_fcmae` / `save_conversion`
-    cli                 fcmae-convert (`python -m fcmae.convert`); folders and the Hub are `fcmae.exports`
 
-CLI:  python -m fcmae.convert INPUT OUTPUT --to {timm,fcmae,transformers,official} [--model NAME] [--no-strict] ...
+The command is fcmae.cli.convert's:
+    python -m fcmae.convert INPUT OUTPUT --to {timm,fcmae,transformers,official} [--model NAME] [--no-strict] ...
+
+Imported on first use (PEP 562): `python -m fcmae.convert --help` loads this package without torch.
 """
 
-from ..checkpoints.layouts import LAYOUTS, detect_layout
-from .cli import CLI_TARGETS, check_output, main
-from .conversion import TARGETS, Conversion, convert, load_checkpoint, save_conversion, to_fcmae, to_timm
-from .kernels import dense_conv_to_me, dense_depthwise_to_me, me_conv_to_dense, me_depthwise_to_dense
-from .key_rules import KEY_TABLE, KeyRule, template_regex
-from .shapes import CUSTOM
+from __future__ import annotations
 
-__all__ = [
-    "LAYOUTS", "TARGETS", "CLI_TARGETS", "KEY_TABLE", "KeyRule", "Conversion", "load_checkpoint", "detect_layout",
-    "convert", "to_timm", "to_fcmae", "save_conversion", "me_conv_to_dense", "dense_conv_to_me",
-    "me_depthwise_to_dense", "dense_depthwise_to_me", "template_regex", "check_output", "CUSTOM", "main",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and readers
+    from ..checkpoints.layouts import LAYOUTS, detect_layout
+    from ..minkowski_kernels import dense_conv_to_me, dense_depthwise_to_me, me_conv_to_dense, me_depthwise_to_dense
+    from ..model_config import CUSTOM
+    from .conversion import TARGETS, Conversion, convert, load_checkpoint, save_conversion, to_fcmae, to_timm
+    from .key_rules import KEY_TABLE, KeyRule, template_regex
+
+# name -> the module that defines it
+_ATTRIBUTES = {
+    "LAYOUTS": "..checkpoints.layouts", "detect_layout": "..checkpoints.layouts",
+    **dict.fromkeys(["TARGETS", "Conversion", "convert", "load_checkpoint", "save_conversion", "to_fcmae",
+                     "to_timm"], ".conversion"),
+    **dict.fromkeys(["dense_conv_to_me", "dense_depthwise_to_me", "me_conv_to_dense", "me_depthwise_to_dense"],
+                    "..minkowski_kernels"),
+    **dict.fromkeys(["KEY_TABLE", "KeyRule", "template_regex"], ".key_rules"),
+    "CUSTOM": "..model_config",
+}
+__all__ = list(_ATTRIBUTES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ATTRIBUTES:
+        value = getattr(importlib.import_module(_ATTRIBUTES[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

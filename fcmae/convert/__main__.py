@@ -1,7 +1,7 @@
-"""python -m fcmae.convert: the fcmae-convert CLI."""
+"""python -m fcmae.convert: the fcmae-convert command (fcmae.cli.convert)."""
 
 import sys
 
-from .cli import main
+from ..cli.convert import main
 
 sys.exit(main())

@@ -23,8 +23,7 @@ from ..checkpoints import detect_layout, format_keys, load, load_state_dict_stri
 from ..checkpoints.layouts import strip_wrappers
 from ..checkpoints.torch_file import unwrap_state
 from ..fcmae import FCMAE
-from ..model_config import FCMAEConfig
-from ..models import MODEL_SIZES
+from ..model_config import MODEL_SIZES, FCMAEConfig
 from .key_rules import to_fcmae_names
 from .shapes import csv, decoder_shape, infer_decoder, infer_encoder, infer_in_chans, model_name, settings_hints
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..checkpoints import format_keys
-from .kernels import CONVERSIONS
+from ..minkowski_kernels import CONVERSIONS
 
 __all__ = ["KeyRule", "KEY_TABLE", "template_regex", "to_fcmae_names"]
 

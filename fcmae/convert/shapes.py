@@ -9,13 +9,12 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
-from ..models import MODEL_SIZES, resolve_name
+from ..model_config import CUSTOM, MODEL_SIZES, resolve_name
 
 __all__ = ["CUSTOM", "infer_encoder", "infer_decoder", "model_name", "settings_hints", "decoder_shape", "csv"]
 
-CUSTOM = "custom"  # the model name of an encoder that matches no named size
-
 StateDict = dict[str, Tensor]
+
 
 def infer_encoder(state: StateDict, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(depths, dims) of the encoder in an "fcmae"-layout state: blocks per stage, and each stage's width."""

@@ -11,12 +11,10 @@ folder, if any, is kept in the key.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -59,30 +57,7 @@ def write_shards(source: str | Path, output: str | Path, prefix: str = "train", 
     return shards
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fcmae-shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="image folder (searched recursively)")
-    parser.add_argument("output", help="folder for the shards and dataset.json")
-    parser.add_argument("--prefix", default="train", help="shard file names: PREFIX-000000.tar (default: train)")
-    parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default: 1000)")
-    parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most (default: 1e9)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled file order (default: 0)")
-    parser.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")
-    args = parser.parse_args(argv)
+if __name__ == "__main__":  # python -m fcmae.data.shard_writer: the command (fcmae.cli.shards)
+    from fcmae.cli.shards import main
 
-    def run(_):
-        shards = write_shards(args.source, args.output, args.prefix, args.maxcount, args.maxsize, args.seed,
-                              not args.no_shuffle)
-        total = sum(s["nsamples"] for s in shards)
-        last = len(shards) - 1
-        print(f"wrote {total} samples in {len(shards)} shards: {args.output}/{args.prefix}-{{000000..{last:06d}}}.tar "
-              f"(and {DESCRIPTOR})")
-
-    from ..training import run_cli
-
-    return run_cli(run, [])
-
-
-if __name__ == "__main__":
     sys.exit(main())

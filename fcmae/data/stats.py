@@ -10,9 +10,8 @@ float arrays as stored. The output is the `mean` / `std` to put in the data conf
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -71,26 +70,7 @@ def channel_stats(data_path: str, in_chans: int = 3, samples: int = 1000, seed: 
     return ChannelStats(mean.tolist(), std.tolist(), images, unreadable)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fcmae-stats", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_path", help="anything --data-path accepts (folder, shards, demo)")
-    parser.add_argument("--in-chans", type=int, default=3, help="channels per image (default: 3)")
-    parser.add_argument("--samples", type=int, default=1000, help="images to read (default: 1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+if __name__ == "__main__":  # python -m fcmae.data.stats: the command (fcmae.cli.stats)
+    from fcmae.cli.stats import main
 
-    def run(_):
-        stats = channel_stats(args.data_path, args.in_chans, args.samples, args.seed)
-        skipped = f" ({len(stats.unreadable)} unreadable skipped)" if stats.unreadable else ""
-        print(f"# {stats.images} images of {args.data_path}{skipped}\n"
-              f"mean: [{', '.join(f'{m:.4f}' for m in stats.mean)}]\n"
-              f"std: [{', '.join(f'{s:.4f}' for s in stats.std)}]")
-
-    from ..training import run_cli
-
-    return run_cli(run, [])
-
-
-if __name__ == "__main__":
     sys.exit(main())

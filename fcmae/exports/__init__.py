@@ -8,12 +8,12 @@ Hub-ready folder.
   transformers_folder.py  a folder `transformers.ConvNextV2Model` / `ConvNextV2ForImageClassification` load
   official_layout.py      the official ConvNeXt V2 dense layout (`downsample_layers.*`, `stages.*`)
   hub.py                  uploading a folder to the Hugging Face Hub
-  cli.py                  the `fcmae-convert` side of all of these
+  targets.py              `export`: which target an output is, and writing it (what `fcmae-convert` calls)
 
 Every export starts from `fcmae.convert.convert(..., "timm")`: one loader, one layout detection and one set of
 checks for every input the converter reads.
 """
 
-from .cli import export
+from .targets import export
 
 __all__ = ["export"]

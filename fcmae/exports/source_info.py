@@ -26,8 +26,9 @@ import safetensors
 import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..checkpoints.names import ACCELERATE_WEIGHTS, run_model_file
+from ..checkpoints.names import ACCELERATE_WEIGHTS, METRICS, RUN_CONFIG, TRAINER_STATE, run_model_file
 from ..convert import Conversion, load_checkpoint
+from ..model_config import FCMAEConfig
 
 __all__ = ["SourceInfo", "describe_source", "RUN_CONTROL_KEYS"]
 
@@ -86,7 +87,8 @@ def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
     path = Path(path)
     metadata = _file_metadata(path)
     run_dir, config_file, step = _run_files(path)
-    config = _read_yaml(config_file) if config_file else {}
+    recorded = _read_yaml(config_file) if config_file else {}
+    config = _flat(recorded)
     weights = _weights_file(path)
     name = f"{path.resolve().name}/{weights.name}" if path.is_dir() else path.name
     info = SourceInfo(str(path), "model file", name=name, sha256=_sha256(weights) if weights.is_file() else None)
@@ -99,10 +101,10 @@ def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
         pretrained = Path(str(config["finetune"])) if config.get("finetune") else None
         if pretrained is not None and pretrained.exists():
             pre_dir, pre_config, pre_step = _run_files(pretrained)
-            info.pretrain = _settings(_read_yaml(pre_config)) if pre_config else {}
+            info.pretrain = _settings(_flat(_read_yaml(pre_config))) if pre_config else {}
             info.metrics.update(_pretrain_metrics(pre_dir, pre_step))
         size = config.get("input_size", size)
-    elif "mask_ratio" in config:
+    elif _trains_fcmae(recorded):
         info.kind = "pretraining checkpoint" if step is not None else "pretraining run"
         info.pretrain = _settings(config)
         info.metrics.update(_pretrain_metrics(run_dir, step))
@@ -182,28 +184,40 @@ def _file_metadata(path: Path) -> dict[str, str]:
 def _run_files(path: Path) -> tuple[Path | None, Path | None, int | None]:
     """(run folder, config.yaml, checkpoint step or None) of a model file, run folder or checkpoint folder."""
     folder = path if path.is_dir() else path.parent
-    if not (folder / "config.yaml").is_file():
+    if not (folder / RUN_CONFIG).is_file():
         return None, None, None
-    state = folder / "trainer_state.json"
+    state = folder / TRAINER_STATE
     if folder.parent.name == "checkpoints" and state.is_file():
         try:
             step = int(json.loads(state.read_text())["step"])
         except (ValueError, KeyError, TypeError, OSError):
             step = None
-        return folder.parent.parent, folder / "config.yaml", step
-    return folder, folder / "config.yaml", None
+        return folder.parent.parent, folder / RUN_CONFIG, step
+    return folder, folder / RUN_CONFIG, None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    """A run's config.yaml, its model: section (a pretraining run's) spread at the top level, as older runs wrote it."""
+    """A run's config.yaml as it is written; {} if unreadable."""
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return {}
-    if not isinstance(data, dict):
-        return {}
-    model = data.get("model")
-    return {**data, **model, "model": model.get("name")} if isinstance(model, dict) else data
+    return data if isinstance(data, dict) else {}
+
+
+def _trains_fcmae(config: dict[str, Any]) -> bool:
+    """Whether a run config records an FCMAE model (a pretraining run's), in either layout it was written in."""
+    try:
+        return FCMAEConfig.from_run_config(config) is not None
+    except ValueError:  # a damaged config: described as a plain model file
+        return False
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config's settings for a model card: a pretraining run's model section spread at the top level (the
+    flags' spelling: `model: convnextv2_atto`, `mask_ratio: 0.6`), as older runs wrote it."""
+    model = config.get("model")
+    return {**config, **model, "model": model.get("name")} if isinstance(model, dict) else config
 
 
 def _records(run_dir: Path | None, name: str, step: int | None) -> list[dict[str, Any]]:
@@ -232,7 +246,7 @@ def _settings(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pretrain_metrics(run_dir: Path | None, step: int | None) -> dict[str, str]:
-    records = [r for r in _records(run_dir, "metrics.jsonl", step) if "loss" in r]
+    records = [r for r in _records(run_dir, METRICS, step) if "loss" in r]
     if not records:
         return {}
     first, last = records[0], records[-1]
@@ -242,7 +256,7 @@ def _pretrain_metrics(run_dir: Path | None, step: int | None) -> dict[str, str]:
 
 def _finetune_metrics(run_dir: Path | None, metadata: dict[str, str], step: int | None) -> dict[str, str]:
     out = {}
-    records = [r for r in _records(run_dir, "metrics.jsonl", step) if "val_acc1" in r]
+    records = [r for r in _records(run_dir, METRICS, step) if "val_acc1" in r]
     if records:
         for prefix in ("val", "ema"):
             scored = [r for r in records if f"{prefix}_acc1" in r]

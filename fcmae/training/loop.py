@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..checkpoints import names
 from ..data import seeded
 from ..data.datasets import new_unreadable_warnings
-from .cli import TrainingError
+from ..errors import TrainingError
 from .preemption import Preempted
 
 if TYPE_CHECKING:

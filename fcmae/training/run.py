@@ -33,11 +33,10 @@ from ..checkpoints.folder_lock import FolderLock
 from ..checkpoints.output import check_output_folder, explain_write_error
 from ..checkpoints.store import CheckpointStore, Position, check_position, check_trained_settings, check_training_kind
 from ..config import ConfigError, TrainConfig, from_dict, load_yaml, save_yaml
+from ..errors import TrainingError
 from ..model_config import FCMAEConfig
-from . import loop
 from .batch_size import find_batch_size
 from .compilation import compile_once
-from .cli import TrainingError
 from .invocation import Invocation, launch_mismatch
 from .launcher_store import connect_launcher_store
 from .preemption import StopSignals, ignore_in_worker
@@ -98,7 +97,7 @@ def quiet_worker(worker_id: int) -> None:
 
 
 class Run:
-    """One training run: build it from a config, `prepare` the objects, then `fit`.
+    """One training run: build it from a config, `prepare` the objects, then `fit(run, step_fn)`.
 
     Args:
         config: the resolved config; saved to OUTPUT_DIR/config.yaml and into every checkpoint.
@@ -172,8 +171,6 @@ class Run:
         self.show_progress = config.progress and self.is_main and sys.stdout.isatty()
         # Without a bar (a log file, nohup, SLURM, --no-progress) a plain line every log_every steps says how it goes.
         self.progress_lines = self.is_main and not self.show_progress
-
-    fit = loop.fit
 
     @property
     def at(self) -> int:

@@ -1,6 +1,6 @@
 """The exports behind `fcmae-convert`: `--to transformers` (a folder), `--to official` (a file), `--to timm` into a
-folder (Hub-ready), and `--push-to-hub REPO` for the folders. `fcmae.convert.main` parses the flags and hands
-these targets to `export`, which is also the Python API:
+folder (Hub-ready), and `--push-to-hub REPO` for the folders. The command (`fcmae.cli.convert`) parses the flags
+and hands these targets to `export`, which is also the Python API:
 
     from fcmae.exports import export
     print("\n".join(export("output/demo/fcmae_model.safetensors", "atto-hf", "transformers")))
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..convert import check_output, convert
+from ..checkpoints.output import check_output_file
+from ..convert import convert
 from .hub import push_folder
 from .official_layout import OFFICIAL_SUFFIXES, describe_official, write_official
 from .output_folder import check_output_folder, write_folder
@@ -52,7 +53,7 @@ def export(source: str, output: str, to: str, model: str | None = None, *, conv_
     if folder:
         check_output_folder(source, output, overwrite)
     else:
-        check_output(source, output, overwrite, OFFICIAL_SUFFIXES)  # the plain conversion's check
+        check_output_file(source, output, overwrite, OFFICIAL_SUFFIXES)  # the plain conversion's check
     # timm's names are the hub between layouts; transformers and the official model use Linear MLPs.
     result = convert(source, "timm", model, conv_mlp=conv_mlp if to == "timm" else False, strict=strict,
                      drop_head=drop_head)

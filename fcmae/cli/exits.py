@@ -1,21 +1,18 @@
-"""How the scripts end: a one-line error for user mistakes (exit 2), a clean exit of every process."""
+"""How the commands end: a one-line error for user mistakes (exit 2), a clean exit of every process.
+
+Imports nothing heavy: `check_command_line` answers `--help` and a bad flag before a script imports torch.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
+from ..errors import TrainingError
 
-from ..checkpoints.folder_lock import FolderLock
-from .preemption import EXIT_PREEMPTED, Preempted
-
-__all__ = ["TrainingError", "run_cli", "end_process_group", "debugging", "show_causes"]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says what was kept."""
+__all__ = ["run_cli", "check_command_line", "print_error", "end_process_group", "debugging", "show_causes"]
 
 
 def debugging() -> bool:
@@ -48,6 +45,9 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     should be) and a run that cannot go on (TrainingError). Set FCMAE_DEBUG=1 to see the traceback anyway, with
     the errors it was raised from.
     """
+    from ..checkpoints.folder_lock import FolderLock
+    from ..training.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         main(argv)
     except (ValueError, OSError, TrainingError) as e:
@@ -79,5 +79,25 @@ def end_process_group() -> None:
     gloo's worker threads still hold finished work objects whose tensors need the GIL. Destroying the group
     first makes the exit clean. Safe to call twice and without a group.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch = sys.modules.get("torch")  # not imported: no group can be up
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def check_command_line(cls: type, description: str = "", demo: str | Path | None = None) -> None:
+    """Answer `--help`, and a command line that is no valid `cls` config, before a script imports torch and timm
+    (seconds): `--help` exits 0, a bad flag or value exits 2 with its one-line error. Returns when the command line
+    is valid; the script's main then parses it again (milliseconds).
+
+    Call it from a script's top, under `if __name__ == "__main__":`, above its heavy imports.
+    """
+    from ..config import parse_config
+
+    try:
+        parse_config(cls, None, description=description, demo=demo)
+    except (ValueError, OSError) as e:
+        if debugging():
+            show_causes(e)
+            raise
+        print_error(str(e).strip())
+        sys.exit(2)

@@ -6,29 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from ..config import OneLineArgumentParser
-from .conversion import TARGETS, convert, save_conversion
+from ..config.command_line import OneLineArgumentParser
+from .exits import debugging, print_error, show_causes
 
-__all__ = ["main", "check_output", "CLI_TARGETS"]
+__all__ = ["main", "CLI_TARGETS"]
 
 # The options that only make sense for one target (argparse dest -> target; None when not given).
 _TARGET_OPTIONS = {"conv_mlp": "timm", "decoder_depth": "fcmae", "decoder_embed_dim": "fcmae"}
-CLI_TARGETS = (*TARGETS, "transformers", "official")
-
-
-def check_output(source: str, output: str, overwrite: bool, suffixes: tuple[str, ...] = (".safetensors",)) -> None:
-    """The output is a .safetensors file (timm and fcmae.load_model pick the reader by suffix; an export may allow
-    other `suffixes`), and never the input itself: converting a model file onto itself would replace it, decoder and
-    all, with the converted weights. Another existing file is replaced only with --overwrite (it may be a run's
-    model.safetensors)."""
-    out, src = Path(output), Path(source)
-    if out.suffix not in suffixes:
-        raise ValueError(f"the output must be a {' or '.join(suffixes)} file, got {output}")
-    read = src / "model.safetensors" if src.is_dir() else src
-    if out.exists() and read.exists() and out.samefile(read):
-        raise ValueError(f"the output {output} is the input file; write the conversion to a new file")
-    if out.is_file() and not overwrite:
-        raise ValueError(f"{output} exists; pass --overwrite to replace it, or choose another output file")
+# fcmae.convert.TARGETS (files), then fcmae.exports' targets; spelled out here so that --help imports no torch.
+CLI_TARGETS = ("timm", "fcmae", "transformers", "official")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,20 +58,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if misplaced:
             verb = "apply" if len(misplaced) > 1 else "applies"
             raise ValueError(f"{', '.join(o for o, _ in misplaced)} {verb} only to --to {misplaced[0][1]}")
-        from ..exports import cli as exports  # imports this module: loaded on use
+        # torch, timm and the converter import here, after the flags: --help and a bad flag answer at once.
+        from ..checkpoints.output import check_output_file
+        from ..convert import convert, save_conversion
+        from ..exports.targets import export, is_export
 
-        if exports.is_export(args.to, args.output) or args.push_to_hub:
-            print("\n".join(exports.export(args.input, args.output, args.to, args.model, conv_mlp=args.conv_mlp,
-                                            strict=args.strict, drop_head=bool(args.drop_head),
-                                            overwrite=args.overwrite, push_to_hub=args.push_to_hub)))
+        if is_export(args.to, args.output) or args.push_to_hub:
+            print("\n".join(export(args.input, args.output, args.to, args.model, conv_mlp=args.conv_mlp,
+                                    strict=args.strict, drop_head=bool(args.drop_head), overwrite=args.overwrite,
+                                    push_to_hub=args.push_to_hub)))
             return 0
-        check_output(args.input, args.output, args.overwrite)
+        check_output_file(args.input, args.output, args.overwrite)
         result = convert(args.input, args.to, args.model, conv_mlp=args.conv_mlp, decoder_depth=args.decoder_depth,
                          decoder_embed_dim=args.decoder_embed_dim, strict=args.strict, drop_head=bool(args.drop_head))
         save_conversion(result, args.output)
     except (ValueError, OSError) as e:  # user mistakes: one line, no traceback (unless FCMAE_DEBUG=1)
-        from ..training.cli import debugging, print_error, show_causes
-
         if debugging():
             show_causes(e)
             raise
