@@ -13,8 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from helpers import launcher_failure
-from test_pretrain import FAST, ROOT, photos, records, run  # noqa: F401 (photos: a fixture)
+from helpers import FAST, ROOT, launcher_failure, records, run_pretrain
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
 
@@ -185,7 +184,8 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_naming_its_process(photos
     finally:
         kill_session(first)  # dies without a word, holding the lock, maybe mid-save
     (out / "checkpoints" / ".tmp_step_00000099.deadbeef").mkdir()  # a dead run's temp folder
-    assert run(common + ["--max-steps", "6", "--output-dir", str(out), "--resume", "auto"]) == 0  # stale: taken over
+    # the lock is stale: the run takes it over
+    assert run_pretrain(common + ["--max-steps", "6", "--output-dir", str(out), "--resume", "auto"]) == 0
     assert not list((out / "checkpoints").glob(".tmp_*"))
 
 
