@@ -102,6 +102,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temp_folder(photos,
         assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002"]  # no .tmp_ folder left
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_two_processes_ends_every_rank_with_the_same_line(photos, tmp_path):
     out = tmp_path / "run"
     checkpoints = out / "checkpoints"

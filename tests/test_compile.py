@@ -46,6 +46,7 @@ def assert_close(a, b):
         assert rel_err(grads_a[name], grad) <= tol, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiler", BACKENDS)
 def test_compiled_sparse_step_equals_eager_and_never_recompiles(compiler, device, recwarn):
@@ -69,6 +70,7 @@ def test_compiled_sparse_step_equals_eager_and_never_recompiles(compiler, device
     assert set(compiled.state_dict()) == set(eager.state_dict())  # no _orig_mod. prefix
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiler", BACKENDS)
 def test_compiled_dense_step_equals_eager(compiler, device):
@@ -78,6 +80,7 @@ def test_compiled_dense_step_equals_eager(compiler, device):
     assert_close(loss_and_grads(compiled, imgs, seed=5), loss_and_grads(eager, imgs, seed=5))
 
 
+@pytest.mark.slow
 def test_pretrain_with_compile_and_bf16_on_cpu(tmp_path, monkeypatch, capsys):
     """pretrain.py --compile --mixed-precision bf16 end to end (aot_eager standing in for inductor, as above)."""
     import functools

@@ -49,6 +49,7 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_fine_tuning_reaches_the_stated_accuracy(trained):
     _, _, out = trained
     records = metrics(out)
@@ -59,6 +60,7 @@ def test_fine_tuning_reaches_the_stated_accuracy(trained):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_saved_model_loads_strictly_in_timm_and_eval_reproduces_its_accuracy(trained, capsys):
     data, _, out = trained
     state = safetensors.torch.load_file(out / "classifier.safetensors")
@@ -79,6 +81,7 @@ def test_saved_model_loads_strictly_in_timm_and_eval_reproduces_its_accuracy(tra
         capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_eval_settings_explicit_flags_win_and_old_files_use_their_run_config(trained, tmp_path, capsys):
     data, _, out = trained
     common = ["--eval", "--data-path", str(data), "--model", "atto", "--num-workers", "0"]
@@ -102,6 +105,7 @@ def test_eval_settings_explicit_flags_win_and_old_files_use_their_run_config(tra
     assert finetune.saved_eval_settings(str(old / "model.safetensors")) == {}
 
 
+@pytest.mark.slow
 def test_two_processes_count_every_validation_image_once(trained, tmp_path):
     data, _, out = trained
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -118,6 +122,7 @@ def test_two_processes_count_every_validation_image_once(trained, tmp_path):
     assert f"val_acc1 {recorded:.2f}" in line
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_only_the_head_and_saves_a_timm_model(trained, tmp_path, capsys):
     data, pretrained, _ = trained
     out = tmp_path / "probe"
@@ -260,6 +265,7 @@ def test_layer_ids_follow_the_official_release():
     ("eval-pretrained", "is an FCMAE pretraining model, not a classifier: fine-tune it with --finetune"),
     ("channels", "channels, the data config expects 4 (--in-chans, and one --mean / --std value per channel)"),
 ])
+@pytest.mark.slow
 def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message):
     data, pretrained, _ = trained
     argv = FAST + ["--data-path", str(data), "--output-dir", str(tmp_path / "run"), "--epochs", "1"]
@@ -318,6 +324,7 @@ def test_exact_resume_restores_weights_optimizer_and_ema(tmp_path, monkeypatch):
     assert state["info"]["best_epoch"] in (0, 1) and "best_acc1" in state["info"]
 
 
+@pytest.mark.slow
 def test_the_recipe_augmentation_survives_its_strongest_posterize(trained):
     """rand-m9-mstd0.5 reaches magnitude 10, where timm's PosterizeIncreasing keeps 0 bits (Pillow 13 refuses)."""
     data, _, _ = trained
@@ -334,6 +341,7 @@ def test_the_recipe_augmentation_survives_its_strongest_posterize(trained):
     assert np.asarray(op(img)).max() > 0
 
 
+@pytest.mark.slow
 def test_a_max_steps_run_evaluates_and_saves_at_its_last_step(trained, tmp_path):
     data, pretrained, _ = trained
     out = tmp_path / "short"
@@ -343,6 +351,7 @@ def test_a_max_steps_run_evaluates_and_saves_at_its_last_step(trained, tmp_path)
     assert (out / "classifier.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_end_to_end_pretrain_convert_finetune_against_random_init(trained, tmp_path):
     """The README's story: FCMAE on the digits (labels unused), fcmae-convert to timm, fine-tune; and the same
     fine-tuning budget from a random init."""

@@ -24,7 +24,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ME, MISSING = None, f"MinkowskiEngine is not installed ({e}); run scripts/install_minkowskiengine.sh"
 else:
     MISSING = ""
-needs_me = pytest.mark.skipif(ME is None, reason=MISSING)
+
+
+def needs_me(test):
+    """A test of the backend itself: it skips without MinkowskiEngine, naming the reason, and is slow (an optional
+    backend, which .ci/run installs and runs with the slow tests)."""
+    return pytest.mark.slow(pytest.mark.skipif(ME is None, reason=MISSING)(test))
+
 
 BACKENDS = ("minkowski", "sparse", "dense")
 

@@ -38,7 +38,10 @@ def write_image(path: Path, photo: int, offset: int, channels: int) -> None:
         tifffile.imwrite(path, data)
 
 
-@pytest.fixture(params=[(4, ".tif"), (1, ".png"), (3, ".tif")], ids=["4-channel-tiff", "1-channel-png", "rgb-tiff"])
+# The 4-channel case runs by default, the other two with the slow tests.
+@pytest.fixture(params=[(4, ".tif"), pytest.param((1, ".png"), marks=pytest.mark.slow),
+                        pytest.param((3, ".tif"), marks=pytest.mark.slow)],
+                ids=["4-channel-tiff", "1-channel-png", "rgb-tiff"])
 def stack(request, tmp_path):
     """(channels, unlabeled folder, labeled folder with train/ val/): two photos, two classes."""
     channels, suffix = request.param

@@ -15,10 +15,12 @@ from fcmae.training import Run, end_process_group, run_cli
 from helpers import FAST, ROOT, error_lines, launcher_failure, records, run_pretrain
 
 
-@pytest.fixture(params=["folder", "shards", "gpu-augment"])
+@pytest.fixture(params=["folder", pytest.param("shards", marks=pytest.mark.slow),
+                        pytest.param("gpu-augment", marks=pytest.mark.slow)])
 def data(request, photos, tmp_path) -> list[str]:
     """The data flags: the photos as a folder, as webdataset shards of 5 (3 shards: batches cross shard
-    boundaries), or as a folder with --gpu-augment (decoded and augmented in the step: on the CPU here)."""
+    boundaries), or as a folder with --gpu-augment (decoded and augmented in the step: on the CPU here). The folder
+    runs by default, the other two with the slow tests."""
     if request.param == "folder":
         return ["--data-path", str(photos)]
     if request.param == "gpu-augment":
@@ -229,6 +231,7 @@ def test_a_fresh_run_refuses_to_overwrite_checkpoints(photos, tmp_path, capsys):
     assert "already holds a run (metrics.jsonl)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_processes_on_cpu(data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

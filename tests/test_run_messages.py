@@ -94,6 +94,7 @@ def launch(*args, processes: str = "2") -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "pretrain.py"), *args]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_without_multi_gpu_warns_and_the_resume_hint_names_the_launch(photos, tmp_path):
     """Without --multi_gpu, accelerate launch --num_processes 2 runs the script once: the run says so, once. The
     hint to continue a run it finds in its folder is that launch command, which then works as printed."""

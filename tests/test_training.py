@@ -229,6 +229,7 @@ def test_init_from_prints_the_converters_notes(photos, tmp_path, capsys):
     assert "--init-from: dropped the classifier head" in out and "initialized a fresh one" in out
 
 
+@pytest.mark.slow
 def test_a_data_error_under_two_processes_ends_every_rank_with_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
