@@ -35,6 +35,7 @@ def test_every_compile_mode_reaches_torch_compile(mode, monkeypatch):
     assert bool(options.get("max_autotune")) == (mode or "").startswith("max-autotune")
 
 
+@pytest.mark.slow  # compiles the step (aot_eager)
 def test_cuda_graph_steps_are_marked_and_run_the_graph(monkeypatch):
     """With CUDA graphs each training forward marks a new step (what cudagraph trees need before outputs of the
     last replay are overwritten); the graph itself runs under aot_eager here (inductor's cudagraphs need CUDA)."""
@@ -94,6 +95,7 @@ def test_batch_size_auto_picks_a_batch_and_prints_it(tmp_path, capsys):
     assert "batch size auto: 12 per process, as the checkpoint being resumed trained" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a process of its own that allocates until it fails
 def test_batch_size_auto_backs_off_on_a_real_out_of_memory_error(tmp_path):
     """The address space is limited (RLIMIT_AS) so that the larger trial steps really fail to allocate: the
     CPU allocator's error is the out-of-memory the search backs off from."""
