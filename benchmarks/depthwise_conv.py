@@ -37,7 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import Variant, build  # noqa: E402
+from step_variants import Variant, build  # noqa: E402
 
 from fcmae.errors import ConfigError  # noqa: E402
 from fcmae.masking import kept_per_sample, random_mask  # noqa: E402

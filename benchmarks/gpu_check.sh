@@ -79,7 +79,7 @@ if [ $MINKOWSKI = 1 ]; then
         --sdist .me/MinkowskiEngine-0.5.4.tar.gz
     # FCMAE_REQUIRE_MINKOWSKI_CUDA: the CUDA test fails, not skips, where ME or its CUDA build is missing
     part "minkowski tests (CPU and CUDA)" 100 env FCMAE_REQUIRE_MINKOWSKI_CUDA=1 $PYTHON -m pytest -q \
-        -p no:cacheprovider -rs tests/test_minkowski.py
+        -p no:cacheprovider -m "" -rs tests/test_minkowski.py
     part "step time: sparse, dense, minkowski (fp32)" 70 $PYTHON benchmarks/step_time.py --device cuda \
         --backends sparse,dense,minkowski --modes eager --precisions fp32 --model atto tiny --batch-size 32 32 \
         --repeats 5 --output "$RESULTS/step_time_cuda_minkowski.md"
@@ -89,7 +89,7 @@ fi
 if [ $SHORT = 1 ]; then
     part "step-time benchmark, eager bf16" 90 $PYTHON benchmarks/step_time.py --device cuda --model atto tiny \
         --batch-size 128 128 --modes eager --precisions bf16 --repeats 5 --output "$RESULTS/step_time_cuda.md"
-    part "cuda tests" 80 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_compile.py \
+    part "cuda tests" 80 $PYTHON -m pytest -q -x -p no:cacheprovider -m "" tests/test_cuda.py tests/test_compile.py \
         -k "cuda and not aot_eager and not compiled_dense"
     finish
 fi
@@ -154,7 +154,7 @@ part "loader benchmark, gpu-augment" 40 $PYTHON benchmarks/loader.py --images 25
 #    30 steps of bf16 + compile pretraining through accelerate launch whose loss must fall. One process: two on
 #    one GPU is not a configuration NCCL supports; the 2-process path runs in the CPU tests (gloo).
 export FCMAE_INDUCTOR_TESTS=1  # inductor on CUDA too (the CPU suite checks graphs with aot_eager only)
-part "cuda tests" 200 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_compile.py \
+part "cuda tests" 200 $PYTHON -m pytest -q -x -p no:cacheprovider -m "" tests/test_cuda.py tests/test_compile.py \
     tests/test_data.py -k "cuda and not aot_eager" > "$WORK/tests.log" 2>&1 &
 TESTS=$!
 part "pretrain bf16 + compile, 30 steps" 200 $PYTHON -m accelerate.commands.launch --num_processes 1 \

@@ -8,7 +8,7 @@
 #
 #   scripts/check_lower_bounds.sh                      # timm 1.0.21, accelerate 1.1.0
 #   TIMM=1.0.22 ACCELERATE=1.2.0 scripts/check_lower_bounds.sh
-#   FCMAE_CHECK_LOWER_BOUNDS=1 python -m pytest tests/test_lower_bounds.py   # the same, as a test
+#   FCMAE_CHECK_LOWER_BOUNDS=1 python -m pytest -m slow tests/test_lower_bounds.py   # the same, as a test
 #
 # Exit status 0 and a last line "lower bounds OK: ..." when everything ran.
 set -euo pipefail

@@ -2,13 +2,21 @@ import pytest
 import torch
 
 import fcmae
-from helpers import SMALL
+from helpers import SMALL, write_photos
 
 
 @pytest.fixture
 def small_model() -> fcmae.FCMAE:
+    """A fresh SMALL model at 64 px, initialized as training starts it (seed 0), in training mode."""
     torch.manual_seed(0)
     return fcmae.create_model("atto", img_size=64, **SMALL)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """12 real photos (96 px crops), some in nested folders: the data of the pretraining runs."""
+    write_photos(tmp_path / "photos", 12, size=96)
+    return tmp_path / "photos"
 
 
 @pytest.fixture(autouse=True)

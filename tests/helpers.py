@@ -1,7 +1,25 @@
-"""Helpers shared by the tests: small models keep the suite fast on two CPU cores."""
+"""Helpers shared by the tests: small models keep the suite fast on two CPU cores. Test modules import from here
+(and take fixtures from conftest.py), never from each other."""
+
+import json
+from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 from torch import nn
+
+import finetune  # the repository's scripts: pyproject's pytest `pythonpath` puts the repository first on sys.path
+import fcmae
+import pretrain
+from fcmae.cli import convert as convert_cli
+from fcmae.encoder import SparseConvNeXtV2
+from fcmae.cli import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
+# A small, fast pretrain.py run: atto at 64 px, a narrow decoder, no data-loader workers.
+FAST = ["--model", "atto", "--input-size", "64", "--batch-size", "4", "--decoder-embed-dim", "64",
+        "--num-workers", "0", "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--vis-every", "0"]
 
 
 # A small custom ConvNeXt V2 (the named sizes are far too slow for unit tests on CPU).
@@ -28,8 +46,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def write_photos(folder, count: int = 12, size: int = 128):
     """Write `count` real photos (scikit-image's samples, cut into crops) as JPEG and PNG files, some nested."""
-    from pathlib import Path
-
     from fcmae.data import demo_image_files, load_rgb
 
     folder = Path(folder)
@@ -51,3 +67,65 @@ def launcher_failure(stderr: str) -> str:
     """What a failed `accelerate launch` printed, minus torchrun's summary (which names no cause)."""
     cause = stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
     return cause[-6000:]
+
+
+def run_main(main, argv: list[str]) -> int:
+    """A script's main in this process, as its command runs it (one-line errors, exit status); the accelerate
+    state is reset afterwards so that the next run starts clean."""
+    try:
+        return run_cli(main, argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def run_pretrain(argv: list[str]) -> int:
+    """pretrain.py's main in this process, as the CLI runs it; returns the exit status."""
+    return run_main(pretrain.main, argv)
+
+
+def run_finetune(argv: list[str]) -> int:
+    """finetune.py's main in this process, as the CLI runs it; returns the exit status."""
+    return run_main(finetune.main, argv)
+
+
+def records(output_dir) -> list[dict]:
+    """The run's metrics.jsonl, a dict per line."""
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def error_lines(capsys) -> list[str]:
+    """The lines the run printed to stderr that are not the progress bar."""
+    return [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("train:")]
+
+
+def one_line_error(capsys, argv) -> str:
+    """fcmae-convert's error for argv: it must exit with status 2, print nothing to stdout and one line to stderr."""
+    assert convert_cli.main([str(a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured
+    return captured.err
+
+
+def randomized_small_model(seed: int = 0) -> fcmae.FCMAE:
+    """SMALL at 64 px with random values in every parameter, in eval mode."""
+    return randomize_(fcmae.create_model("atto", img_size=64, **SMALL), seed).eval()
+
+
+def encoder_pair(drop_path_rate: float = 0.0, seed: int = 0) -> tuple[SparseConvNeXtV2, SparseConvNeXtV2]:
+    """A sparse encoder and a dense one (SMALL) with the same random weights."""
+    sparse = randomize_(SparseConvNeXtV2(SMALL["depths"], SMALL["dims"], drop_path_rate, "sparse"), seed)
+    dense = SparseConvNeXtV2(SMALL["depths"], SMALL["dims"], drop_path_rate, "dense")
+    dense.load_state_dict(sparse.state_dict())
+    return sparse, dense
+
+
+def forward_backward(encoder: nn.Module, imgs: torch.Tensor, mask: torch.Tensor, seed: int = 0):
+    """Forward and backward with a fixed random upstream gradient; returns the output (N, C, h, w), the input
+    gradient (N, 3, H, W) and the parameter gradients by name."""
+    encoder.zero_grad(set_to_none=True)
+    imgs = imgs.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # same drop-path draws for both backends
+    out = encoder(imgs, mask)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    (out * upstream).sum().backward()
+    return out, imgs.grad, {n: p.grad for n, p in encoder.named_parameters()}

@@ -15,8 +15,7 @@ import torch
 
 import fcmae
 from fcmae.checkpoints.output import OutputError, explain_write_error
-from helpers import launcher_failure
-from test_pretrain import FAST, ROOT, error_lines, photos, records, run  # noqa: F401 (photos: a fixture)
+from helpers import FAST, ROOT, error_lines, launcher_failure, records, run_pretrain
 
 PAGE = 4096  # tmpfs counts space in pages
 
@@ -86,14 +85,14 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temp_folder(photos,
     # checkpoints/ exists (it is the mount point) before the first run: --resume auto starts it from scratch.
     base = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--save-every", "2", "--resume", "auto"]
     with tmpfs(checkpoints, 256 << 20):
-        assert run(base + ["--max-steps", "2"]) == 0
+        assert run_pretrain(base + ["--max-steps", "2"]) == 0
         first = checkpoints / "step_00000002"
         sizes = {f.name: f.stat().st_size for f in first.iterdir()}
         # Room for the files Accelerate writes before the failing one, and half of that one.
         before = ["model.safetensors"] if failing == "optimizer.bin" else []
         resize(checkpoints, PAGE * (sum(pages(sizes[n]) for n in before) + pages(sizes[failing]) // 2))
         capsys.readouterr()
-        assert run(base + ["--max-steps", "4"]) == 2
+        assert run_pretrain(base + ["--max-steps", "4"]) == 2
         err = error_lines(capsys)
         assert failed_writes == [(failing, library)]  # the full disk hit the library this case is about
         assert len(err) == 1, err
@@ -103,6 +102,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temp_folder(photos,
         assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002"]  # no .tmp_ folder left
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_two_processes_ends_every_rank_with_the_same_line(photos, tmp_path):
     out = tmp_path / "run"
     checkpoints = out / "checkpoints"
@@ -161,7 +161,7 @@ def test_a_flipped_byte_is_refused_naming_the_file_and_the_intact_checkpoint(pho
     out = tmp_path / "run"
     checkpoints = out / "checkpoints"
     base = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--save-every", "3"]
-    assert run(base + ["--max-steps", "6"]) == 0
+    assert run_pretrain(base + ["--max-steps", "6"]) == 0
     newest, intact = checkpoints / "step_00000006", checkpoints / "step_00000003"
     state = json.loads((newest / "trainer_state.json").read_text())
     assert set(state["files"]) == {p.name for p in newest.iterdir()} - {"trainer_state.json"}
@@ -171,13 +171,13 @@ def test_a_flipped_byte_is_refused_naming_the_file_and_the_intact_checkpoint(pho
     weights.write_bytes(data)
     capsys.readouterr()
 
-    assert run(base + ["--max-steps", "9", "--resume", "auto"]) == 2
+    assert run_pretrain(base + ["--max-steps", "9", "--resume", "auto"]) == 2
     err = error_lines(capsys)
     assert err == [f"error: checkpoint {newest} is damaged (model.safetensors does not match the SHA-256 recorded "
                    f"when it was saved); the newest intact one is {intact}: resume from it with --resume {intact}"]
 
     (checkpoints / ".tmp_step_00000007.deadrun").mkdir()  # what a run killed mid-save leaves
-    assert run(base + ["--max-steps", "9", "--resume", str(intact)]) == 0
+    assert run_pretrain(base + ["--max-steps", "9", "--resume", str(intact)]) == 0
     printed = capsys.readouterr().out
     assert f"resumed from {intact} at step 3" in printed
     assert f"removed {checkpoints / '.tmp_step_00000007.deadrun'}" in printed
@@ -190,7 +190,7 @@ def test_an_empty_state_or_a_missing_weights_file_is_refused_in_one_line(photos,
     out = tmp_path / "run"
     common = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--save-every", "2"]
     base = common + ["--max-steps", "6", "--resume", "auto"]
-    assert run(common + ["--max-steps", "4"]) == 0
+    assert run_pretrain(common + ["--max-steps", "4"]) == 0
     newest, intact = out / "checkpoints" / "step_00000004", out / "checkpoints" / "step_00000002"
     advice = f"; the newest intact one is {intact}: resume from it with --resume {intact}"
     state_file = newest / "trainer_state.json"
@@ -198,12 +198,12 @@ def test_an_empty_state_or_a_missing_weights_file_is_refused_in_one_line(photos,
     capsys.readouterr()
 
     state_file.write_text("")
-    assert run(base) == 2
+    assert run_pretrain(base) == 2
     assert error_lines(capsys) == [f"error: checkpoint {newest} is damaged ({state_file} is empty){advice}"]
 
     state_file.write_text(saved_state)
     (newest / "model.safetensors").unlink()
-    assert run(base) == 2
+    assert run_pretrain(base) == 2
     assert error_lines(capsys) == [f"error: checkpoint {newest} is damaged (model.safetensors is missing){advice}"]
 
     # Checkpoints saved before the SHA-256 were recorded: the missing file has its own name (Accelerate would say
@@ -212,7 +212,7 @@ def test_an_empty_state_or_a_missing_weights_file_is_refused_in_one_line(photos,
         state = json.loads((folder / "trainer_state.json").read_text())
         del state["files"]
         (folder / "trainer_state.json").write_text(json.dumps(state))
-    assert run(base) == 2
+    assert run_pretrain(base) == 2
     assert error_lines(capsys) == [f"error: checkpoint {newest} is damaged (model.safetensors is missing){advice}"]
-    assert run(common + ["--max-steps", "6", "--resume", str(intact)]) == 0
+    assert run_pretrain(common + ["--max-steps", "6", "--resume", str(intact)]) == 0
     assert f"resumed from {intact} at step 2" in capsys.readouterr().out

@@ -13,8 +13,8 @@ from timm.models.convnext import checkpoint_filter_fn
 import fcmae
 import fcmae.cli.visualize
 from fcmae import convert
-from helpers import SMALL, randomize_
-from test_convert import official_state, save_official, small_model
+from helpers import SMALL, randomize_, randomized_small_model
+from official_layout import official_state, save_official
 
 
 class Evil:
@@ -25,7 +25,7 @@ class Evil:
 
 
 def test_load_recognizes_every_input_kind(tmp_path):
-    model = small_model()
+    model = randomized_small_model()
     ours = model.state_dict()
     fcmae.save_model(model, tmp_path / "model.safetensors")
     save_official(tmp_path / "me.pth", official_state(ours, me=True), wrapped=True)

@@ -13,8 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from helpers import launcher_failure
-from test_pretrain import FAST, ROOT, photos, records, run  # noqa: F401 (photos: a fixture)
+from helpers import FAST, ROOT, launcher_failure, records, run_pretrain
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
 
@@ -88,6 +87,7 @@ def alive(pid: int) -> bool:
 # Preemption ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_to_every_process_saves_the_step_and_resume_is_bit_identical(photos, tmp_path):
     """As SLURM does on preemption: SIGTERM to every process of the job, data-loader workers included."""
     common = FAST + ["--data-path", str(photos), "--max-steps", "20", "--save-every", "1000", "--seed", "5",
@@ -115,6 +115,7 @@ def test_sigterm_to_every_process_saves_the_step_and_resume_is_bit_identical(pho
     assert same_weights(out / "fcmae_model.safetensors", tmp_path / "straight" / "fcmae_model.safetensors")
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_of_two_processes_saves_and_resumes_exactly(photos, tmp_path):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 garbage")  # met by both ranks, in every epoch
     (photos / "empty.png").write_bytes(b"")
@@ -166,6 +167,7 @@ with p.StopSignals() as stop:
 # One writer per output folder --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_in_a_live_runs_folder_is_refused_naming_its_process(photos, tmp_path):
     common = FAST + ["--data-path", str(photos), "--save-every", "2"]
     out, log = tmp_path / "run", tmp_path / "first.log"
@@ -185,10 +187,12 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_naming_its_process(photos
     finally:
         kill_session(first)  # dies without a word, holding the lock, maybe mid-save
     (out / "checkpoints" / ".tmp_step_00000099.deadbeef").mkdir()  # a dead run's temp folder
-    assert run(common + ["--max-steps", "6", "--output-dir", str(out), "--resume", "auto"]) == 0  # stale: taken over
+    # the lock is stale: the run takes it over
+    assert run_pretrain(common + ["--max-steps", "6", "--output-dir", str(out), "--resume", "auto"]) == 0
     assert not list((out / "checkpoints").glob(".tmp_*"))
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_in_one_folder_one_is_refused(photos, tmp_path):
     out = tmp_path / "run"
     cmds = [[sys.executable, str(ROOT / "pretrain.py"), *FAST, "--data-path", str(photos), "--max-steps", "30",
@@ -210,6 +214,7 @@ def test_two_runs_started_at_once_in_one_folder_one_is_refused(photos, tmp_path)
 # Hung peers and dead launchers ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_ends_the_job_with_one_line_naming_it(photos, tmp_path):
     out, log = tmp_path / "run", tmp_path / "run.log"
     proc = start(launch_cmd(*FAST, "--data-path", str(photos), "--max-steps", "400", "--save-every", "2",
@@ -235,6 +240,7 @@ def test_a_stopped_rank_ends_the_job_with_one_line_naming_it(photos, tmp_path):
     assert (newest / "trainer_state.json").is_file()
 
 
+@pytest.mark.slow
 def test_killing_the_launcher_ends_its_ranks(photos, tmp_path):
     out, log = tmp_path / "run", tmp_path / "run.log"
     proc = start(launch_cmd(*FAST, "--data-path", str(photos), "--max-steps", "400", "--save-every", "2",
@@ -273,6 +279,7 @@ def finished(procs: list[subprocess.Popen], port: int, tmp_path: Path) -> list[t
     return [(p.wait(timeout=300), (tmp_path / f"machine{m}-{port}.log").read_text()) for m, p in enumerate(procs)]
 
 
+@pytest.mark.slow
 def test_two_machines_preempted_then_resumed_on_a_shared_folder(photos, tmp_path):
     """SIGTERM to machine 0's launcher: its rank asks, machine 1's rank follows at the same step, both save."""
     common = FAST + ["--data-path", str(photos), "--max-steps", "12", "--save-every", "1000", "--seed", "4"]
@@ -296,6 +303,7 @@ def test_two_machines_preempted_then_resumed_on_a_shared_folder(photos, tmp_path
     assert same_weights(out / "fcmae_model.safetensors", tmp_path / "straight" / "fcmae_model.safetensors")
 
 
+@pytest.mark.slow
 def test_machines_that_do_not_share_the_output_folder_are_refused(photos, tmp_path):
     """Node-local disks, for real: machine 1 runs in a mount namespace where --output-dir is another folder."""
     if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:

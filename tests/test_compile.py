@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fcmae
-from helpers import SMALL, randomize_, rel_err
+from helpers import FAST, SMALL, randomize_, records, rel_err, run_pretrain, write_photos
 
 BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
     not os.environ.get("FCMAE_INDUCTOR_TESTS"), reason="inductor compiles for minutes on CPU; FCMAE_INDUCTOR_TESTS=1"))]
@@ -46,6 +46,7 @@ def assert_close(a, b):
         assert rel_err(grads_a[name], grad) <= tol, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiler", BACKENDS)
 def test_compiled_sparse_step_equals_eager_and_never_recompiles(compiler, device, recwarn):
@@ -69,6 +70,7 @@ def test_compiled_sparse_step_equals_eager_and_never_recompiles(compiler, device
     assert set(compiled.state_dict()) == set(eager.state_dict())  # no _orig_mod. prefix
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiler", BACKENDS)
 def test_compiled_dense_step_equals_eager(compiler, device):
@@ -78,12 +80,10 @@ def test_compiled_dense_step_equals_eager(compiler, device):
     assert_close(loss_and_grads(compiled, imgs, seed=5), loss_and_grads(eager, imgs, seed=5))
 
 
+@pytest.mark.slow
 def test_pretrain_with_compile_and_bf16_on_cpu(tmp_path, monkeypatch, capsys):
     """pretrain.py --compile --mixed-precision bf16 end to end (aot_eager standing in for inductor, as above)."""
     import functools
-
-    from test_pretrain import FAST, records, run
-    from helpers import write_photos
 
     write_photos(tmp_path / "photos", 8, size=96)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
@@ -94,7 +94,7 @@ def test_pretrain_with_compile_and_bf16_on_cpu(tmp_path, monkeypatch, capsys):
     torch._dynamo.reset()
     argv = FAST + ["--data-path", str(tmp_path / "photos"), "--output-dir", str(tmp_path / "run"), "--max-steps", "6",
                    "--compile", "--mixed-precision", "bf16"]
-    assert run(argv) == 0
+    assert run_pretrain(argv) == 0
     assert "mixed precision bf16" in capsys.readouterr().out
     assert len(records(tmp_path / "run")) == 6 and all(r["loss"] > 0 for r in records(tmp_path / "run"))
     # the warm-up step that compiles before training (fcmae.training.compilation) and every training step ran the
@@ -106,7 +106,6 @@ def test_pretrain_with_compile_and_bf16_on_cpu(tmp_path, monkeypatch, capsys):
 def test_fp16_without_cuda_is_a_one_line_error(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("fp16 is allowed on CUDA")
-    from test_pretrain import FAST, run
-
-    assert run(FAST + ["--data-path", "demo", "--output-dir", str(tmp_path / "run"), "--mixed-precision", "fp16"]) == 2
+    assert run_pretrain(FAST + ["--data-path", "demo", "--output-dir", str(tmp_path / "run"), "--mixed-precision",
+                                "fp16"]) == 2
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err

@@ -9,7 +9,6 @@ import argparse
 import fractions
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -21,72 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import fcmae
-from fcmae import convert as conv
 from fcmae.cli import convert as convert_cli
-from helpers import SMALL, randomize_, rel_err
-
-
-# Official layouts, built from our state dict ----------------------------------------------------------------
-
-
-def me_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Dense (C_out, C_in, k, k) -> ME (k*k, C_in, C_out): offset n holds the window's row n % k, column n // k."""
-    c_out, c_in, k, _ = weight.shape
-    kernel = torch.empty(k * k, c_in, c_out)
-    for row in range(k):
-        for col in range(k):
-            kernel[col * k + row] = weight[:, :, row, col].T
-    return kernel
-
-
-def me_depthwise_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Dense depthwise (C, 1, k, k) -> ME (k*k, C), same offset order."""
-    return me_kernel(weight.transpose(0, 1))[:, :, 0]
-
-
-BLOCK_RENAMES = [("conv_dw.", "dwconv."), ("mlp.fc1.", "pwconv1."), ("mlp.fc2.", "pwconv2."),
-                 ("mlp.grn.weight", "grn.gamma"), ("mlp.grn.bias", "grn.beta")]
-
-
-def official_state(ours: dict, me: bool, prefix: bool = True, decoder: bool = True) -> dict:
-    """Our FCMAE state dict in the official layout: MinkowskiEngine (me) or dense, with or without the
-    `encoder.` prefix and the decoder."""
-    out = {}
-    for key, value in ours.items():
-        if key.startswith("decoder."):
-            if not decoder:
-                continue
-            key = re.sub(r"^decoder\.(proj|mask_token|pred)", r"\1", key)
-            key = re.sub(r"^decoder\.blocks\.", "decoder.", key)
-        else:
-            key = re.sub(r"^encoder\.stem\.", "encoder.downsample_layers.0.", key)
-            key = re.sub(r"^encoder\.stages\.(\d+)\.downsample\.", r"encoder.downsample_layers.\1.", key)
-            key = re.sub(r"^encoder\.stages\.(\d+)\.blocks\.", r"encoder.stages.\1.", key)
-        for old, new in BLOCK_RENAMES:
-            key = key.replace(old, new)
-        if key.endswith(("grn.gamma", "grn.beta")):
-            value = value.reshape(1, 1, 1, -1)
-        if me and key.startswith("encoder.") and not key.startswith("encoder.downsample_layers.0."):
-            key, value = me_entry(key, value)
-        if not prefix:
-            key = key.removeprefix("encoder.")
-        out[key] = value.clone()
-    return out
-
-
-def me_entry(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """One dense official encoder tensor in the MinkowskiEngine layout."""
-    if re.search(r"downsample_layers\.\d+\.0\.|\.norm\.", key):
-        return re.sub(r"\.(weight|bias)$", r".ln.\1", key), value
-    if ".pwconv" in key:
-        return re.sub(r"\.(weight|bias)$", r".linear.\1", key), value
-    if key.endswith("grn.gamma") or key.endswith("grn.beta"):
-        return key, value.reshape(1, -1)
-    if key.endswith(".bias"):
-        return key, value.reshape(1, -1)
-    if ".dwconv." in key:
-        return key.replace(".weight", ".kernel"), me_depthwise_kernel(value)
-    return key.replace(".weight", ".kernel"), me_kernel(value)
+from fcmae import convert as conv
+from helpers import SMALL, one_line_error, randomize_, randomized_small_model, rel_err
+from official_layout import me_depthwise_kernel, me_kernel, official_state, save_official
 
 
 # An independent reference of the official FCMAE computation ---------------------------------------------------
@@ -183,21 +120,9 @@ def official_fcmae(sd: dict, imgs: torch.Tensor, mask: torch.Tensor, me: bool):
 # Fixtures ---------------------------------------------------------------------------------------------------
 
 
-def small_model(seed: int = 0) -> fcmae.FCMAE:
-    return randomize_(fcmae.create_model("atto", img_size=64, **SMALL), seed).eval()
-
-
 def custom_model(seed: int = 0) -> fcmae.FCMAE:
     """SMALL as a custom size (the name records no named model)."""
     return randomize_(fcmae.create_model("custom", **SMALL), seed).eval()
-
-
-def save_official(path, state: dict, wrapped: bool, args: argparse.Namespace | None = None):
-    """torch.save as the official main_pretrain.py does ({'model': ..., 'optimizer': ..., 'epoch', 'args'})."""
-    obj = {"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "args": args} \
-        if wrapped else state
-    torch.save(obj, path)
-    return path
 
 
 IMGS = torch.randn(1, 3, 96, 64, generator=torch.Generator().manual_seed(5))
@@ -231,7 +156,7 @@ def test_kernel_math_is_exact_and_matches_minkowski_convolution():
 
 def test_reference_is_the_official_computation_of_our_model():
     """Sanity of the test's own reference: the dense official computation on our own model's tensors."""
-    model = small_model()
+    model = randomized_small_model()
     loss, pred, _ = model(IMGS, MASK)
     ref_loss, ref_pred = official_fcmae(official_state(model.state_dict(), me=False), IMGS, MASK, me=False)
     assert rel_err(pred, ref_pred) <= 1e-5 and loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
@@ -250,7 +175,7 @@ OFFICIAL_CASES = [  # (me, prefix, decoder, wrapped)
 
 @pytest.mark.parametrize("me, prefix, decoder, wrapped", OFFICIAL_CASES)
 def test_official_checkpoints_convert_both_ways(tmp_path, me, prefix, decoder, wrapped):
-    model = small_model(seed=1)
+    model = randomized_small_model(seed=1)
     args = argparse.Namespace(model="convnextv2_atto", input_size=96, mask_ratio=0.5, norm_pix_loss=True, lr=None)
     official = official_state(model.state_dict(), me, prefix, decoder)
     path = save_official(tmp_path / "checkpoint-3.pth", official, wrapped, args if wrapped else None)
@@ -289,7 +214,7 @@ def test_official_checkpoints_convert_both_ways(tmp_path, me, prefix, decoder, w
 
 def test_minkowski_batch_wide_grn_is_the_one_difference():
     """With a batch of two the official MinkowskiEngine GRN mixes samples; ours (and the dense model's) does not."""
-    model = small_model(seed=2)
+    model = randomized_small_model(seed=2)
     imgs = torch.cat([IMGS, 3 * torch.randn_like(IMGS)])
     mask = torch.cat([MASK, 1 - MASK])
     official = official_state(model.state_dict(), me=True)
@@ -532,13 +457,6 @@ def test_unreadable_inputs(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "good.safetensors").read_bytes()[:-1000])
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         conv.load_checkpoint(tmp_path / "cut.safetensors")
-
-
-def one_line_error(capsys, argv) -> str:
-    assert convert_cli.main([str(a) for a in argv]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
-    return captured.err
 
 
 def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import fcmae
-from helpers import SMALL, randomize_, rel_err
-from test_encoder import pair
+from helpers import SMALL, encoder_pair, randomize_, rel_err
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
@@ -38,7 +37,7 @@ def inputs(device, ragged: bool):
 @CUDA
 @pytest.mark.parametrize("ragged", [False, True])
 def test_backends_agree_on_cuda_in_fp32(ragged):
-    sparse, dense = (m.cuda() for m in pair(seed=5))
+    sparse, dense = (m.cuda() for m in encoder_pair(seed=5))
     imgs, mask = inputs("cuda", ragged)
     for a, b in zip(run(sparse, imgs, mask), run(dense, imgs, mask)):
         assert rel_err(a, b) <= 1e-5
@@ -51,7 +50,7 @@ def test_bf16_sparse_is_as_close_to_fp32_as_bf16_dense(device, ragged):
     (output, input grad, every parameter grad; each relative to its largest value), the sparse backend's bf16
     errors must average no more than 1.5x the masked-dense backend's, and none may exceed 10%. Measured on CPU:
     1.9% vs 2.0% (uniform mask), 2.1% vs 1.8% (ragged), at most 8%."""
-    sparse, dense = (m.to(device) for m in pair(seed=5))
+    sparse, dense = (m.to(device) for m in encoder_pair(seed=5))
     imgs, mask = inputs(device, ragged)
     reference = run(dense, imgs, mask)
     sparse16, dense16 = run(sparse, imgs, mask, torch.bfloat16), run(dense, imgs, mask, torch.bfloat16)

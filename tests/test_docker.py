@@ -48,6 +48,7 @@ def test_readme_commands_are_what_verify_runs(readme: str) -> None:
     assert "-f docker/Dockerfile -t fcmae:cpu ." in script
 
 
+@pytest.mark.slow
 def test_verify_script() -> None:
     engine = shutil.which("podman") or shutil.which("docker")
     if engine is None:

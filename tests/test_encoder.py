@@ -7,31 +7,12 @@ import torch
 import fcmae
 from fcmae.encoder import SparseConvNeXtV2
 
-from helpers import SMALL, randomize_, rel_err
-
-
-def pair(drop_path_rate: float = 0.0, seed: int = 0):
-    """A sparse encoder and a dense one with the same random weights."""
-    sparse = randomize_(SparseConvNeXtV2(SMALL["depths"], SMALL["dims"], drop_path_rate, "sparse"), seed)
-    dense = SparseConvNeXtV2(SMALL["depths"], SMALL["dims"], drop_path_rate, "dense")
-    dense.load_state_dict(sparse.state_dict())
-    return sparse, dense
-
-
-def run(encoder, imgs, mask, seed=0):
-    """Forward and backward with a fixed random upstream gradient; returns output, input grad, param grads."""
-    encoder.zero_grad(set_to_none=True)
-    imgs = imgs.clone().requires_grad_(True)
-    torch.manual_seed(seed)  # same drop-path draws for both backends
-    out = encoder(imgs, mask)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
-    (out * upstream).sum().backward()
-    return out, imgs.grad, {n: p.grad for n, p in encoder.named_parameters()}
+from helpers import SMALL, encoder_pair, forward_backward, randomize_, rel_err
 
 
 def assert_same(sparse, dense, imgs, mask, tol=1e-5):
-    out_s, gi_s, gp_s = run(sparse, imgs, mask)
-    out_d, gi_d, gp_d = run(dense, imgs, mask)
+    out_s, gi_s, gp_s = forward_backward(sparse, imgs, mask)
+    out_d, gi_d, gp_d = forward_backward(dense, imgs, mask)
     assert rel_err(out_s, out_d) <= tol
     assert rel_err(gi_s, gi_d) <= tol
     for name in gp_d:
@@ -44,7 +25,7 @@ def assert_same(sparse, dense, imgs, mask, tol=1e-5):
 @pytest.mark.parametrize("size", [(64, 64), (64, 96), (96, 32), (128, 64)])
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
 def test_backends_agree_on_random_masks(size, ratio):
-    sparse, dense = pair()
+    sparse, dense = encoder_pair()
     gen = torch.Generator().manual_seed(sum(size))
     imgs = torch.randn(3, 3, *size, generator=gen)
     mask = fcmae.random_mask(3, (size[0] // 32, size[1] // 32), ratio, generator=gen)
@@ -52,7 +33,7 @@ def test_backends_agree_on_random_masks(size, ratio):
 
 
 def test_backends_agree_when_samples_have_different_visible_counts():
-    sparse, dense = pair(seed=1)
+    sparse, dense = encoder_pair(seed=1)
     imgs = torch.randn(4, 3, 96, 96)
     mask = torch.tensor(
         [
@@ -68,13 +49,13 @@ def test_backends_agree_when_samples_have_different_visible_counts():
 
 
 def test_backends_agree_on_a_batch_of_one():
-    sparse, dense = pair(seed=2)
+    sparse, dense = encoder_pair(seed=2)
     imgs = torch.randn(1, 3, 64, 128)
     assert_same(sparse, dense, imgs, torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]]))
 
 
 def test_backends_agree_with_per_sample_drop_path_in_training():
-    sparse, dense = pair(drop_path_rate=0.5, seed=3)
+    sparse, dense = encoder_pair(drop_path_rate=0.5, seed=3)
     sparse.train(), dense.train()
     imgs = torch.randn(6, 3, 64, 64)
     mask = fcmae.random_mask(6, (2, 2), 0.5, generator=torch.Generator().manual_seed(0))
@@ -85,7 +66,7 @@ def test_backends_agree_with_per_sample_drop_path_in_training():
 
 
 def test_gradient_flows_only_from_visible_patches():
-    sparse, _ = pair()
+    sparse, _ = encoder_pair()
     imgs = torch.randn(2, 3, 64, 64, requires_grad=True)
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]])
     sparse(imgs, mask).sum().backward()

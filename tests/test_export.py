@@ -18,12 +18,11 @@ import torch
 
 import fcmae
 import fcmae.exports
-from fcmae import convert as conv
 from fcmae.cli import convert as convert_cli
+from fcmae import convert as conv
 from fcmae.data import eval_transform, load_rgb
-from helpers import SMALL, randomize_, rel_err, write_photos
-from test_convert import official_state, save_official
-from test_finetune import call, finetune, pretrain
+from helpers import SMALL, one_line_error, randomize_, rel_err, run_finetune, run_pretrain, write_photos
+from official_layout import official_state, save_official
 
 transformers = pytest.importorskip("transformers")  # the dev extra installs it
 
@@ -36,20 +35,20 @@ def runs(tmp_path_factory):
     an ImageFolder of photos (3 classes); both on scikit-image's photos."""
     tmp = tmp_path_factory.mktemp("runs")
     photos = write_photos(tmp / "photos", 12, size=96)
-    assert call(pretrain.main, ["--model", "atto", "--data-path", str(tmp / "photos"), "--output-dir",
-                                str(tmp / "pre"), "--input-size", str(SIZE), "--batch-size", "4", "--max-steps", "4",
-                                "--save-every", "2", "--decoder-embed-dim", "32", "--num-workers", "0", "--lr", "1e-3",
-                                "--warmup-steps", "1", "--log-every", "1", "--mask-ratio", "0.5"]) == 0
+    assert run_pretrain(["--model", "atto", "--data-path", str(tmp / "photos"), "--output-dir",
+                         str(tmp / "pre"), "--input-size", str(SIZE), "--batch-size", "4", "--max-steps", "4",
+                         "--save-every", "2", "--decoder-embed-dim", "32", "--num-workers", "0", "--lr", "1e-3",
+                         "--warmup-steps", "1", "--log-every", "1", "--mask-ratio", "0.5"]) == 0
     for i, photo in enumerate(photos):
         split = "val" if i % 4 == 3 else "train"
         folder = tmp / "labeled" / split / ("cat", "dog", "fox")[i % 3]
         folder.mkdir(parents=True, exist_ok=True)
         load_rgb(photo).save(folder / f"{i}.png")
-    assert call(finetune.main, ["--model", "atto", "--data-path", str(tmp / "labeled"), "--finetune",
-                                str(tmp / "pre" / "fcmae_model.safetensors"), "--output-dir", str(tmp / "ft"),
-                                "--input-size", str(SIZE), "--batch-size", "4", "--max-steps", "2", "--num-workers",
-                                "0", "--mixup", "0", "--cutmix", "0", "--aa", "", "--reprob", "0",
-                                "--warmup-steps", "0", "--layer-decay", "0.9", "--layer-decay-type", "single"]) == 0
+    assert run_finetune(["--model", "atto", "--data-path", str(tmp / "labeled"), "--finetune",
+                         str(tmp / "pre" / "fcmae_model.safetensors"), "--output-dir", str(tmp / "ft"),
+                         "--input-size", str(SIZE), "--batch-size", "4", "--max-steps", "2", "--num-workers",
+                         "0", "--mixup", "0", "--cutmix", "0", "--aa", "", "--reprob", "0",
+                         "--warmup-steps", "0", "--layer-decay", "0.9", "--layer-decay-type", "single"]) == 0
     return tmp
 
 
@@ -587,13 +586,6 @@ def test_official_export_of_a_classifier_is_what_official_resume_reads(runs, tmp
 
 
 # Bad inputs -----------------------------------------------------------------------------------------------------
-
-
-def one_line_error(capsys, argv) -> str:
-    assert convert_cli.main([str(a) for a in argv]) == 2
-    captured = capsys.readouterr()
-    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured
-    return captured.err
 
 
 def test_bad_export_inputs_end_with_one_line(runs, tmp_path, capsys, monkeypatch):

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +13,13 @@ import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
 
+import finetune
+import pretrain
 from fcmae.config import LINEAR_PROBE_RECIPE, ConfigError
 from fcmae.data import write_digits
 from fcmae.layer_decay import layer_id, param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
-from fcmae.cli import run_cli
-from helpers import launcher_failure
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import finetune  # noqa: E402
-import pretrain  # noqa: E402
+from helpers import ROOT, error_lines, launcher_failure, run_finetune, run_pretrain
 
 FAST = ["--model", "atto", "--input-size", "64", "--batch-size", "32", "--num-workers", "0", "--lr", "2e-3",
         "--warmup-epochs", "0.5", "--layer-decay", "0.9", "--layer-decay-type", "single", "--drop-path", "0",
@@ -36,24 +31,17 @@ PROBE = ["--model", "atto", "--input-size", "64", "--batch-size", "32", "--num-w
 PROBE_ACCURACY = 10.0  # above chance after 4 epochs = 3 full-batch steps (measured 17.5; see README, Linear probe)
 
 
-def call(main, argv):
-    try:
-        return run_cli(main, argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Digits in the ImageNet layout, FCMAE on them (no labels), then a 3-epoch fine-tune from that checkpoint."""
     tmp = tmp_path_factory.mktemp("finetune")
     data = write_digits(tmp / "digits")
-    assert call(pretrain.main, ["--data-path", str(data), "--output-dir", str(tmp / "pre"), "--input-size", "64",
-                                "--batch-size", "32", "--max-steps", "90", "--lr", "3e-4", "--warmup-steps", "10",
-                                "--decoder-embed-dim", "64", "--num-workers", "0", "--vis-every", "0"]) == 0
+    assert run_pretrain(["--data-path", str(data), "--output-dir", str(tmp / "pre"), "--input-size", "64",
+                         "--batch-size", "32", "--max-steps", "90", "--lr", "3e-4", "--warmup-steps", "10",
+                         "--decoder-embed-dim", "64", "--num-workers", "0", "--vis-every", "0"]) == 0
     out = tmp / "ft"
-    assert call(finetune.main, FAST + ["--data-path", str(data), "--finetune", str(tmp / "pre/fcmae_model.safetensors"),
-                                       "--output-dir", str(out), "--epochs", "3"]) == 0
+    assert run_finetune(FAST + ["--data-path", str(data), "--finetune", str(tmp / "pre/fcmae_model.safetensors"),
+                                "--output-dir", str(out), "--epochs", "3"]) == 0
     return data, tmp / "pre" / "fcmae_model.safetensors", out
 
 
@@ -61,6 +49,7 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_fine_tuning_reaches_the_stated_accuracy(trained):
     _, _, out = trained
     records = metrics(out)
@@ -71,6 +60,7 @@ def test_fine_tuning_reaches_the_stated_accuracy(trained):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_saved_model_loads_strictly_in_timm_and_eval_reproduces_its_accuracy(trained, capsys):
     data, _, out = trained
     state = safetensors.torch.load_file(out / "classifier.safetensors")
@@ -91,12 +81,13 @@ def test_saved_model_loads_strictly_in_timm_and_eval_reproduces_its_accuracy(tra
         capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_eval_settings_explicit_flags_win_and_old_files_use_their_run_config(trained, tmp_path, capsys):
     data, _, out = trained
     common = ["--eval", "--data-path", str(data), "--model", "atto", "--num-workers", "0"]
     capsys.readouterr()
-    call(finetune.main, common + ["--resume", str(out / "classifier.safetensors"), "--input-size", "96",
-                                  "--interpolation", "bilinear"])
+    run_finetune(common + ["--resume", str(out / "classifier.safetensors"), "--input-size", "96",
+                           "--interpolation", "bilinear"])
     printed = capsys.readouterr().out
     assert "eval at input_size [96], crop_pct 0.875 (saved with the model), interpolation bilinear" in printed
     # A model file without these metadata keys (written before they existed, under the old name) takes them from
@@ -114,6 +105,7 @@ def test_eval_settings_explicit_flags_win_and_old_files_use_their_run_config(tra
     assert finetune.saved_eval_settings(str(old / "model.safetensors")) == {}
 
 
+@pytest.mark.slow
 def test_two_processes_count_every_validation_image_once(trained, tmp_path):
     data, _, out = trained
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -130,12 +122,13 @@ def test_two_processes_count_every_validation_image_once(trained, tmp_path):
     assert f"val_acc1 {recorded:.2f}" in line
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_only_the_head_and_saves_a_timm_model(trained, tmp_path, capsys):
     data, pretrained, _ = trained
     out = tmp_path / "probe"
     capsys.readouterr()
-    assert call(finetune.main, PROBE + ["--data-path", str(data), "--finetune", str(pretrained), "--output-dir",
-                                        str(out), "--epochs", "4"]) == 0
+    assert run_finetune(PROBE + ["--data-path", str(data), "--finetune", str(pretrained), "--output-dir",
+                                 str(out), "--epochs", "4"]) == 0
     printed = capsys.readouterr().out
     # 1438 images in batches of 32: 44 batches, less than the recipe's 16384; all are accumulated per step.
     assert "accum_steps 44: the dataset holds only 44 batch(es) of 32 per epoch" in printed
@@ -272,6 +265,7 @@ def test_layer_ids_follow_the_official_release():
     ("eval-pretrained", "is an FCMAE pretraining model, not a classifier: fine-tune it with --finetune"),
     ("channels", "channels, the data config expects 4 (--in-chans, and one --mean / --std value per channel)"),
 ])
+@pytest.mark.slow
 def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message):
     data, pretrained, _ = trained
     argv = FAST + ["--data-path", str(data), "--output-dir", str(tmp_path / "run"), "--epochs", "1"]
@@ -295,8 +289,8 @@ def test_bad_inputs_end_with_one_line(trained, tmp_path, capsys, change, message
         argv += ["--in-chans", "4", "--mean", *["0.5"] * 4, "--std", *["0.25"] * 4]
     else:
         argv += ["--eval"]
-    assert call(finetune.main, argv) == 2
-    err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("train:")]
+    assert run_finetune(argv) == 2
+    err = error_lines(capsys)
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
@@ -304,7 +298,7 @@ def test_exact_resume_restores_weights_optimizer_and_ema(tmp_path, monkeypatch):
     data = write_digits(tmp_path / "digits", limit=300)  # 240 train images: 7 steps per epoch
     common = FAST + ["--data-path", str(data), "--epochs", "2", "--save-every", "7", "--seed", "1",
                      "--mixup", "0.5", "--cutmix", "0.5"]
-    assert call(finetune.main, common + ["--output-dir", str(tmp_path / "straight")]) == 0
+    assert run_finetune(common + ["--output-dir", str(tmp_path / "straight")]) == 0
 
     from fcmae.training import Run
 
@@ -317,9 +311,9 @@ def test_exact_resume_restores_weights_optimizer_and_ema(tmp_path, monkeypatch):
         return path
 
     monkeypatch.setattr(Run, "save_checkpoint", save_then_crash)
-    assert call(finetune.main, common + ["--output-dir", str(tmp_path / "resumed")]) == 130
+    assert run_finetune(common + ["--output-dir", str(tmp_path / "resumed")]) == 130
     monkeypatch.setattr(Run, "save_checkpoint", original_save)
-    assert call(finetune.main, common + ["--output-dir", str(tmp_path / "resumed"), "--resume", "auto"]) == 0
+    assert run_finetune(common + ["--output-dir", str(tmp_path / "resumed"), "--resume", "auto"]) == 0
 
     for name in ["model.safetensors", "ema.safetensors"]:
         a = safetensors.torch.load_file(tmp_path / "straight/checkpoints/step_00000014" / name)
@@ -330,6 +324,7 @@ def test_exact_resume_restores_weights_optimizer_and_ema(tmp_path, monkeypatch):
     assert state["info"]["best_epoch"] in (0, 1) and "best_acc1" in state["info"]
 
 
+@pytest.mark.slow
 def test_the_recipe_augmentation_survives_its_strongest_posterize(trained):
     """rand-m9-mstd0.5 reaches magnitude 10, where timm's PosterizeIncreasing keeps 0 bits (Pillow 13 refuses)."""
     data, _, _ = trained
@@ -346,15 +341,17 @@ def test_the_recipe_augmentation_survives_its_strongest_posterize(trained):
     assert np.asarray(op(img)).max() > 0
 
 
+@pytest.mark.slow
 def test_a_max_steps_run_evaluates_and_saves_at_its_last_step(trained, tmp_path):
     data, pretrained, _ = trained
     out = tmp_path / "short"
-    assert call(finetune.main, FAST + ["--data-path", str(data), "--finetune", str(pretrained), "--output-dir",
-                                       str(out), "--max-steps", "3", "--no-model-ema"]) == 0
+    assert run_finetune(FAST + ["--data-path", str(data), "--finetune", str(pretrained), "--output-dir",
+                                str(out), "--max-steps", "3", "--no-model-ema"]) == 0
     assert [(r["step"], r["epoch"]) for r in metrics(out)] == [(3, 0)]  # mid-epoch: 44 steps per epoch
     assert (out / "classifier.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_end_to_end_pretrain_convert_finetune_against_random_init(trained, tmp_path):
     """The README's story: FCMAE on the digits (labels unused), fcmae-convert to timm, fine-tune; and the same
     fine-tuning budget from a random init."""
@@ -364,10 +361,10 @@ def test_end_to_end_pretrain_convert_finetune_against_random_init(trained, tmp_p
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     runs = {"converted": tmp_path / "converted", "random": tmp_path / "random"}
-    assert call(finetune.main, FAST + ["--data-path", str(data), "--finetune", str(timm_file), "--output-dir",
-                                       str(runs["converted"]), "--epochs", "3"]) == 0
-    assert call(finetune.main, FAST + ["--data-path", str(data), "--output-dir", str(runs["random"]),
-                                       "--epochs", "3"]) == 0
+    assert run_finetune(FAST + ["--data-path", str(data), "--finetune", str(timm_file), "--output-dir",
+                                str(runs["converted"]), "--epochs", "3"]) == 0
+    assert run_finetune(FAST + ["--data-path", str(data), "--output-dir", str(runs["random"]),
+                                "--epochs", "3"]) == 0
     # Converting first is the same start as handing finetune.py the FCMAE file: identical runs.
     assert metrics(runs["converted"]) == metrics(from_fcmae)
     best = {name: max(max(r["val_acc1"], r["ema_acc1"]) for r in metrics(out)) for name, out in runs.items()}

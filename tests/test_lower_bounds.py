@@ -19,6 +19,7 @@ def declared_bound(package: str) -> str:
     return match[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("FCMAE_CHECK_LOWER_BOUNDS"),
                     reason="builds a venv from the registry: set FCMAE_CHECK_LOWER_BOUNDS=1 to run it")
 def test_declared_lower_bounds_install_import_and_pretrain():

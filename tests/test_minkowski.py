@@ -16,8 +16,7 @@ import torch
 import fcmae
 from fcmae.encoder import SparseConvNeXtV2
 
-from helpers import SMALL, randomize_, rel_err
-from test_encoder import run
+from helpers import FAST, ROOT, SMALL, forward_backward, randomize_, records, rel_err, run_pretrain, write_photos
 
 try:
     import MinkowskiEngine as ME
@@ -25,10 +24,15 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ME, MISSING = None, f"MinkowskiEngine is not installed ({e}); run scripts/install_minkowskiengine.sh"
 else:
     MISSING = ""
-needs_me = pytest.mark.skipif(ME is None, reason=MISSING)
+
+
+def needs_me(test):
+    """A test of the backend itself: it skips without MinkowskiEngine, naming the reason, and is slow (an optional
+    backend, which .ci/run installs and runs with the slow tests)."""
+    return pytest.mark.slow(pytest.mark.skipif(ME is None, reason=MISSING)(test))
+
 
 BACKENDS = ("minkowski", "sparse", "dense")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def encoders(drop_path_rate: float = 0.0, seed: int = 0, backends=BACKENDS) -> dict[str, SparseConvNeXtV2]:
@@ -44,9 +48,9 @@ def encoders(drop_path_rate: float = 0.0, seed: int = 0, backends=BACKENDS) -> d
 def assert_all_same(models: dict[str, SparseConvNeXtV2], imgs, mask, tol=1e-5):
     """Outputs, input gradients and parameter gradients of every backend equal those of the first."""
     (ref_name, ref), *others = models.items()
-    out_r, gi_r, gp_r = run(ref, imgs, mask)
+    out_r, gi_r, gp_r = forward_backward(ref, imgs, mask)
     for name, model in others:
-        out, gi, gp = run(model, imgs, mask)
+        out, gi, gp = forward_backward(model, imgs, mask)
         assert rel_err(out_r, out) <= tol, (ref_name, name, "output")
         assert rel_err(gi_r, gi) <= tol, (ref_name, name, "input grad")
         assert gp.keys() == gp_r.keys()
@@ -284,9 +288,6 @@ def test_official_option_is_the_masked_dense_encoder_with_batch_wide_grn():
 @needs_me
 def test_pretrain_with_minkowski_follows_the_sparse_run(tmp_path):
     """pretrain.py end to end: the same seed gives the same losses with either backend, and they fall."""
-    from helpers import write_photos
-    from test_pretrain import FAST, records, run
-
     photos = tmp_path / "photos"
     write_photos(photos, 8, size=96)
     losses = {}
@@ -294,7 +295,7 @@ def test_pretrain_with_minkowski_follows_the_sparse_run(tmp_path):
         out = tmp_path / backend
         argv = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "12", "--lr", "2e-3",
                        "--backend", backend]
-        assert run(argv) == 0
+        assert run_pretrain(argv) == 0
         losses[backend] = torch.tensor([r["loss"] for r in records(out)])
     assert len(losses["sparse"]) == 12 and losses["sparse"][-3:].mean() < losses["sparse"][:3].mean()
     torch.testing.assert_close(losses["minkowski"], losses["sparse"], rtol=1e-3, atol=0)

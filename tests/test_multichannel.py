@@ -11,30 +11,16 @@ import numpy as np
 import pytest
 import timm
 import torch
-from accelerate.state import AcceleratorState
 from PIL import Image
 
 import fcmae
 from fcmae.data import demo_image_files, load_rgb
 from fcmae.data.stats import channel_stats
-from fcmae.cli import run_cli
-from helpers import rel_err
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import finetune  # noqa: E402
-import pretrain  # noqa: E402
+from helpers import ROOT, rel_err, run_finetune, run_pretrain
 
 tifffile = pytest.importorskip("tifffile", reason="16-bit TIFF needs tifffile: pip install 'fcmae[tiff]'")
 
 SIZE = 96  # the written images; the runs crop 64 px from them
-
-
-def call(main, argv):
-    try:
-        return run_cli(main, argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def write_image(path: Path, photo: int, offset: int, channels: int) -> None:
@@ -52,7 +38,10 @@ def write_image(path: Path, photo: int, offset: int, channels: int) -> None:
         tifffile.imwrite(path, data)
 
 
-@pytest.fixture(params=[(4, ".tif"), (1, ".png"), (3, ".tif")], ids=["4-channel-tiff", "1-channel-png", "rgb-tiff"])
+# The 4-channel case runs by default, the other two with the slow tests.
+@pytest.fixture(params=[(4, ".tif"), pytest.param((1, ".png"), marks=pytest.mark.slow),
+                        pytest.param((3, ".tif"), marks=pytest.mark.slow)],
+                ids=["4-channel-tiff", "1-channel-png", "rgb-tiff"])
 def stack(request, tmp_path):
     """(channels, unlabeled folder, labeled folder with train/ val/): two photos, two classes."""
     channels, suffix = request.param
@@ -76,10 +65,10 @@ def test_pretrain_convert_timm_finetune(stack, tmp_path, capsys):
     norm = ["--in-chans", str(channels), "--mean", *flags(mean), "--std", *flags(std)]
 
     pre = tmp_path / "pre"
-    assert call(pretrain.main, ["--data-path", str(unlabeled), "--output-dir", str(pre), "--model", "atto",
-                                "--input-size", "64", "--batch-size", "4", "--decoder-embed-dim", "32",
-                                "--num-workers", "0", "--max-steps", "4", "--warmup-steps", "1", "--lr", "1e-3",
-                                "--log-every", "2", "--vis-every", "4", "--no-progress", *norm]) == 0
+    assert run_pretrain(["--data-path", str(unlabeled), "--output-dir", str(pre), "--model", "atto",
+                         "--input-size", "64", "--batch-size", "4", "--decoder-embed-dim", "32",
+                         "--num-workers", "0", "--max-steps", "4", "--warmup-steps", "1", "--lr", "1e-3",
+                         "--log-every", "2", "--vis-every", "4", "--no-progress", *norm]) == 0
     losses = [json.loads(line)["loss"] for line in (pre / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert (pre / "vis" / "step_00000004.png").is_file()  # the RGB preview of N-channel reconstructions
@@ -102,14 +91,14 @@ def test_pretrain_convert_timm_finetune(stack, tmp_path, capsys):
     ft = tmp_path / "ft"
     common = ["--data-path", str(labeled), "--model", "atto", "--input-size", "64", "--batch-size", "4",
               "--num-workers", "0", "--no-progress", *norm]
-    assert call(finetune.main, common + ["--finetune", str(pre / "fcmae_model.safetensors"), "--output-dir",
-                                         str(ft), "--epochs", "2", "--warmup-epochs", "0", "--lr", "1e-3",
-                                         "--mixup", "0", "--cutmix", "0", "--no-model-ema"]) == 0
+    assert run_finetune(common + ["--finetune", str(pre / "fcmae_model.safetensors"), "--output-dir",
+                                  str(ft), "--epochs", "2", "--warmup-epochs", "0", "--lr", "1e-3",
+                                  "--mixup", "0", "--cutmix", "0", "--no-model-ema"]) == 0
     out = capsys.readouterr().out
     assert f"--aa, --color-jitter, --reprob apply to 8-bit RGB photos only: off for this {channels}-channel" in out
     records = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and all(0 <= r["val_acc1"] <= 100 for r in records)
-    result = call(finetune.main, common[:-len(norm)] + ["--eval", "--resume", str(ft / "classifier.safetensors")])
+    result = run_finetune(common[:-len(norm)] + ["--eval", "--resume", str(ft / "classifier.safetensors")])
     assert result == 0
     out = capsys.readouterr().out
     assert f"in_chans {channels} (saved with the model), mean {[float(v) for v in flags(mean)]} (saved with the model)" in out
@@ -128,7 +117,7 @@ def test_channel_settings_that_cannot_work_are_one_line_errors(tmp_path, capsys)
          "gpu_augment decodes RGB photos"),
     ]
     for extra, message in cases:
-        assert call(pretrain.main, base + extra) == 2, extra
+        assert run_pretrain(base + extra) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (extra, err)
     assert not (tmp_path / "out").exists()  # nothing written before the config was refused

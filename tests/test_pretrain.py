@@ -5,37 +5,23 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from accelerate.state import AcceleratorState
 
 import fcmae
 from fcmae.cli import end_process_group, run_cli
 from fcmae.training import Run
-from helpers import launcher_failure, write_photos
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import pretrain  # noqa: E402
-
-# A small, fast run: atto at 64 px, a narrow decoder, no data-loader workers.
-FAST = ["--model", "atto", "--input-size", "64", "--batch-size", "4", "--decoder-embed-dim", "64",
-        "--num-workers", "0", "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--vis-every", "0"]
+from helpers import FAST, ROOT, error_lines, launcher_failure, records, run_pretrain
 
 
-@pytest.fixture
-def photos(tmp_path):
-    write_photos(tmp_path / "photos", 12, size=96)
-    return tmp_path / "photos"
-
-
-@pytest.fixture(params=["folder", "shards", "gpu-augment"])
+@pytest.fixture(params=["folder", pytest.param("shards", marks=pytest.mark.slow),
+                        pytest.param("gpu-augment", marks=pytest.mark.slow)])
 def data(request, photos, tmp_path) -> list[str]:
     """The data flags: the photos as a folder, as webdataset shards of 5 (3 shards: batches cross shard
-    boundaries), or as a folder with --gpu-augment (decoded and augmented in the step: on the CPU here)."""
+    boundaries), or as a folder with --gpu-augment (decoded and augmented in the step: on the CPU here). The folder
+    runs by default, the other two with the slow tests."""
     if request.param == "folder":
         return ["--data-path", str(photos)]
     if request.param == "gpu-augment":
@@ -47,28 +33,11 @@ def data(request, photos, tmp_path) -> list[str]:
     return ["--data-path", str(tmp_path / "shards" / "train-{000000..000002}.tar")]
 
 
-def error_lines(capsys):
-    """The lines the run printed to stderr that are not the progress bar."""
-    return [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("train:")]
-
-
-def run(argv):
-    """pretrain.py's main in this process, as the CLI runs it; returns the exit status."""
-    try:
-        return run_cli(pretrain.main, argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def records(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_loss_falls_on_real_photos_and_outputs_are_written(photos, tmp_path):
     out = tmp_path / "run"
     argv = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--input-size", "96", "--batch-size", "6",
                    "--max-steps", "40", "--lr", "2e-3", "--log-every", "5", "--save-every", "20", "--vis-every", "20"]
-    assert run(argv) == 0
+    assert run_pretrain(argv) == 0
     losses = [r["loss"] for r in records(out)]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020", "step_00000040"]
@@ -83,7 +52,7 @@ def test_loss_falls_on_real_photos_and_outputs_are_written(photos, tmp_path):
 def test_exact_resume_is_bit_identical(data, tmp_path, monkeypatch):
     common = FAST + [*data, "--max-steps", "8", "--save-every", "4", "--seed", "3",
                      "--mask-ratio", "0.5"]
-    assert run(common + ["--output-dir", str(tmp_path / "straight")]) == 0
+    assert run_pretrain(common + ["--output-dir", str(tmp_path / "straight")]) == 0
 
     interrupted = tmp_path / "interrupted"
     original_save = Run.save_checkpoint
@@ -95,12 +64,12 @@ def test_exact_resume_is_bit_identical(data, tmp_path, monkeypatch):
         return path
 
     monkeypatch.setattr(Run, "save_checkpoint", save_then_crash)
-    assert run(common + ["--output-dir", str(interrupted)]) == 130
+    assert run_pretrain(common + ["--output-dir", str(interrupted)]) == 130
     monkeypatch.setattr(Run, "save_checkpoint", original_save)
     assert [p.name for p in (interrupted / "checkpoints").iterdir()] == ["step_00000004"]
     with (interrupted / "metrics.jsonl").open("a") as f:  # logged after the checkpoint by the crashed run
         f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n\n" + '{"step": 6, "lo')  # and a line cut short
-    assert run(common + ["--output-dir", str(interrupted), "--resume", "auto"]) == 0
+    assert run_pretrain(common + ["--output-dir", str(interrupted), "--resume", "auto"]) == 0
     assert [r["step"] for r in records(interrupted)] == list(range(1, 9))  # cut back to the checkpoint, resumed
 
     for name in ["fcmae_model.safetensors", "checkpoints/step_00000008/model.safetensors"]:
@@ -116,7 +85,7 @@ def test_exact_resume_is_bit_identical(data, tmp_path, monkeypatch):
 def test_checkpoints_are_pruned_and_incomplete_ones_ignored(photos, tmp_path):
     out = tmp_path / "run"
     base = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--save-every", "2", "--keep-last", "2"]
-    assert run(base + ["--max-steps", "6"]) == 0
+    assert run_pretrain(base + ["--max-steps", "6"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
     config = fcmae.config.load_yaml(out / "checkpoints" / "step_00000006" / "config.yaml")
     assert config["max_steps"] == 6 and config["keep_last"] == 2
@@ -124,16 +93,16 @@ def test_checkpoints_are_pruned_and_incomplete_ones_ignored(photos, tmp_path):
     (out / "checkpoints" / ".tmp_step_00000008").mkdir()
     (out / "checkpoints" / "step_00000009").mkdir()
     assert fcmae.training.find_checkpoint(out).name == "step_00000006"
-    assert run(base + ["--max-steps", "8", "--resume", "auto"]) == 0
+    assert run_pretrain(base + ["--max-steps", "8", "--resume", "auto"]) == 0
     assert json.loads((out / "checkpoints/step_00000008/trainer_state.json").read_text())["step"] == 8
 
 
 def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(photos, tmp_path, capsys):
     out = tmp_path / "run"
     base = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--save-every", "2", "--keep-last", "2"]
-    assert run(base + ["--max-steps", "6"]) == 0
+    assert run_pretrain(base + ["--max-steps", "6"]) == 0
     older = out / "checkpoints" / "step_00000004"
-    assert run(base + ["--max-steps", "5", "--resume", str(older)]) == 0
+    assert run_pretrain(base + ["--max-steps", "5", "--resume", str(older)]) == 0
     assert "set aside step_00000006 (later than the step resumed from) as abandoned_step_00000006" in (
         capsys.readouterr().out)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -142,10 +111,10 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(photos, tmp_path
     assert [r["step"] for r in records(out)][-2:] == [4, 5]
 
     other = tmp_path / "other"  # another run's checkpoint cannot take over a folder holding a run
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(other), "--max-steps", "2"]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(other), "--max-steps", "2"]) == 0
     before = (other / "fcmae_model.safetensors").read_bytes()
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(other), "--max-steps", "6", "--resume",
-                       str(older)]) == 2
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(other), "--max-steps", "6", "--resume",
+                                str(older)]) == 2
     assert "is not one of" in capsys.readouterr().err
     assert (other / "fcmae_model.safetensors").read_bytes() == before
 
@@ -154,7 +123,7 @@ def test_unreadable_files_are_skipped_and_counted(photos, tmp_path, capsys):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 garbage")
     (photos / "empty.png").write_bytes(b"")
     out = tmp_path / "run"
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "9"]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "9"]) == 0
     # 2 bad files among 14, drawn again in each of the 3 epochs: 2 files, not 6 skips, and one line for each
     assert [r["skipped_files"] for r in records(out)][-1] == 2
     assert capsys.readouterr().err.count("warning: skipped unreadable image ") == 2
@@ -171,8 +140,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(photos, tmp_path, m
         return loss * float("nan") if calls["n"] == 5 else loss
 
     monkeypatch.setattr(fcmae.FCMAE, "forward_loss", exploding)
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "8",
-                       "--save-every", "2"]) == 2
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "8",
+                                "--save-every", "2"]) == 2
     err = error_lines(capsys)
     # The loss of step 5 comes from the weights saved as step 4: that checkpoint is set aside, step 2 is named.
     assert len(err) == 1 and "non-finite (nan) at step 5" in err[0], err
@@ -188,8 +157,8 @@ def test_real_divergence_names_a_checkpoint_whose_weights_gave_a_finite_loss(pho
     """lr 90 blows the weights up for real (losses of 1e17 and more, then nan): the checkpoint saved just before
     the nan already holds the weights that produced it, and must not be the one named as good."""
     out = tmp_path / "run"
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "30", "--lr", "90",
-                       "--warmup-steps", "6", "--save-every", "1", "--keep-last", "30"]) == 2
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "30", "--lr", "90",
+                                "--warmup-steps", "6", "--save-every", "1", "--keep-last", "30"]) == 2
     err = error_lines(capsys)
     bad = int(err[0].split("non-finite (nan) at step ")[1].split(";")[0])
     good = fcmae.training.find_checkpoint(out)
@@ -203,8 +172,9 @@ def test_init_from_a_model_file(photos, tmp_path):
     source = fcmae.create_model("atto", img_size=64, decoder_embed_dim=64)
     fcmae.save_model(source, tmp_path / "init.safetensors")
     out = tmp_path / "run"
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "1", "--lr", "1e-12",
-                       "--init-from", str(tmp_path / "init.safetensors")]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "1", "--lr",
+                                "1e-12",
+                                "--init-from", str(tmp_path / "init.safetensors")]) == 0
     trained = fcmae.load_model(out / "fcmae_model.safetensors").state_dict()
     close = [torch.allclose(trained[k], v, atol=1e-6) for k, v in source.state_dict().items()]
     assert all(close)
@@ -213,8 +183,9 @@ def test_init_from_a_model_file(photos, tmp_path):
     classifier = timm.create_model("convnextv2_atto", num_classes=5)
     safetensors.torch.save_file(classifier.state_dict(), str(tmp_path / "classifier.safetensors"))
     out = tmp_path / "from_classifier"
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "1", "--lr", "1e-12",
-                       "--init-from", str(tmp_path / "classifier.safetensors")]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "1", "--lr",
+                                "1e-12",
+                                "--init-from", str(tmp_path / "classifier.safetensors")]) == 0
     encoder = fcmae.load_model(out / "fcmae_model.safetensors").encoder.state_dict()
     kept = [torch.allclose(encoder[k], v.reshape(encoder[k].shape), atol=1e-6)  # timm's atto MLP: 1x1 convs
             for k, v in classifier.state_dict().items() if k in encoder]
@@ -237,30 +208,31 @@ def test_init_from_a_model_file(photos, tmp_path):
 def test_bad_inputs_end_with_one_line(photos, tmp_path, capsys, extra, message):
     (tmp_path / "empty").mkdir()
     extra = [{"EMPTY": str(tmp_path / "empty"), "PHOTOS": str(photos)}.get(a, a) for a in extra]
-    assert run(FAST + ["--output-dir", str(tmp_path / "run"), "--max-steps", "1"] + extra) == 2
+    assert run_pretrain(FAST + ["--output-dir", str(tmp_path / "run"), "--max-steps", "1"] + extra) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and err[0].startswith("error: ") and message.split("\\")[0].split(".*")[0] in err[0], err
 
 
 def test_a_fresh_run_refuses_to_overwrite_checkpoints(photos, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]) == 0
     before = sorted((out / "checkpoints").rglob("*"))
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]) == 2
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]) == 2
     assert "already holds a run (checkpoints, fcmae_model.safetensors, metrics.jsonl)" in capsys.readouterr().err
     assert sorted((out / "checkpoints").rglob("*")) == before
     config_before = (out / "config.yaml").read_text()
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2", "--model",
-                       "femto", "--resume", "auto"]) == 2
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2", "--model",
+                                "femto", "--resume", "auto"]) == 2
     assert "is for model convnextv2_atto, not convnextv2_femto" in capsys.readouterr().err
     assert (out / "config.yaml").read_text() == config_before  # a failed start writes nothing
     partial = tmp_path / "partial"  # a run that died before its first checkpoint
     partial.mkdir()
     (partial / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(partial), "--max-steps", "2"]) == 2
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(partial), "--max-steps", "2"]) == 2
     assert "already holds a run (metrics.jsonl)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_processes_on_cpu(data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -296,6 +268,6 @@ def test_run_cli_ends_the_process_group_on_every_exit(tmp_path):
 
 def test_tensorboard_tracker_writes_events(photos, tmp_path):
     out = tmp_path / "run"
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2",
-                       "--log-with", "tensorboard"]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2",
+                                "--log-with", "tensorboard"]) == 0
     assert list(out.rglob("events.out.tfevents.*"))

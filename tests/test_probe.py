@@ -38,6 +38,7 @@ def test_crops_are_real_photos_split_by_region(probe, tmp_path):
     assert probe.write_crops(root, 5, 5) == root and (root / "val").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # pretrains, converts and probes end to end (about a minute on 2 cores)
 def test_probe_runs_the_cli_path_end_to_end(probe, tmp_path):
     out = tmp_path / "probe"
     rows = probe.main(["--steps", "2", "3", "--inits", "timm", "--train-per-photo", "2", "--val-per-photo", "1",

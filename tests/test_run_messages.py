@@ -13,30 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+import finetune
 from fcmae.config import PretrainConfig, parse_config
 from fcmae.config.training_configs import default_num_workers
-from helpers import launcher_failure, write_photos
-from test_pretrain import FAST, ROOT, error_lines, photos, records, run  # noqa: F401 (photos: a fixture)
-
-sys.path.insert(0, str(ROOT))
-import finetune  # noqa: E402
+from helpers import FAST, ROOT, error_lines, launcher_failure, records, run_finetune, run_pretrain, write_photos
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 LINE = re.compile(r"^step (\d+)/(\d+) \(epoch [\d.]+\): loss (\d+\.\d{4}), lr (\S+), [\d.]+ img/s, ETA \d+:\d\d:\d\d$")
 FINETUNE_FAST = ["--model", "atto", "--input-size", "64", "--batch-size", "4", "--num-workers", "0", "--lr", "1e-3",
                  "--warmup-steps", "1", "--layer-decay", "0.9", "--layer-decay-type", "single", "--drop-path", "0",
                  "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "", "--log-every", "1"]
-
-
-def finetune_run(argv):
-    from accelerate.state import AcceleratorState
-
-    from fcmae.cli import run_cli
-
-    try:
-        return run_cli(finetune.main, argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture
@@ -108,6 +94,7 @@ def launch(*args, processes: str = "2") -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "pretrain.py"), *args]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_without_multi_gpu_warns_and_the_resume_hint_names_the_launch(photos, tmp_path):
     """Without --multi_gpu, accelerate launch --num_processes 2 runs the script once: the run says so, once. The
     hint to continue a run it finds in its folder is that launch command, which then works as printed."""
@@ -143,50 +130,51 @@ def test_resuming_the_other_scripts_checkpoint_says_which_it_is_in_one_line(phot
     without --allow-resume-change (not the batch plan, nor thousands of characters of missing keys); the ways out
     they name work."""
     pre = tmp_path / "pre"
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(pre), "--max-steps", "2"]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(pre), "--max-steps", "2"]) == 0
     ft = tmp_path / "ft"
-    assert finetune_run(FINETUNE_FAST + ["--data-path", str(labeled), "--output-dir", str(ft), "--max-steps", "2"]) == 0
+    assert run_finetune(FINETUNE_FAST + ["--data-path", str(labeled), "--output-dir", str(ft), "--max-steps", "2"]) == 0
     assert f"output: {ft} (config.yaml, metrics.jsonl, train_log.jsonl, checkpoints/)" in capsys.readouterr().out
     pre_checkpoint, ft_checkpoint = pre / "checkpoints" / "step_00000002", ft / "checkpoints" / "step_00000002"
 
     for allow in ([], ["--allow-resume-change"]):
-        assert finetune_run(FINETUNE_FAST + ["--data-path", str(labeled), "--output-dir", str(pre), "--max-steps",
+        assert run_finetune(FINETUNE_FAST + ["--data-path", str(labeled), "--output-dir", str(pre), "--max-steps",
                                              "4", "--resume", "auto", *allow]) == 2
         err = error_lines(capsys)
         assert err == [f"error: {pre_checkpoint} is a pretraining checkpoint (an FCMAE model, from pretrain.py), not a "
                        f"fine-tuning one: resume it with pretrain.py, or fine-tune its weights with --finetune "
                        f"{pre_checkpoint} and a new --output-dir"], err
 
-        assert run(FAST + ["--data-path", str(photos), "--output-dir", str(ft), "--max-steps", "4", "--resume",
-                           str(ft_checkpoint), *allow]) == 2
+        assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(ft), "--max-steps", "4", "--resume",
+                                    str(ft_checkpoint), *allow]) == 2
         err = error_lines(capsys)
         assert err == [f"error: {ft_checkpoint} is a fine-tuning checkpoint (a classifier, from finetune.py), not a "
                        f"pretraining one: resume it with finetune.py, or start a pretraining from its weights with "
                        f"--init-from {ft_checkpoint} and a new --output-dir"], err
 
     # The ways out, as named.
-    assert finetune_run(FINETUNE_FAST + ["--data-path", str(labeled), "--output-dir", str(tmp_path / "ft2"),
+    assert run_finetune(FINETUNE_FAST + ["--data-path", str(labeled), "--output-dir", str(tmp_path / "ft2"),
                                          "--max-steps", "1", "--finetune", str(pre_checkpoint)]) == 0
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "pre2"), "--max-steps", "1",
-                       "--init-from", str(ft_checkpoint)]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "pre2"), "--max-steps", "1",
+                                "--init-from", str(ft_checkpoint)]) == 0
 
 
 def test_a_changed_input_size_is_refused_or_recorded_and_config_yaml_is_never_rewritten(photos, tmp_path, capsys):
     out = tmp_path / "run"
     base = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--save-every", "2"]
-    assert run(base + ["--max-steps", "2"]) == 0
+    assert run_pretrain(base + ["--max-steps", "2"]) == 0
     first = (out / "config.yaml").read_bytes()
     capsys.readouterr()
 
-    assert run(base + ["--max-steps", "4", "--input-size", "96", "--resume", "auto"]) == 2
+    assert run_pretrain(base + ["--max-steps", "4", "--input-size", "96", "--resume", "auto"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and "input_size [64] -> [96] since it was saved" in err[0], err
     assert "--allow-resume-change" in err[0]
     assert not (out / "checkpoints" / "step_00000004").exists()
 
     # Extending the run needs no flag; the change is recorded with its step, config.yaml stays as the run began.
-    assert run(base + ["--max-steps", "4", "--resume", "auto"]) == 0
-    assert run(base + ["--max-steps", "6", "--input-size", "96", "--resume", "auto", "--allow-resume-change"]) == 0
+    assert run_pretrain(base + ["--max-steps", "4", "--resume", "auto"]) == 0
+    assert run_pretrain(base + ["--max-steps", "6", "--input-size", "96", "--resume", "auto",
+                                "--allow-resume-change"]) == 0
     assert "changed since that checkpoint: input_size [64] -> [96], max_steps 4 -> 6" in capsys.readouterr().out
     assert (out / "config.yaml").read_bytes() == first
     changes = [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()]
@@ -198,7 +186,7 @@ def test_a_changed_input_size_is_refused_or_recorded_and_config_yaml_is_never_re
     assert [r["step"] for r in records(out)] == list(range(1, 7))
 
     # Going back to step 4 drops the changes recorded past it, as it drops the metrics.
-    assert run(base + ["--max-steps", "5", "--resume", str(out / "checkpoints" / "step_00000004")]) == 0
+    assert run_pretrain(base + ["--max-steps", "5", "--resume", str(out / "checkpoints" / "step_00000004")]) == 0
     changes = [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()]
     assert [(c["step"], sorted(c["changes"])) for c in changes] == [(2, ["max_steps"]), (4, ["input_size", "max_steps"]),
                                                                   (4, ["max_steps"])]
@@ -210,7 +198,7 @@ def test_the_resume_hint_of_a_demo_run_is_a_command_that_works(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "output" / "demo").mkdir(parents=True)
     (tmp_path / "output" / "demo" / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert run([]) == 2
+    assert run_pretrain([]) == 2
     err = error_lines(capsys)
     hint = re.search(r"to continue it, run (.*); or choose another --output-dir", err[0])
     assert len(err) == 1 and hint, err
@@ -224,12 +212,12 @@ def test_the_resume_hint_of_a_demo_run_is_a_command_that_works(tmp_path, monkeyp
 def test_the_resume_hint_repeats_the_flags_given(photos, tmp_path, capsys):
     out = tmp_path / "run"
     argv = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2"]
-    assert run(argv) == 0
+    assert run_pretrain(argv) == 0
     capsys.readouterr()
-    assert run(argv) == 2
+    assert run_pretrain(argv) == 2
     words = shlex.split(re.search(r"to continue it, run (.*); or", error_lines(capsys)[0])[1])
     assert words[2:] == [*argv, "--resume", "auto"]
-    assert run(words[2:-3] + ["3", "--resume", "auto"]) == 0  # as printed, one step longer
+    assert run_pretrain(words[2:-3] + ["3", "--resume", "auto"]) == 0  # as printed, one step longer
     assert records(out)[-1]["step"] == 3
 
 
@@ -238,7 +226,7 @@ def test_the_finetune_demos_missing_pretraining_names_a_command_that_works_here(
     config writes the file the demo fine-tunes from."""
     monkeypatch.chdir(tmp_path)
     start = "output/digits-pretrain/fcmae_model.safetensors"
-    assert finetune_run(["--config", str(finetune.DEMO_CONFIG), "--finetune", start]) == 2
+    assert run_finetune(["--config", str(finetune.DEMO_CONFIG), "--finetune", start]) == 2
     err = error_lines(capsys)
     hint = re.search(r"\(the demo starts from: (.*)\)$", err[0])
     assert len(err) == 1 and hint, err
@@ -261,11 +249,11 @@ def test_a_non_finite_loss_names_the_command_that_resumes(photos, tmp_path, monk
     monkeypatch.setattr(fcmae.FCMAE, "forward_loss", exploding)
     argv = FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "run"), "--max-steps", "6",
                    "--save-every", "1"]
-    assert run(argv) == 2
+    assert run_pretrain(argv) == 2
     words = shlex.split(re.search(r"a finite loss is \S+ \((.*) resumes it\)", error_lines(capsys)[0])[1])
     assert words[2:] == [*argv, "--resume", "auto"]
     monkeypatch.setattr(fcmae.FCMAE, "forward_loss", forward_loss)
-    assert run(words[2:]) == 0  # from step 2, the newest checkpoint whose weights gave a finite loss
+    assert run_pretrain(words[2:]) == 0  # from step 2, the newest checkpoint whose weights gave a finite loss
     assert "resumed from" in capsys.readouterr().out and records(tmp_path / "run")[-1]["step"] == 6
 
 

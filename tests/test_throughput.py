@@ -14,9 +14,7 @@ from torch.utils.data import DataLoader
 import fcmae
 from fcmae.data import CollateUnreadable, DeviceFeed, DevicePixels, collate_pixels, pretrain_dataset
 from fcmae.training.batch_size import candidates, find_batch_size
-from helpers import SMALL, write_photos
-from test_pretrain import FAST, run
-
+from helpers import FAST, SMALL, run_pretrain, write_photos
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -37,6 +35,7 @@ def test_every_compile_mode_reaches_torch_compile(mode, monkeypatch):
     assert bool(options.get("max_autotune")) == (mode or "").startswith("max-autotune")
 
 
+@pytest.mark.slow  # compiles the step (aot_eager)
 def test_cuda_graph_steps_are_marked_and_run_the_graph(monkeypatch):
     """With CUDA graphs each training forward marks a new step (what cudagraph trees need before outputs of the
     last replay are overwritten); the graph itself runs under aot_eager here (inductor's cudagraphs need CUDA)."""
@@ -59,7 +58,8 @@ def test_compile_mode_flag(tmp_path, capsys):
 
     config = parse_config(PretrainConfig, ["--data-path", "demo", "--compile-mode", "reduce-overhead"])
     assert config.compile and config.compile_mode == "reduce-overhead"
-    assert run(FAST + ["--data-path", "demo", "--output-dir", str(tmp_path / "a"), "--compile-mode", "fast"]) == 2
+    assert run_pretrain(FAST + ["--data-path", "demo", "--output-dir", str(tmp_path / "a"), "--compile-mode",
+                                "fast"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "compile_mode must be one of default, reduce-overhead" in err
 
@@ -67,7 +67,7 @@ def test_compile_mode_flag(tmp_path, capsys):
 def test_cuda_graphs_with_accumulation_are_refused_in_one_line(tmp_path, capsys):
     argv = FAST + ["--data-path", "demo", "--output-dir", str(tmp_path / "a"), "--compile-mode", "reduce-overhead",
                    "--accum-steps", "2", "--max-steps", "1"]
-    assert run(argv) == 2
+    assert run_pretrain(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "replays CUDA graphs" in err and "accum_steps 2" in err
 
@@ -84,17 +84,18 @@ def test_batch_size_auto_picks_a_batch_and_prints_it(tmp_path, capsys):
     write_photos(tmp_path / "photos", 12, size=96)
     argv = FAST + ["--data-path", str(tmp_path / "photos"), "--output-dir", str(tmp_path / "run"), "--batch-size",
                    "auto", "--effective-batch-size", "12", "--max-steps", "2"]  # the last --batch-size counts
-    assert run(argv) == 0
+    assert run_pretrain(argv) == 0
     out = capsys.readouterr().out
     assert "batch size auto: 12 per process" in out and "effective batch 12 = 12 x 1 x 1" in out
     saved = fcmae.config.load_yaml(tmp_path / "run" / "config.yaml")
     assert saved["batch_size"] == 12  # the record holds the batch that trained, not "auto"
     # a resumed run keeps the batch its checkpoint trained with
     argv[argv.index("--max-steps") + 1] = "3"
-    assert run(argv + ["--resume", "auto"]) == 0
+    assert run_pretrain(argv + ["--resume", "auto"]) == 0
     assert "batch size auto: 12 per process, as the checkpoint being resumed trained" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a process of its own that allocates until it fails
 def test_batch_size_auto_backs_off_on_a_real_out_of_memory_error(tmp_path):
     """The address space is limited (RLIMIT_AS) so that the larger trial steps really fail to allocate: the
     CPU allocator's error is the out-of-memory the search backs off from."""

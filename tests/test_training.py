@@ -14,27 +14,25 @@ import torch
 
 import fcmae
 from fcmae.cli import run_cli
-from fcmae.training import Run
-from helpers import launcher_failure
-from test_pretrain import FAST, ROOT, error_lines, photos, records, run  # noqa: F401 (photos: a fixture)
+from helpers import FAST, ROOT, error_lines, launcher_failure, records, run_pretrain
 
 
 def test_resume_refuses_a_changed_batch_plan_unless_allowed(photos, tmp_path, capsys):
     out = tmp_path / "run"
     base = FAST + ["--data-path", str(photos), "--output-dir", str(out), "--save-every", "2"]
-    assert run(base + ["--max-steps", "4"]) == 0  # 12 photos, batch 4: 3 steps per epoch; saved at step 4
+    assert run_pretrain(base + ["--max-steps", "4"]) == 0  # 12 photos, batch 4: 3 steps per epoch; saved at step 4
     capsys.readouterr()
-    assert run(base + ["--max-steps", "6", "--resume", "auto", "--batch-size", "2"]) == 2
+    assert run_pretrain(base + ["--max-steps", "6", "--resume", "auto", "--batch-size", "2"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and "batch_size 4 -> 2" in err[0] and "--allow-resume-change" in err[0], err
-    assert run(base + ["--max-steps", "6", "--resume", "auto", "--accum-steps", "3"]) == 2
+    assert run_pretrain(base + ["--max-steps", "6", "--resume", "auto", "--accum-steps", "3"]) == 2
     assert "accum_steps 1 -> 3" in error_lines(capsys)[0]
-    assert run(base + ["--max-steps", "6", "--resume", "auto", "--seed", "7"]) == 2
+    assert run_pretrain(base + ["--max-steps", "6", "--resume", "auto", "--seed", "7"]) == 2
     assert "seed 0 -> 7" in error_lines(capsys)[0]
     assert fcmae.training.find_checkpoint(out).name == "step_00000004"  # nothing was touched
 
     # Allowed: batch 2 makes 6 steps per epoch; step 4 was epoch 1.333, which is step 8 of the new plan.
-    assert run(base + ["--epochs", "2", "--resume", "auto", "--batch-size", "2", "--allow-resume-change"]) == 0
+    assert run_pretrain(base + ["--epochs", "2", "--resume", "auto", "--batch-size", "2", "--allow-resume-change"]) == 0
     assert "step 4 was epoch 1.333" in capsys.readouterr().out
     steps = [(r["step"], r["epoch"]) for r in records(out)]
     assert [s for s, _ in steps] == [1, 2, 3, 4, 5, 6, 7, 8]  # the step count goes on, never backwards
@@ -43,7 +41,7 @@ def test_resume_refuses_a_changed_batch_plan_unless_allowed(photos, tmp_path, ca
     state = json.loads((out / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
     assert state["position"]["batch_size"] == 2 and state["position"]["offset"] == 4
     # Resuming that run again with its own plan is exact: no change, the offset is kept.
-    assert run(base + ["--epochs", "3", "--resume", "auto", "--batch-size", "2"]) == 0
+    assert run_pretrain(base + ["--epochs", "3", "--resume", "auto", "--batch-size", "2"]) == 0
     assert records(out)[-1]["epoch"] == 3.0
 
 
@@ -70,8 +68,8 @@ def test_a_full_disk_during_a_save_cleans_up_and_names_the_intact_checkpoint(pho
         return original(self, position, *args)
 
     monkeypatch.setattr(fcmae.checkpoints.store.CheckpointStore, "save", full_disk)
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "6",
-                       "--save-every", "2"]) == 2
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "6",
+                                "--save-every", "2"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and f"cannot write checkpoint {out / 'checkpoints' / f'step_{fail_at:08d}'}" in err[0]
     assert "no space left on the device" in err[0] and "None" not in err[0], err
@@ -90,7 +88,7 @@ def test_output_folder_problems_are_one_line_naming_the_path_and_the_fix(photos,
     cases = [(blocker, f"--output-dir {blocker} is a file, not a folder; remove it or choose another --output-dir"),
              (blocker / "run", f"{blocker} (on the way to {blocker / 'run'}) is a file, not a folder")]
     for out, message in cases:
-        assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "1"]) == 2
+        assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "1"]) == 2
         err = error_lines(capsys)
         assert len(err) == 1 and message in err[0] and "Errno" not in err[0], err
 
@@ -98,7 +96,8 @@ def test_output_folder_problems_are_one_line_naming_the_path_and_the_fix(photos,
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(locked / "run"), "--max-steps", "1"]) == 2
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(locked / "run"), "--max-steps",
+                                "1"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and f"cannot write in {locked}" in err[0] and "permission denied" in err[0], err
     monkeypatch.setattr(os, "access", real_access)
@@ -107,7 +106,8 @@ def test_output_folder_problems_are_one_line_naming_the_path_and_the_fix(photos,
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(fcmae.training.run, "save_yaml", no_space)
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "full"), "--max-steps", "1"]) == 2
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "full"), "--max-steps",
+                                "1"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and f"cannot write in --output-dir {tmp_path / 'full'}: no space left" in err[0], err
 
@@ -115,26 +115,29 @@ def test_output_folder_problems_are_one_line_naming_the_path_and_the_fix(photos,
 def test_an_all_warmup_run_warns_once_and_progress_can_be_turned_off(photos, tmp_path, capsys, monkeypatch):
     """The warning states the schedule the run follows: the warmup cut to the run, the lr the log ends at."""
     out = tmp_path / "run"
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2", "--warmup-steps",
-                       "5", "--save-every", "1", "--log-every", "1"]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2",
+                                "--warmup-steps",
+                                "5", "--save-every", "1", "--log-every", "1"]) == 0
     err = capsys.readouterr().err
     assert err.count("warning: all 2 steps are warmup (--warmup-steps 5, shortened to the run): the learning rate "
                      f"only climbs, from 0 to {records(out)[-1]['lr']:.2e} at the end, and never decays") == 1, err
     assert "train:" not in err  # stdout is no terminal here: no progress bar
     # In epochs (12 photos, batch 4: 3 steps each), as fine-tuning's default warmup is given.
     out = tmp_path / "epochs"
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "4", "--warmup-steps",
-                       "-1", "--warmup-epochs", "2", "--lr", "3e-3"]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "4",
+                                "--warmup-steps",
+                                "-1", "--warmup-epochs", "2", "--lr", "3e-3"]) == 0
     lr = records(out)[-1]["lr"]
     assert lr == pytest.approx(3e-3) and (
         f"all 4 steps are warmup (--warmup-epochs 2 = 6 steps, shortened to the run): the learning rate only climbs, "
         f"from 0 to {lr:.2e} at the end") in capsys.readouterr().err
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "tty"), "--max-steps", "2"]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "tty"), "--max-steps",
+                                "2"]) == 0
     assert "train:" in capsys.readouterr().err  # a terminal: the bar
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "quiet"), "--max-steps", "2",
-                       "--no-progress"]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "quiet"), "--max-steps", "2",
+                                "--no-progress"]) == 0
     assert "train:" not in capsys.readouterr().err
 
 
@@ -177,9 +180,9 @@ def test_the_loop_reads_nothing_from_the_device_per_micro_batch(photos, tmp_path
     for steps in (3, 9):
         counts["n"] = 0
         out = tmp_path / f"run{steps}"
-        assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", str(steps),
-                           "--log-every", "100", "--save-every", "100", "--accum-steps", "2",
-                           "--batch-size", "2"]) == 0
+        assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", str(steps),
+                                    "--log-every", "100", "--save-every", "100", "--accum-steps", "2",
+                                    "--batch-size", "2"]) == 0
         seen.append(counts["n"])
     assert seen[0] == seen[1], seen  # 6 vs 18 micro-batches: the same reads (the final log and checkpoint)
 
@@ -188,8 +191,9 @@ def test_reconstruction_grids_go_to_tensorboard_too(photos, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2", "--vis-every", "1",
-                       "--log-with", "tensorboard"]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(out), "--max-steps", "2",
+                                "--vis-every", "1",
+                                "--log-with", "tensorboard"]) == 0
     events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert [e.step for e in events.Images("reconstructions")] == [1, 2]
@@ -218,13 +222,14 @@ def test_init_from_prints_the_converters_notes(photos, tmp_path, capsys):
     import safetensors.torch
 
     safetensors.torch.save_file(classifier.state_dict(), str(tmp_path / "classifier.safetensors"))
-    assert run(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
-                       "--init-from", str(tmp_path / "classifier.safetensors")]) == 0
+    assert run_pretrain(FAST + ["--data-path", str(photos), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+                                "--init-from", str(tmp_path / "classifier.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "--init-from: detected timm layout" in out
     assert "--init-from: dropped the classifier head" in out and "initialized a fresh one" in out
 
 
+@pytest.mark.slow
 def test_a_data_error_under_two_processes_ends_every_rank_with_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import launcher_failure, write_photos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +39,7 @@ def cut(photo: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_finetune_warns_once_per_file_and_says_what_accuracy_counts(tmp_path):
     """Two workers, two epochs, raw and EMA evaluation (four val passes): each bad file is named once, in one
     plain line (no Python warning with a source file and line), and the accuracy line says it counts 5 of 6."""
