@@ -190,6 +190,7 @@ def test_loading_the_monitor_draws_nothing_from_the_global_rng(crops):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+@pytest.mark.slow  # several processes, or a training run of minutes on 2 cores
 def test_two_processes_shard_the_monitor_and_log_the_same_knn(probe, crops, tmp_path):
     """Under two processes (gloo) each computes half the features and gathers the rest; the result is the kNN of
     the whole set, as probe.py computes it on the run's model, and no process waits on the other past --timeout."""
@@ -207,6 +208,7 @@ def test_two_processes_shard_the_monitor_and_log_the_same_knn(probe, crops, tmp_
     assert knn[-1]["knn_top1"] == pytest.approx(ours, abs=1e-9) == pytest.approx(sklearns, abs=1e-9)
 
 
+@pytest.mark.slow  # several processes, or a training run of minutes on 2 cores
 def test_an_unreadable_image_in_one_share_ends_both_processes_with_one_line(crops, tmp_path):
     """Each process decodes its share; a file only process 1 reads is still every process's one-line error, given
     before training (none waits at a collective for a peer that has gone)."""

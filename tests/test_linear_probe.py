@@ -59,6 +59,7 @@ def test_mae_batch_where_the_data_is_large_a_capped_one_where_it_is_small():
         probe_config("--min-steps-per-epoch", "-1")
 
 
+@pytest.mark.slow  # several processes, or a training run of minutes on 2 cores
 def test_linear_probe_reaches_logistic_regression_on_the_same_frozen_features(tmp_path, capsys):
     """probe.py's crops of 17 real photos at 64 px (816 train, 408 val; class = photo) and a frozen encoder: 10
     epochs of --linear-probe land within 3 points of scikit-learn's logistic regression (C by 3-fold CV on train, as
