@@ -18,7 +18,7 @@
 #                                                         # eager on CUDA, eager bf16 benchmark rows for atto, tiny
 #     bash benchmarks/gpu_check.sh --minkowski [RESULTS_DIR]  # builds MinkowskiEngine for this GPU (CUDA, offline),
 #         # then its tests on CUDA and the three-backend step-time rows. Needs .me/ carried: the ME sdist and, where
-#         # the image has no cblas.h, Debian's OpenBLAS debs. Made here (see README, "MinkowskiEngine backend"):
+#         # the image has no cblas.h, Debian's OpenBLAS debs. Made here (see docs/minkowski.md):
 #         #   mkdir -p .me && echo /.me/ >> .git/info/exclude && cd .me && apt-get download libopenblas-dev \
 #         #   libopenblas-pthread-dev libopenblas0-pthread libgfortran5 && curl -sSLO https://files.pythonhosted.org/\
 #         #   packages/source/M/MinkowskiEngine/MinkowskiEngine-0.5.4.tar.gz  (the install script checks its SHA-256)

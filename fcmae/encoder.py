@@ -206,8 +206,8 @@ class SparseConvNeXtV2(nn.Module):
 def init_weights(module: nn.Module) -> None:
     """timm's ConvNeXt V2 init: truncated normal (std 0.02) weights, zero biases.
 
-    Not the official FCMAE pretraining init, which re-draws most weights at std 1 (see README, "How the sparse
-    encoder works"): that starts the demo at loss 7 instead of 1 and trains slower.
+    Not the official FCMAE pretraining init, which re-draws most weights at std 1 (see docs/finetuning.md,
+    "Initialization"): that starts the demo at loss 7 instead of 1 and trains slower.
     """
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         nn.init.trunc_normal_(module.weight, std=0.02)

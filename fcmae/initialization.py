@@ -10,7 +10,7 @@
               1 / 0, GRN 0 / 0, mask token normal std 0.02.
 
 The released official weights were trained by the authors' JAX code, whose init is not published. Which one
-`fcmae.create_model` uses by default was chosen with `benchmarks/probe.py` (see README, "Initialization").
+`fcmae.create_model` uses by default was chosen with `benchmarks/probe.py` (see docs/finetuning.md, "Initialization").
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["BACKENDS", "MinkowskiEngineUnavailable", "require", "forward_minkowski"]
 
 BACKENDS = ("minkowski", "minkowski-official")
-INSTALL_HINT = "scripts/install_minkowskiengine.sh (README: MinkowskiEngine backend)"
+INSTALL_HINT = "scripts/install_minkowskiengine.sh (docs/minkowski.md)"
 
 
 class MinkowskiEngineUnavailable(ImportError, ValueError):

@@ -1,6 +1,6 @@
 """Every file this project reads or writes.
 
-    names        the name of each artifact a run writes (the README's "Files a run writes")
+    names        the name of each artifact a run writes (docs/pretraining.md, "Files a run writes")
     formats      `load(path)`: the one reader; recognizes each kind of input and its key layout
     layouts      key layouts (fcmae, timm, official-me, official-dense) from key names
     model_file   our model files: `save_model`, atomic `write_safetensors`, strict state-dict loading

@@ -1,4 +1,4 @@
-"""The name of every file and folder a run writes, in one place (the README's "Files a run writes" table).
+"""The name of every file and folder a run writes, in one place (docs/pretraining.md, "Files a run writes").
 
 The model a run hands out and Accelerate's weights inside a training-state folder used to share the name
 `model.safetensors`. Our artifacts now have their own names; Accelerate's keeps its (Accelerate picks it), and

@@ -1,4 +1,4 @@
-"""python -m fcmae.config: the flag tables of README.md, generated from the config dataclasses."""
+"""python -m fcmae.config: the flag tables of docs/configuration.md, generated from the config dataclasses."""
 
 from .command_line import flag_table
 from .training_configs import FinetuneConfig, PretrainConfig

@@ -193,11 +193,11 @@ def _shown(path: str | Path) -> str:
         return str(path)
 
 
-# The README's flag tables ---------------------------------------------------------------------------------------
+# The flag tables of docs/configuration.md ---------------------------------------------------------------------------------------
 
 
 def flag_table(cls: type[TrainConfig]) -> str:
-    """A Markdown table of the flags of `cls`: the README's tables are `python -m fcmae.config`'s output (checked by
+    """A Markdown table of the flags of `cls`: docs/configuration.md's tables are `python -m fcmae.config`'s output (checked by
     tests/test_cli.py)."""
     rows = ["| flag | default | what it sets |", "| --- | --- | --- |"]
     for option in options(cls):

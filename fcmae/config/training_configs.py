@@ -1,7 +1,7 @@
 """The training configs: dataclasses that read top to bottom, and their mapping form (YAML, flags, JSON).
 
 `PretrainConfig.model` is one `FCMAEConfig` (the model the run trains); `FinetuneConfig.model` names the timm
-ConvNeXt V2 it fine-tunes. Each field's comment is its documentation: `--help` and the README's flag tables
+ConvNeXt V2 it fine-tunes. Each field's comment is its documentation: `--help` and the flag tables of docs/configuration.md
 are generated from it (`fcmae.fields.field_docs`).
 
 The mapping form (`to_dict`, `from_dict`) nests the model: `{"model": {"name": ..., "mask_ratio": ...}, ...}`.
@@ -280,7 +280,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # effective batch (one step per epoch, 90 in all) leaves the head at its init; --optimizer lars restores it.
 # On data too small for MAE's batch (fewer than 20 x 16384 images; ImageNet-1k makes 78 steps of it an epoch) the
 # effective batch shrinks until an epoch makes 20 steps, and the lr with it (blr x batch / 256): one step an epoch
-# leaves the head far from what the features support (README, Linear probe).
+# leaves the head far from what the features support (docs/finetuning.md, Linear probe).
 LINEAR_PROBE_RECIPE: dict[str, Any] = dict(
     optimizer="sgd", blr=0.1, lr=None, effective_batch_size=16384, min_steps_per_epoch=20, epochs=90,
     warmup_epochs=10.0, warmup_steps=-1,
