@@ -13,6 +13,11 @@ the visible positions, so it is untrained there: columns 3 and 5 show those posi
 from __future__ import annotations
 
 import sys
+
+if __name__ == "__main__":  # python -m fcmae.visualize: the command (fcmae.cli.visualize), before torch imports
+    from fcmae.cli.visualize import main
+
+    sys.exit(main())
 from pathlib import Path
 from typing import Sequence
 
@@ -197,8 +202,3 @@ def load_images(paths: Sequence[Path], size: tuple[int, int]) -> Tensor:
         raise DataError("none of the given images could be read")
     return torch.stack(images)
 
-
-if __name__ == "__main__":  # python -m fcmae.visualize: the command (fcmae.cli.visualize)
-    from fcmae.cli.visualize import main
-
-    sys.exit(main())

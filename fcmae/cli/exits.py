@@ -30,6 +30,15 @@ def show_causes(error: BaseException) -> BaseException:
     return error
 
 
+def module_docstring(relative_path: str) -> str:
+    """The docstring of a module of this package, read from its source without importing it: a command's
+    description for --help, which must not wait for the module's imports (torch)."""
+    import ast
+
+    source = Path(__file__).resolve().parent.parent / relative_path
+    return ast.get_docstring(ast.parse(source.read_text(encoding="utf-8"))) or ""
+
+
 def print_error(message: str) -> None:
     """Write `error: message` to stderr as one write: the ranks of a multi-process run share the launcher's
     stderr, and print() writes the text and its newline separately, so two ranks' lines could interleave."""

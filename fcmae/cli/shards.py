@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ..data import shard_writer
-from .exits import run_cli
+from .exits import module_docstring, run_cli
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fcmae-shards", description=shard_writer.__doc__,
+    parser = argparse.ArgumentParser(prog="fcmae-shards", description=module_docstring("data/shard_writer.py"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="image folder (searched recursively)")
     parser.add_argument("output", help="folder for the shards and dataset.json")
@@ -22,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled file order (default: 0)")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")
     args = parser.parse_args(argv)
+    from ..data import shard_writer  # after the flags: --help answers before torch imports
 
     def run(_):
         shards = shard_writer.write_shards(args.source, args.output, args.prefix, args.maxcount, args.maxsize, args.seed,

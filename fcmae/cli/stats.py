@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ..data import stats as data_stats
-from .exits import run_cli
+from .exits import module_docstring, run_cli
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fcmae-stats", description=data_stats.__doc__,
+    parser = argparse.ArgumentParser(prog="fcmae-stats", description=module_docstring("data/stats.py"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_path", help="anything --data-path accepts (folder, shards, demo)")
     parser.add_argument("--in-chans", type=int, default=3, help="channels per image (default: 3)")
     parser.add_argument("--samples", type=int, default=1000, help="images to read (default: 1000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from ..data import stats as data_stats  # after the flags: --help answers before torch imports
 
     def run(_):
         stats = data_stats.channel_stats(args.data_path, args.in_chans, args.samples, args.seed)
