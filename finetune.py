@@ -37,8 +37,10 @@ from fcmae.evaluation import evaluate
 from fcmae.layer_decay import param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
 from fcmae.training import Run, main_process_first, processes_without_gpu, quiet_worker, run_cli
+from fcmae.training.invocation import invocation, script_command
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
+PRETRAIN_DEMO = "configs/pretrain/digits.yaml"  # the pretraining the demo's --finetune file comes from
 # what --eval takes from the model it evaluates (explicit flags override): its input geometry and its channels
 EVAL_SETTINGS = ("input_size", "crop_pct", "interpolation", "in_chans", "mean", "std")
 
@@ -198,6 +200,9 @@ def saved_eval_settings(resume: str) -> dict:
     return {**{key: saved[key] for key in EVAL_SETTINGS if key in saved}, **settings} if saved else settings
 
 
+EVAL_AUTO_BATCH = 64  # --eval with --batch-size auto
+
+
 def evaluate_only(config: FinetuneConfig) -> dict:
     """Accuracy of the weights named by --resume on val/; prints it and writes nothing.
 
@@ -213,13 +218,14 @@ def evaluate_only(config: FinetuneConfig) -> dict:
                                              for k in shown))
     _, val_set, classes = main_process_first(accelerator, lambda: datasets(config))
     model, metadata = load_for_eval(config, len(classes))
-    loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers,
+    batch_size = EVAL_AUTO_BATCH if config.auto_batch else config.batch_size  # no backward: any batch fits better
+    loader = DataLoader(val_set, batch_size=batch_size, num_workers=config.num_workers,
                         collate_fn=CollateUnreadable())
     model, loader = accelerator.prepare(model, loader)
     result = evaluate(model, loader, accelerator, progress=config.progress and sys.stdout.isatty())
     recorded = f" (recorded when saved: {float(metadata['val_acc1']):.2f})" if "val_acc1" in metadata else ""
     accelerator.print(f"{config.resume}: val_acc1 {result['acc1']:.2f} val_acc5 {result['acc5']:.2f} on "
-                      f"{result['images']} images{recorded}")
+                      f"{counted(result, 'images')}{recorded}")
     accelerator.end_training()  # destroys the process group: see fcmae.training.end_process_group
     return result
 
@@ -229,14 +235,16 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if config.eval:
         return evaluate_only(config)
     mixing = config.mixup > 0 or config.cutmix > 0
-    if mixing and config.batch_size % 2:
+    if mixing and not config.auto_batch and config.batch_size % 2:
         raise ConfigError(f"batch_size must be even with mixup/cutmix (pairs are mixed), got {config.batch_size}")
 
     if config.finetune and not Path(config.finetune).exists():  # before any data is written
-        hint = " (the demo starts from: python pretrain.py --config configs/pretrain/digits.yaml)" if (
-            "digits-pretrain" in config.finetune) else ""
+        root = Path(__file__).resolve().parent
+        hint = (f" (the demo starts from: {script_command(root / 'pretrain.py', '--config', root / PRETRAIN_DEMO)})"
+                if "digits-pretrain" in config.finetune else "")
         raise FileNotFoundError(f"--finetune checkpoint not found: {config.finetune}{hint}")
-    run = Run(config, project="fcmae-finetune", step_log=names.TRAIN_LOG)
+    run = Run(config, project="fcmae-finetune", step_log=names.TRAIN_LOG,
+              command=invocation(__file__, argv, DEMO_CONFIG))
     # "digits:FOLDER" is written once, by the main process; an error there ends every process with its message
     train_set, val_set, classes = run.main_process_first(lambda: datasets(config))
     config.check_data_channels(train_set[0]["image"].shape[0])
@@ -244,7 +252,18 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if isinstance(train_set.transform, PretrainTransform) and rgb_only:
         run.print(f"note: {', '.join(rgb_only)} apply to 8-bit RGB photos only: off for this {config.in_chans}-channel "
                   "array data (random resized crop, flip, mixup and cutmix stay)")
-    model = build_model(config, len(classes), run.print)
+    model = build_model(config, len(classes), run.print).to(run.accelerator.device)
+
+    def trial_step(batch_size: int) -> None:  # --batch-size auto: one forward and backward at this size
+        images = torch.randn(batch_size, config.in_chans, *config.image_size, device=run.accelerator.device)
+        with run.accelerator.autocast():
+            loss = model(images).float().logsumexp(dim=1).mean()  # a cross-entropy's cost, without labels
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    run.choose_batch_size(trial_step, len(train_set))
+    if mixing and config.batch_size % 2:
+        raise ConfigError(f"batch_size must be even with mixup/cutmix (pairs are mixed), got {config.batch_size}")
     run.plan_batches(len(train_set))
     lr = run.base_lr()
     optimizer = optimizer_for(model, config, lr)
@@ -298,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         run.write_record(record, run.output_dir / names.METRICS)
         which, (best_model, result) = max(candidates.items(), key=lambda item: item[1][1]["acc1"])
         run.print(f"epoch {epoch}: train_loss {record['train_loss']:.4f} val_acc1 {record['val_acc1']:.2f}"
-                  + (f" ema_acc1 {record['ema_acc1']:.2f}" if "ema_acc1" in record else ""))
+                  + (f" ema_acc1 {record['ema_acc1']:.2f}" if "ema_acc1" in record else "")
+                  + (f", top-1 over {counted(result, 'val images')}" if result["unreadable"] else ""))
         if result["acc1"] > run.info.get("best_acc1", -1.0):
             run.info.update(best_acc1=result["acc1"], best_epoch=epoch, best_weights=which)
             if run.is_main:
@@ -310,6 +330,12 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     run.print(f"best val_acc1 {run.info.get('best_acc1', float('nan')):.2f} ({run.info.get('best_weights')} "
               f"weights, epoch {run.info.get('best_epoch')}): {where}")
     return run.info
+
+
+def counted(result: dict, noun: str) -> str:
+    """The images an `evaluate` result counts: '6 images', or '5 of 6 images (1 unreadable)'."""
+    images, unreadable = result["images"], result["unreadable"]
+    return f"{images} of {images + unreadable} {noun} ({unreadable} unreadable)" if unreadable else f"{images} {noun}"
 
 
 def save_best(model: nn.Module, config: FinetuneConfig, classes: list[str], which: str, epoch: int,

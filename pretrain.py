@@ -17,13 +17,17 @@ from typing import Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 import fcmae
 from fcmae.checkpoints import names
-from fcmae.config import PretrainConfig, parse_config
-from fcmae.data import CollateUnreadable, augment_batch, collate_encoded, pretrain_dataset, pretrain_sampler
-from fcmae.training import Run, quiet_worker, run_cli
+from fcmae.config import ConfigError, PretrainConfig, parse_config
+from fcmae.data import (
+    CollateUnreadable, DeviceAugment, DeviceFeed, DevicePixels, collate_encoded, collate_pixels, pretrain_dataset,
+    pretrain_sampler,
+)
+from fcmae.training import Run, quiet_worker, run_cli, use_compile_cache
+from fcmae.training.invocation import invocation
 from fcmae.visualize import sample_indices, save_reconstructions
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -47,42 +51,62 @@ def build_model(config: PretrainConfig, say=print) -> fcmae.FCMAE:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(PretrainConfig, argv, description=__doc__, demo=DEMO_CONFIG)
-    run = Run(config, project="fcmae-pretrain")
+    run = Run(config, project="fcmae-pretrain", command=invocation(__file__, argv, DEMO_CONFIG))
+    device = run.accelerator.device
+    if config.compile:
+        use_compile_cache(config.compile_cache)  # before anything compiles
     # digits written, a folder indexed, shards counted: by the main process; an error there ends every process
-    # with its one-line message
+    # with its one-line message. Photos stay uint8 until they reach the device (DevicePixels normalizes there).
     mean, std = config.normalization()
     dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed, mean,
-                                                              std, encoded=config.gpu_augment))
-    sampler = pretrain_sampler(dataset, config.batch_size, run.accelerator.num_processes, config.seed)
-    collate = CollateUnreadable(collate_encoded if config.gpu_augment else default_collate)  # + batch["unreadable"]
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                        drop_last=True, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-                        collate_fn=collate, persistent_workers=False,
-                        worker_init_fn=quiet_worker)  # fresh workers see the epoch's seed
-    device = run.accelerator.device
+                                                              std, encoded=config.gpu_augment, normalize=False))
+    mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
+    collate = CollateUnreadable(collate_encoded if config.gpu_augment else collate_pixels)  # + batch["unreadable"]
+    # The batch's images on the device, (N, C, H, W) normalized; with --gpu-augment decoded and augmented there
+    images_of = DeviceAugment(device, config.image_size, mean, std) if config.gpu_augment else \
+        DevicePixels(device, mean, std)
 
-    def images_of(batch: dict) -> torch.Tensor:
-        """The batch's images on the device: (N, C, H, W), augmented there first with --gpu-augment."""
-        if config.gpu_augment:
-            return augment_batch(batch["image"], config.image_size, device, mean or IMAGENET_DEFAULT_MEAN,
-                                 std or IMAGENET_DEFAULT_STD)
-        return batch["image"].to(device, non_blocking=True)  # a no-op where Accelerate placed the batch
+    def transfer(batch: dict) -> dict:  # DeviceFeed's: the next batch, while the step before runs
+        return {**batch, "image": images_of(batch["image"])}
 
     # Fixed images for the reconstruction grids: drawn at random with the run's seed, epoch-0 augmentation.
-    vis_images = images_of(collate([dataset[i] for i in sample_indices(VIS_IMAGES, len(dataset), config.seed)]))
+    vis_images = images_of(collate([dataset[i] for i in sample_indices(VIS_IMAGES, len(dataset), config.seed)])["image"])
     config.check_data_channels(vis_images.shape[1])
     model = build_model(config, run.print)
-    run.plan_batches(len(dataset))
     for module in model.modules():  # conv weights in the activations' channels-last format, as their grads are
         if isinstance(module, torch.nn.Conv2d):
             module.to(memory_format=torch.channels_last)
+    model.to(device)
+
+    def trial_step(batch_size: int) -> None:  # --batch-size auto: one eager forward and backward at this size
+        images = torch.randn(batch_size, config.model.in_chans, *config.image_size, device=device)
+        with run.accelerator.autocast():
+            loss, _, _ = model(images.contiguous(memory_format=torch.channels_last))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    run.choose_batch_size(trial_step, len(dataset))
+    run.plan_batches(len(dataset))
     if config.compile:  # before prepare: DDP then wraps a module whose forward calls the compiled step
-        model.compile_step()
+        model.compile_step(mode=config.compile_mode or None)
+        if model.replays_cuda_graphs and config.accum_steps > 1:
+            raise ConfigError(f"--compile-mode {config.compile_mode} replays CUDA graphs, which fcmae has not verified "
+                              f"with gradient accumulation (accum_steps {config.accum_steps}); reach the effective "
+                              "batch without it (--batch-size auto, more processes) or use --compile-mode "
+                              "max-autotune-no-cudagraphs")
+        run.compile_once(lambda: trial_step(config.batch_size))
+    sampler = pretrain_sampler(dataset, config.batch_size, run.accelerator.num_processes, config.seed)
+    workers = config.num_workers
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=True, num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate,
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                        worker_init_fn=quiet_worker)  # workers read the epoch from shared memory (fcmae.data)
     lr = run.base_lr()
-    cuda = run.accelerator.device.type == "cuda"  # fused AdamW: one kernel for all parameters on the GPU
+    cuda = device.type == "cuda"  # fused AdamW: one kernel for all parameters on the GPU
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
                                     fused=cuda or None)
-    model, optimizer, loader = run.prepare(model, optimizer, loader, place_batches=not config.gpu_augment)
+    # Batches stay on the host in the loader: DeviceFeed moves (or augments) them on a side stream, a step ahead.
+    model, optimizer, loader = run.prepare(model, optimizer, loader, place_batches=False)
     run.print(f"{config.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(dataset)} images\n{run.describe()}")
 
@@ -100,11 +124,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                          {"step": str(run.step), "checkpoint": checkpoint.name})
 
     def step_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        images = images_of(batch)
+        images = batch["image"]  # on the device, normalized (DeviceFeed)
         loss, _, _ = model(images)
         return loss, images.shape[0]
 
-    run.fit(step_fn, every_step=visualize, on_save=save_model_file)
+    run.fit(step_fn, every_step=visualize, on_save=save_model_file, feed=DeviceFeed(transfer, device))
     run.print(f"done: {run.output_dir / names.PRETRAINED_MODEL}, metrics in {run.metrics_path}")
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from fcmae.data import (  # noqa: E402
     FileIndex, ImageFiles, PretrainTransform, demo_image_files, load_rgb, pretrain_transform,
 )
-from fcmae.data.gpu_augment import EncodedCrop, augment_batch, collate_encoded  # noqa: E402
+from fcmae.data.gpu_augment import DeviceAugment, EncodedCrop, collate_encoded  # noqa: E402
 from fcmae.data.shard_writer import write_shards  # noqa: E402
 from fcmae.data.shards import shard_dataset  # noqa: E402
 
@@ -75,15 +75,17 @@ def rate(dataset, batch_size: int, batches: int, collate=None) -> tuple[float, f
 
 
 def device_rate(files: FileIndex, size: tuple[int, int], batch_size: int, device: str, repeats: int = 5) -> str:
-    """Images/s of augment_batch (decode, crop, resize, flip, normalize) on `device`, batches already collated."""
+    """Images/s of DeviceAugment (decode, crop, batched resize, flip, normalize) on `device`, batches already
+    collated."""
     batch = next(iter(DataLoader(ImageFiles(files, EncodedCrop()), batch_size=batch_size,
                                  collate_fn=collate_encoded)))["image"]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    augment_batch(batch, size, device)
+    augment = DeviceAugment(device, size)
+    augment(batch)
     sync()
     start = time.perf_counter()
     for _ in range(repeats):
-        augment_batch(batch, size, device)
+        augment(batch)
     sync()
     seconds = (time.perf_counter() - start) / repeats
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU (logic check, not a speed target)"

@@ -3,8 +3,9 @@
 Parameters carry timm's names and shapes (`timm.create_model('convnextv2_*', num_classes=0, conv_mlp=False)`
 without `head.*`), so a checkpoint of this encoder is a timm checkpoint. Two backends compute the same function:
 
-  "sparse"  the visible patches in the compact (P, k, k, C) layout of `fcmae.sparse`: every op but the
-            depthwise conv touches visible sites only.
+  "sparse"  the visible patches in the compact (P, k, k, C) layout of `fcmae.sparse`: every op touches visible
+            sites only (the depthwise conv's "tiles" and "gather" implementations read their neighbours too;
+            its "canvas" one runs over a full zeroed map).
   "dense"   the masked-dense reference: full (N, H, W, C) maps, re-masked wherever an op could let a removed
             site leak into a visible one (before each depthwise conv and each GRN) and at the output.
   "minkowski", "minkowski-official"  MinkowskiEngine sparse tensors, optional (see `fcmae.minkowski`).

@@ -17,6 +17,7 @@ import io
 import math
 import textwrap
 import tokenize
+import types
 import typing
 from typing import Any, Iterable, Sequence
 
@@ -26,7 +27,8 @@ __all__ = ["coerce", "check_names", "did_you_mean", "field_docs", "type_name"]
 
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
-    """`value` as the type `hint` (str, int, float, bool, Optional, list[X], tuple[X, ...], tuple[X, Y]).
+    """`value` as the type `hint` (str, int, float, bool, Optional, list[X], tuple[X, ...], tuple[X, Y],
+    Literal[...] and a union of these, tried in order: `int | Literal["auto"]`).
 
     Lifts what YAML and flags give for a typed field: an int for a float, a number for a string, a single value
     for a list or a tuple of one type (a fixed-length tuple gets it in every place: 224 -> (224, 224)), and a
@@ -34,13 +36,24 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     try:
+        if origin is typing.Literal:
+            if value in args:
+                return value
+            raise ValueError
+        if origin in (typing.Union, types.UnionType) and type(None) not in args:  # Optional is below
+            for option in args:
+                try:
+                    return coerce(key, value, option)
+                except ConfigError:
+                    continue
+            raise ValueError
         if origin in (list, tuple):
             fixed = origin is tuple and Ellipsis not in args
             items = list(value) if isinstance(value, (list, tuple)) else [value] * (len(args) if fixed else 1)
             if fixed and len(items) != len(args):
                 raise ValueError
-            types = args if fixed else [args[0]] * len(items)
-            return origin(coerce(key, item, item_type) for item, item_type in zip(items, types))
+            item_types = args if fixed else [args[0]] * len(items)
+            return origin(coerce(key, item, item_type) for item, item_type in zip(items, item_types))
         if type(None) in args:  # Optional[X]
             return None if value is None else coerce(key, value, next(a for a in args if a is not type(None)))
         if hint is bool:
@@ -65,6 +78,10 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
 def type_name(hint: Any) -> str:
     """'an integer', 'a list of a finite number', 'two integers', ...: how error messages name a type."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return " or ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType) and type(None) not in args:
+        return " or ".join(type_name(a) for a in args)
     if origin in (list, tuple) and Ellipsis not in args and origin is tuple:
         return f"{len(args)} values, each {type_name(args[0])}" if len(set(args)) == 1 else str(hint)
     if origin in (list, tuple):

@@ -24,7 +24,7 @@ def test_help_describes_every_flag_with_its_default(cls):
         assert f"{option.flag}" in text and " ".join(option.doc.split()) in text, option.flag
     assert "--mask-ratio MASK_RATIO fraction of the patches removed from each image (default: 0.6)" in text or \
         cls is FinetuneConfig
-    assert "--batch-size BATCH_SIZE images per process and step (default: " in text
+    assert "--batch-size BATCH_SIZE images per process and step; auto: the largest that fits the device (default: " in text
     assert "--norm-pix-loss, --no-norm-pix-loss" in text or cls is FinetuneConfig
 
 
@@ -77,3 +77,21 @@ def test_unknown_flag_is_one_line_with_did_you_mean():
 def test_readme_flag_tables_are_the_generated_ones(cls):
     """README's tables are `python -m fcmae.config.command_line`'s output: regenerate them when a field changes."""
     assert flag_table(cls) in (ROOT / "README.md").read_text()
+
+
+def test_readme_offers_a_cpu_only_install_outside_the_quickstart():
+    """Issue 24, item 19: PyPI's Linux torch wheel brings CUDA; a CPU-only line uses PyTorch's CPU index under the
+    same constraints, and the Quickstart keeps its two blocks."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    assert quickstart.count("```bash") == 2
+    cpu_lines = [line.strip() for line in quickstart.splitlines() if "download.pytorch.org/whl/cpu" in line]
+    assert cpu_lines and all(not line.startswith("```") for line in cpu_lines)
+    line = cpu_lines[0]
+    assert "-c constraints.txt" in line and re.search(r"\btorch\b", line) and "torchvision" in line
+    pinned = dict(l.split("==") for l in (ROOT / "constraints.txt").read_text().split() if "==" in l)
+    from packaging.specifiers import SpecifierSet
+
+    assert f"{pinned['torch']}+cpu" in SpecifierSet(f"=={pinned['torch']}")  # the CPU wheel meets the constraint

@@ -97,7 +97,9 @@ def test_pretrain_with_compile_and_bf16_on_cpu(tmp_path, monkeypatch, capsys):
     assert run(argv) == 0
     assert "mixed precision bf16" in capsys.readouterr().out
     assert len(records(tmp_path / "run")) == 6 and all(r["loss"] > 0 for r in records(tmp_path / "run"))
-    assert compiled.count(True) == 6  # every training step ran the graph (the reconstruction grid runs eager)
+    # the warm-up step that compiles before training (fcmae.training.compilation) and every training step ran the
+    # graph; the reconstruction grid runs eager
+    assert compiled.count(True) == 1 + 6
     assert fcmae.load_model(tmp_path / "run" / "fcmae_model.safetensors").config.backend == "sparse"
 
 

@@ -68,7 +68,8 @@ def test_round_trip_through_saved_yaml(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--mask-ration", "0.5"], "unknown flag --mask-ration in the command line; did you mean --mask-ratio\\?"),
-    (["--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+    (["--batch-size", "many"], "batch_size must be an integer or auto, got 'many'"),
+    (["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
     (["--model", "resnet"], "unknown model 'resnet'"),
     (["--input-size", "100"], "input_size must be one or two positive multiples of 32"),
     (["--input-size", "64", "64", "64"], "input_size must be one or two"),
@@ -131,7 +132,7 @@ def test_the_linear_probe_recipe_reaches_its_lr_below_the_bound():
     ("model: {name: atto, decoder_dept: 2}\n",
      r"unknown key decoder_dept in .*c.yaml's model section; did you mean decoder_depth\?"),
     ("zzz: 1\n", r"unknown key zzz in .*c.yaml; valid keys: model, data_path, output_dir"),
-    ("batch_size: [1, 2]\n", r"batch_size must be an integer, got \[1, 2\]"),
+    ("batch_size: [1, 2]\n", r"batch_size must be an integer or auto, got \[1, 2\]"),
     ("model: {norm_pix_loss: maybe}\n", "norm_pix_loss must be true or false"),
     ("model: [atto]\n", "model in .*c.yaml's model section must be a model name or a mapping"),
     ("- just\n- a list\n", "must hold a mapping"),

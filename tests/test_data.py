@@ -167,19 +167,21 @@ def test_exif_rotation_is_applied(tmp_path):
     assert load_rgb(tmp_path / "rotated.jpg").size == (30, 60)
 
 
-def test_unreadable_files_are_skipped_with_a_warning(tmp_path):
+def test_unreadable_files_are_skipped_and_named_with_their_reason(tmp_path):
     files = write_photos(tmp_path, 4)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(files[0].read_bytes()[:300] if files[0].suffix == ".png" else files[1].read_bytes()[:300])
     order = [files[0], tmp_path / "broken.jpg", files[1], truncated, files[2], files[3]]
     dataset = ImageFiles(order, pretrain_transform((64, 64)))
-    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.jpg"):
-        items = [dataset[i] for i in range(len(dataset))]
+    items = [dataset[i] for i in range(len(dataset))]  # no warning here: the consuming process prints it
     assert sum(item["skipped"] for item in items) == 2
     assert all(item["image"].shape == (3, 64, 64) for item in items)
+    assert items[1]["unreadable"] == {1: f"{tmp_path / 'broken.jpg'}: cannot identify image file "
+                                         f"'{tmp_path / 'broken.jpg'}'"}
+    assert list(items[3]["unreadable"]) == [3] and items[3]["unreadable"][3].startswith(f"{truncated}: ")
     only_bad = ImageFiles([tmp_path / "broken.jpg"], pretrain_transform((64, 64)))
-    with pytest.raises(DataError, match="none of the 1 images could be read"), pytest.warns(UserWarning):
+    with pytest.raises(DataError, match="none of the 1 images could be read"):
         only_bad[0]
 
 
@@ -204,16 +206,17 @@ def test_unreadable_positions_name_each_bad_file_however_often_it_is_drawn(tmp_p
         found = set()
         for batch in loader:
             batch = send_to_device(batch, "cpu")  # what Accelerate does to each batch: the list stays a host list
-            assert type(batch["unreadable"]) is list and all(type(p) is int for p in batch["unreadable"])
+            assert type(batch["unreadable"]) is dict and all(type(p) is int for p in batch["unreadable"])
+            assert all(batch["unreadable"][p] == f"{files[p]}: cannot identify image file '{files[p]}'"
+                       for p in batch["unreadable"])  # "PATH: REASON" from the worker, for the main process
             found.update(batch["unreadable"])
             events += int(batch["skipped"].sum())
         assert found == bad_positions, epoch
     assert events == 3 * 4  # per epoch: position 1's item skips 1 and 2, position 2's skips 2 again, 11's skips 11
 
     encoded = ImageFiles(files, EncodedCrop())  # --gpu-augment's items, through its collate
-    with pytest.warns(UserWarning, match="skipping unreadable image"):
-        batch = CollateUnreadable(collate_encoded)([encoded[i] for i in range(len(files))])
-    assert batch["unreadable"] == sorted(bad_positions) and len(batch["image"]["data"]) == len(files)
+    batch = CollateUnreadable(collate_encoded)([encoded[i] for i in range(len(files))])
+    assert list(batch["unreadable"]) == sorted(bad_positions) and len(batch["image"]["data"]) == len(files)
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
@@ -234,7 +237,7 @@ def test_eval_transform_center_crops_with_the_crop_ratio():
     assert eval_transform((64, 96))(img).shape == (3, 64, 96)
 
 
-def test_evaluation_leaves_unreadable_files_out_instead_of_counting_another_twice(tmp_path):
+def test_evaluation_leaves_unreadable_files_out_instead_of_counting_another_twice(tmp_path, capsys):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from torch import nn
@@ -252,11 +255,14 @@ def test_evaluation_leaves_unreadable_files_out_instead_of_counting_another_twic
         def forward(self, x):
             return torch.tensor([[0.0, 1.0]]).expand(len(x), 2)
 
-    with pytest.warns(UserWarning, match="skipping unreadable image .*text.jpg"):
-        result = evaluate(SaysOne(), DataLoader(dataset, batch_size=2, collate_fn=CollateUnreadable()),
-                          Accelerator(cpu=True))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    assert result["images"] == 4 and result["acc1"] == 75.0  # 3 of the 4 readable images are class 1
+    loader = DataLoader(dataset, batch_size=2, collate_fn=CollateUnreadable(), num_workers=2)
+    try:
+        passes = [evaluate(SaysOne(), loader, Accelerator(cpu=True)) for _ in range(3)]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert all(r["images"] == 4 and r["unreadable"] == 1 and r["acc1"] == 75.0 for r in passes)  # 3 of 4: class 1
+    err = capsys.readouterr().err  # the workers met it in each pass; the main process names it once
+    assert reported_files(err) == [str(tmp_path / "text.jpg")] and len(err.splitlines()) == 1
 
 
 def test_fast_transform_is_the_torchvision_pipeline_without_draft(tmp_path):
@@ -323,8 +329,8 @@ def test_jpegs_decode_to_pils_pixels_straight_into_arrays(tmp_path):
 
     (tmp_path / "truncated.jpg").write_bytes((tmp_path / "420.jpg").read_bytes()[:3000])
     dataset = ImageFiles([tmp_path / "truncated.jpg", tmp_path / "420.jpg"], PretrainTransform((64, 64)))
-    with pytest.warns(UserWarning, match="skipping unreadable image .*truncated.jpg"):
-        assert dataset[0]["skipped"] == 1
+    item = dataset[0]
+    assert item["skipped"] == 1 and item["unreadable"][0].startswith(f"{tmp_path / 'truncated.jpg'}: ")
 
 
 def test_exif_rotation_is_applied_by_the_fast_transform_too(tmp_path):
@@ -442,11 +448,55 @@ def test_channel_stats_of_a_sample(tmp_path, capsys):
         stack.append(pixels.clip(0, 65535).astype(np.uint16))
         tifffile.imwrite(tmp_path / f"cell_{i}.tif", stack[-1])
     expected = np.stack(stack).reshape(-1, 4) / 65535
-    mean, std, count = channel_stats(str(tmp_path), in_chans=4, samples=100)
-    assert count == 5
+    mean, std, count, unreadable = channel_stats(str(tmp_path), in_chans=4, samples=100)
+    assert count == 5 and unreadable == {}
     np.testing.assert_allclose(mean, expected.mean(0), rtol=1e-6)  # float32 pixels
     np.testing.assert_allclose(std, expected.std(0), rtol=1e-6)
     assert main([str(tmp_path), "--in-chans", "3"]) == 2
     assert "has 4 channels, not --in-chans 3" in capsys.readouterr().err
     assert main(["demo", "--samples", "3"]) == 0
     assert "# 3 images of demo\nmean: [0." in capsys.readouterr().out
+
+
+def reported_files(stderr: str) -> list[str]:
+    """The paths named by `warning: skipped unreadable image PATH: REASON` lines (each with a reason), in order."""
+    import re
+
+    return re.findall(r"^warning: skipped unreadable image (\S+): \S.*$", stderr, re.MULTILINE)
+
+
+def damaged_copies(files: list[Path], folder: Path) -> list[Path]:
+    """Real damaged files made from real photos: a JPEG and a PNG cut in half, a PNG with its header zeroed."""
+    jpg = next(f for f in files if f.suffix == ".jpg").read_bytes()
+    png = next(f for f in files if f.suffix == ".png").read_bytes()
+    damaged = {"cut.jpg": jpg[: len(jpg) // 2], "cut.png": png[: len(png) // 2],
+               "garbled.png": png[:8] + bytes(300) + png[308:]}
+    for name, data in damaged.items():
+        (folder / name).write_bytes(data)
+    return [folder / name for name in damaged]
+
+
+def test_channel_stats_skip_warn_and_count_unreadable_files(tmp_path, capsys):
+    """Issue 24 item 9: fcmae-stats stopped at the first unreadable file; it skips, warns once per file and counts
+    them as training does, and the statistics are those of the readable images."""
+    from fcmae.data.stats import channel_stats, main
+
+    files = write_photos(tmp_path, 6, size=64)
+    bad = damaged_copies(files, tmp_path)
+    pixels = np.concatenate([np.asarray(load_rgb(f), dtype=np.float64).reshape(-1, 3) / 255 for f in files])
+    assert main([str(tmp_path), "--samples", "100"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"# 6 images of {tmp_path} (3 unreadable skipped)\nmean: [")
+    assert sorted(reported_files(err)) == sorted(map(str, bad)) and len(err.splitlines()) == 3
+    mean, std, count, unreadable = channel_stats(str(tmp_path), samples=100)
+    assert count == 6 and sorted(Path(text.split(": ")[0]) for text in unreadable.values()) == sorted(bad)
+    np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(std, pixels.std(0), rtol=1e-9)
+    mean4, _, count4, unreadable4 = channel_stats(str(tmp_path), samples=4)  # a bad draw is replaced by the next
+    assert count4 == 4 and len(unreadable4) <= 3
+    capsys.readouterr()
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    damaged_copies(files, only_bad)
+    assert main([str(only_bad)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: none of the 3 images")

@@ -2,7 +2,11 @@
 pyramids, from real pretraining and fine-tuning runs, official-layout files and timm files, checked on real photos."""
 
 import argparse
+import hashlib
 import json
+import logging
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -190,6 +194,119 @@ def test_transformers_from_a_timm_file(tmp_path, capsys):
     assert "(timm weights)" in (tmp_path / "hf" / "README.md").read_text()
 
 
+def test_transformers_encoder_config_has_no_label_map(runs, tmp_path, capsys):
+    """An encoder without a head: no `id2label` in config.json, so `num_labels=K` adds a K-class head without
+    transformers' warning that K "is incompatible to the id2label map of length 0"; without K, no head at all."""
+    folder = tmp_path / "hf"
+    export(capsys, runs / "pre" / "fcmae_model.safetensors", folder, "--to", "transformers")
+    config = json.loads((folder / "config.json").read_text())
+    assert "id2label" not in config and "label2id" not in config and config["num_labels"] == 0
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        fresh = transformers.ConvNextV2ForImageClassification.from_pretrained(str(folder), num_labels=10)
+        plain, report = loaded(transformers.ConvNextV2ForImageClassification, folder)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert fresh.classifier.out_features == 10 and fresh.config.num_labels == 10
+    assert not [r.getMessage() for r in records if "id2label" in r.getMessage()]
+    assert isinstance(plain.classifier, torch.nn.Identity) and report == {}
+
+
+def test_transformers_preprocessing_differs_from_finetune_only_as_the_card_says(runs, tmp_path, capsys):
+    """ConvNextImageProcessor crops from margin // 2 where torchvision's CenterCrop rounds margin / 2 half to even:
+    one pixel apart when a side's margin is 3 mod 4. The card says so, and it holds on a real 600x400 photo."""
+    import torchvision.transforms as T
+    from fcmae.data import demo_image_files
+
+    folder = tmp_path / "hf"
+    export(capsys, runs / "pre" / "fcmae_model.safetensors", folder, "--to", "transformers")
+    card = (folder / "README.md").read_text()
+    assert "(margin mod 4 = 3), transformers crops from margin // 2 and torchvision one pixel further" in card
+    assert "square images included" in card
+    normalize = T.Compose([T.ToTensor(), T.Normalize(timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)])
+    coffee = load_rgb(next(f for f in demo_image_files() if f.name == "coffee.png"))
+    assert coffee.size == (600, 400)
+    for size, margins in ((64, (45, 9)), (96, (67, 13))):  # the resized photo is 109x73 and 163x109 px
+        processor = transformers.AutoImageProcessor.from_pretrained(str(folder), size={"shortest_edge": size})
+        pixels = processor(coffee, return_tensors="pt")["pixel_values"][0]
+        resized = T.Resize(int(size / 0.875), interpolation=T.InterpolationMode.BICUBIC)(coffee)
+        assert (resized.width - size, resized.height - size) == margins
+        finetune_view = eval_transform((size, size))(coffee)
+        left, top = margins[0] // 2, margins[1] // 2  # transformers' crop corner
+        floor_crop = normalize(resized.crop((left, top, left + size, top + size)))
+        assert (pixels - floor_crop).abs().max() < 0.05  # the resize kernels only
+        shifted = (pixels - finetune_view).abs().max().item()
+        assert shifted > 3 if any(m % 4 == 3 for m in margins) else shifted < 0.05
+
+    # From 384 px up ConvNextImageProcessor squashes the whole photo to a square: the export says so (an official
+    # checkpoint whose args record input_size 384).
+    model = randomize_(fcmae.create_model("custom", **SMALL), seed=4).eval()
+    path = save_official(tmp_path / "ckpt.pth", official_state(model.state_dict(), me=True), wrapped=True,
+                         args=argparse.Namespace(input_size=384, mask_ratio=0.6))
+    printed = export(capsys, path, tmp_path / "hf384", "--to", "transformers")
+    assert "resizes to 384x384 without a center crop from 384 px up" in printed
+    assert "ignores `crop_pct` from 384 px up and resizes the whole image to 384x384" in \
+        (tmp_path / "hf384" / "README.md").read_text()
+    pixels = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf384"))(coffee, return_tensors="pt")
+    squashed = normalize(T.Resize((384, 384), interpolation=T.InterpolationMode.BICUBIC)(coffee))
+    assert (pixels["pixel_values"][0] - squashed).abs().max() < 0.05
+
+
+def folder_text(folder: Path) -> str:
+    """Every text an exported folder holds: its JSON and Markdown files and each safetensors file's metadata."""
+    texts = [p.read_text() for p in sorted(folder.iterdir()) if p.suffix in (".json", ".md")]
+    for weights in folder.glob("*.safetensors"):
+        with safetensors.safe_open(str(weights), framework="pt") as f:
+            texts.append(json.dumps(f.metadata()))
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize("to", ["transformers", "timm"])
+def test_exported_folders_name_their_sources_by_file_name_and_sha256(runs, tmp_path, capsys, to):
+    """Nothing in a folder bound for the Hub says where its sources lay on this machine."""
+    source, pretrained = runs / "ft" / "classifier.safetensors", runs / "pre" / "fcmae_model.safetensors"
+    export(capsys, source, tmp_path / "ft", "--to", to)
+    text = folder_text(tmp_path / "ft")
+    assert str(runs) not in text and str(tmp_path) not in text and str(Path.home()) + "/" not in text
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert "| input | `classifier.safetensors` (fine-tuning run) |" in card
+    assert f"| SHA-256 | `{hashlib.sha256(source.read_bytes()).hexdigest()}` |" in card
+    assert f"| finetune | fcmae_model.safetensors (SHA-256 {hashlib.sha256(pretrained.read_bytes()).hexdigest()}) |" \
+        in card
+    assert "| data_path | labeled |" in card and "| data_path | photos |" in card
+    assert "detected timm layout in classifier.safetensors: convnextv2_atto" in card
+
+    # A checkpoint folder: its folder's name and the weights file inside; a file fcmae-convert wrote: its source's name.
+    ckpt = runs / "pre" / "checkpoints" / "step_00000002"
+    export(capsys, ckpt, tmp_path / "ckpt", "--to", to)
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert "| input | `step_00000002/model.safetensors` (pretraining checkpoint) |" in card
+    assert f"| SHA-256 | `{hashlib.sha256((ckpt / 'model.safetensors').read_bytes()).hexdigest()}` |" in card
+    export(capsys, pretrained, tmp_path / "model.safetensors", "--to", "fcmae")
+    export(capsys, tmp_path / "model.safetensors", tmp_path / "again", "--to", to)
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert "| converted from (source) | fcmae_model.safetensors (SHA-256 " in card
+    for folder in ("ckpt", "again"):
+        text = folder_text(tmp_path / folder)
+        assert str(runs) not in text and str(tmp_path) not in text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_exported_folder_files_follow_the_umask(runs, tmp_path, capsys, umask):
+    """transformers' save_pretrained writes model.safetensors 0600; every file of an export gets the umask's mode."""
+    previous = os.umask(umask)
+    try:
+        for to in ("transformers", "timm"):
+            export(capsys, runs / "pre", tmp_path / to, "--to", to)
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / to).iterdir()}
+            assert modes and set(modes.values()) == {0o666 & ~umask}, modes
+    finally:
+        os.umask(previous)
+
+
 # Hub-ready timm folders -----------------------------------------------------------------------------------------
 
 
@@ -220,7 +337,7 @@ def test_timm_folder_from_a_pretraining_run_loads_through_local_dir(runs, tmp_pa
         assert rel_err(overlay.forward_features(batch), model.encoder(batch)) <= 1e-5
 
     card = (folder / "README.md").read_text()
-    assert "library_name: timm" in card and f"`{run / 'fcmae_model.safetensors'}` (pretraining run)" in card
+    assert "library_name: timm" in card and "| input | `fcmae_model.safetensors` (pretraining run) |" in card
     for setting in ("| mask_ratio | 0.5 |", "| input_size | [64] |", "| max_steps | 4 |", "| lr | 0.001 |"):
         assert setting in card
     assert "pretraining loss" in card and "at step 4 (epoch" in card and "output_dir" not in card
@@ -329,27 +446,143 @@ def test_feature_pyramid_from_an_exported_folder(runs, tmp_path, capsys, monkeyp
         assert [torch.equal(a, b) for a, b in zip(overlay(batch), maps[1::2])] == [True, True]
 
 
+class OfficialLayerNorm(torch.nn.LayerNorm):
+    """The official LayerNorm over the channels of (N, C, H, W) maps (data_format="channels_first")."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class OfficialGRN(torch.nn.Module):
+    """The official dense GRN: gamma and beta (1, 1, 1, C), on (N, H, W, C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = torch.nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x):
+        gx = x.norm(p=2, dim=(1, 2), keepdim=True)
+        return self.gamma * (x * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6))) + self.beta + x
+
+
+class OfficialBlock(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = torch.nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1, self.act = torch.nn.Linear(dim, 4 * dim), torch.nn.GELU()
+        self.grn, self.pwconv2 = OfficialGRN(4 * dim), torch.nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        y = self.pwconv2(self.grn(self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class OfficialConvNeXtV2(torch.nn.Module):
+    """The official dense ConvNeXt V2 (models/convnextv2.py), written from its module names and shapes: what the
+    official main_finetune.py builds and loads a checkpoint into."""
+
+    def __init__(self, depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), num_classes: int = 1000):
+        super().__init__()
+        self.downsample_layers = torch.nn.ModuleList(
+            [torch.nn.Sequential(torch.nn.Conv2d(3, dims[0], 4, stride=4), OfficialLayerNorm(dims[0], eps=1e-6))]
+            + [torch.nn.Sequential(OfficialLayerNorm(dims[i], eps=1e-6),
+                                   torch.nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)) for i in range(3)])
+        self.stages = torch.nn.ModuleList(torch.nn.Sequential(*[OfficialBlock(d) for _ in range(n)])
+                                          for n, d in zip(depths, dims))
+        self.norm, self.head = torch.nn.LayerNorm(dims[-1], eps=1e-6), torch.nn.Linear(dims[-1], num_classes)
+
+    def feature_map(self, x):
+        """(N, 3, H, W) -> (N, C, H/32, W/32): the last stage's output, before the pooling and final norm."""
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        return x
+
+    def forward(self, x):
+        return self.head(self.norm(self.feature_map(x).mean((-2, -1))))
+
+
+def official_finetune_remap(checkpoint_model: dict) -> dict:
+    """What the official main_finetune.py --finetune does to checkpoint['model'] before loading it, as its source
+    documents: drop every key naming 'decoder', 'mask_token', 'proj' or 'pred'; then utils.remap_checkpoint_keys:
+    strip a leading `encoder.`, drop the component before the last of keys containing 'ln' or 'linear', turn
+    MinkowskiEngine `kernel`s into dense weights (none here: asserted), flatten non-1-D biases, and unsqueeze(0) then
+    unsqueeze(1) every tensor whose key contains 'grn'."""
+    kept = {k: v for k, v in checkpoint_model.items() if not any(s in k for s in ("decoder", "mask_token", "proj",
+                                                                                  "pred"))}
+    assert not any(k.endswith("kernel") for k in kept)
+    remapped = {}
+    for key, value in kept.items():
+        parts = key.split(".")[1:] if key.startswith("encoder") else key.split(".")
+        if any("ln" in p or "linear" in p for p in parts):
+            parts.pop(-2)
+        remapped[".".join(parts)] = value
+    for key, value in remapped.items():
+        if key.endswith("bias") and value.ndim != 1:
+            remapped[key] = value.reshape(-1)
+        elif "grn" in key:
+            remapped[key] = value.unsqueeze(0).unsqueeze(1)
+    return remapped
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_official_layout_export_matches_the_official_names(runs, tmp_path, capsys, suffix):
-    model = fcmae.load_model(runs / "pre" / "fcmae_model.safetensors")
-    out = tmp_path / f"detection{suffix}"
-    printed = export(capsys, runs / "pre" / "fcmae_model.safetensors", out, "--to", "official")
-    assert "official ConvNeXt V2 layout" in printed
-    if suffix == ".pth":
-        written = torch.load(out, weights_only=True)["model"]
-    else:
-        written = safetensors.torch.load_file(str(out))
+def test_official_export_of_a_pretrained_model_is_what_official_finetune_reads(runs, tmp_path, capsys, suffix):
+    """The released convnextv2_*_fcmae.pt layout (GRN (1, 4C)): after the official --finetune remap, it loads into the
+    official dense model with nothing mismatched, and gives our encoder's features; fcmae-convert reads it back."""
+    source = runs / "pre" / "fcmae_model.safetensors"
+    model = fcmae.load_model(source).eval()
+    out = tmp_path / f"atto_fcmae{suffix}"
+    printed = export(capsys, source, out, "--to", "official").splitlines()
+    written = (torch.load(out, weights_only=True)["model"] if suffix == ".pth"
+               else safetensors.torch.load_file(str(out)))
+    official = OfficialConvNeXtV2().eval()
+    missing, unexpected = official.load_state_dict(official_finetune_remap(written), strict=False)  # shapes: strict
+    assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"] and unexpected == []
+    _, batch = images()
+    with torch.no_grad():
+        assert rel_err(official.feature_map(batch), model.encoder(batch)) <= 1e-5
     expected = official_state(model.state_dict(), me=False, prefix=False, decoder=False)  # the tests' own naming
     assert written.keys() == expected.keys()
-    assert all(torch.equal(written[k], v) for k, v in expected.items())
-    assert written["stages.0.0.grn.gamma"].shape == (1, 1, 1, 160)
-    assert conv.detect_layout(written) == "official-dense"
+    assert all(torch.equal(written[k].flatten(), v.flatten()) for k, v in expected.items())
+    assert written["stages.0.0.grn.gamma"].shape == (1, 160) and written["stages.3.1.grn.beta"].shape == (1, 1280)
+
+    # What the printed lines say the file holds (item: a .safetensors file is a bare state dict).
+    if suffix == ".pth":
+        assert printed[-2] == f"{out} holds {{'model': state_dict}} in the layout of the released " \
+                              "convnextv2_*_fcmae.pt files (downsample_layers.*, stages.*, no decoder; GRN (1, 4C))"
+        assert printed[-1].startswith(f"use: the official main_finetune.py --finetune {out} ")
+    else:
+        assert printed[-2].startswith(f"{out} holds a bare state dict in the layout of the released")
+        assert printed[-1].startswith(f"use: safetensors.torch.load_file('{out}');")
+        assert "checkpoint['model']" not in "\n".join(printed) and "atto_fcmae.pth" in printed[-1]
+
+    # Read back by our own converter: the same timm weights, and a transformers folder equal to timm.
     again = conv.to_timm(out, conv_mlp=False)
-    assert all(torch.equal(again[k], v) for k, v in conv.to_timm(model.state_dict(), conv_mlp=False).items())
-    # A fine-tuned model keeps its classifier as the official `norm` and `head`.
-    export(capsys, runs / "ft" / "classifier.safetensors", tmp_path / "ft.pth", "--to", "official")
-    head = torch.load(tmp_path / "ft.pth", weights_only=True)["model"]
-    assert head["head.weight"].shape == (3, 320) and head["norm.weight"].shape == (320,)
+    assert all(torch.equal(again[k], v) for k, v in conv.to_timm(source, conv_mlp=False).items())
+    export(capsys, out, tmp_path / "hf", "--to", "transformers")
+    check_transformers_equals_timm(tmp_path / "hf", timm_reference(conv.to_timm(source), 0), batch, 0)
+
+
+def test_official_export_of_a_classifier_is_what_official_resume_reads(runs, tmp_path, capsys):
+    """A fine-tuned model keeps the dense layout (GRN (1, 1, 1, 4C)) with `norm` and `head`: the official --resume /
+    --eval path loads it strictly and gives timm's logits."""
+    source = runs / "ft" / "classifier.safetensors"
+    out = tmp_path / "ft.pth"
+    printed = export(capsys, source, out, "--to", "official").splitlines()
+    assert printed[-1] == f"use: the official main_finetune.py --eval true --resume {out} (a strict load)"
+    written = torch.load(out, weights_only=True)["model"]
+    assert written["head.weight"].shape == (3, 320) and written["norm.weight"].shape == (320,)
+    assert written["stages.0.0.grn.gamma"].shape == (1, 1, 1, 160)
+    official = OfficialConvNeXtV2(num_classes=3).eval()
+    official.load_state_dict(written)
+    reference = timm.create_model("convnextv2_atto", num_classes=3).eval()
+    reference.load_state_dict(safetensors.torch.load_file(str(source)))
+    _, batch = images()
+    with torch.no_grad():
+        assert rel_err(official(batch), reference(batch)) <= 1e-5
+    again, original = conv.to_timm(out), conv.to_timm(source)
+    assert again.keys() == original.keys() and all(torch.equal(again[k], v) for k, v in original.items())
 
 
 # Bad inputs -----------------------------------------------------------------------------------------------------

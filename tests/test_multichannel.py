@@ -71,7 +71,7 @@ def flags(values) -> list[str]:
 
 def test_pretrain_convert_timm_finetune(stack, tmp_path, capsys):
     channels, unlabeled, labeled = stack
-    mean, std, count = channel_stats(str(unlabeled), in_chans=channels)
+    mean, std, count, _ = channel_stats(str(unlabeled), in_chans=channels)
     assert count == 8 and len(mean) == channels and all(0 < s < 0.5 for s in std)
     norm = ["--in-chans", str(channels), "--mean", *flags(mean), "--std", *flags(std)]
 

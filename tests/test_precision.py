@@ -41,6 +41,7 @@ def test_bf16_autocast_matches_fp32(backend):
 
 
 def test_sparse_ops_keep_bf16_canvases_and_fp32_norms(monkeypatch):
+    monkeypatch.setattr(fcmae.sparse, "_depthwise_impl", "canvas")  # the others build no canvas
     seen = {"canvas": [], "norm": set()}
     conv, sample_norm = VisiblePatches.depthwise_conv, VisiblePatches.sample_norm
     conv2d = torch.nn.functional.conv2d
@@ -74,7 +75,11 @@ def test_sparse_ops_keep_bf16_canvases_and_fp32_norms(monkeypatch):
 
 
 def test_an_fp32_residual_stream_is_cast_before_the_canvas_is_built(monkeypatch):
-    """On CUDA, autocast's LayerNorm makes the residual stream fp32: the canvas must still be bf16."""
+    """On CUDA, autocast's LayerNorm makes the residual stream fp32: the canvas must still be bf16.
+
+    The canvas implementation of the depthwise conv; the others cast x, the weight and the bias to the autocast dtype
+    the same way (tests/test_sparse_depthwise.py::test_equals_canvas_under_bf16_autocast)."""
+    monkeypatch.setattr(fcmae.sparse, "_depthwise_impl", "canvas")
     layout = VisiblePatches(torch.tensor([[0.0, 1, 0, 1]]), (2, 2), side=4)
     conv = torch.nn.Conv2d(8, 8, 7, padding=3, groups=8)
     x = torch.randn(2, 4, 4, 8)

@@ -8,7 +8,7 @@ from PIL import Image
 
 import fcmae
 from fcmae.visualize import main, reconstruct, reconstruction_grid, sample_indices
-from helpers import SMALL, write_photos
+from helpers import SMALL, randomize_, write_photos
 
 
 class Oracle(fcmae.FCMAE):
@@ -79,7 +79,7 @@ def test_cli_writes_a_png_from_a_model_file(tmp_path, capsys):
                  "--out", str(out), "--num-images", "4"]) == 0
     height, width, _ = np.asarray(Image.open(out)).shape
     assert height > 2 + 3 * 66 and width == 2 + 5 * 66  # a labeled header over 3 rows of 5 columns
-    assert "skipping unreadable image" in capsys.readouterr().err
+    assert f"warning: skipped unreadable image {tmp_path / 'images' / 'broken.png'}: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -130,3 +130,79 @@ def test_preview_of_other_channel_counts(channels):
     first = imgs[:, :3] if channels > 3 else imgs[:, :1].expand(-1, 3, -1, -1)
     low, high = first.amin(dim=(1, 2, 3), keepdim=True), first.amax(dim=(1, 2, 3), keepdim=True)
     torch.testing.assert_close(out, (first - low) / (high - low))
+
+
+def photo_batch(tmp_path, size: int = 128) -> torch.Tensor:
+    """Two real photos, normalized: a colour one (astronaut) and a grayscale one (camera), both lossless PNG."""
+    from fcmae.data import eval_transform, load_rgb
+
+    files = write_photos(tmp_path, 3, size=size)  # 0: astronaut.png, 2: camera.png (stored as RGB, R = G = B)
+    transform = eval_transform((size, size), crop_pct=1.0)
+    return torch.stack([transform(load_rgb(files[0])), transform(load_rgb(files[2]))])
+
+
+def cells(grid: torch.Tensor, rows: int, size: int) -> torch.Tensor:
+    """(rows, columns, 3, size, size): the images of an unlabeled grid."""
+    step = size + 2
+    return torch.stack([torch.stack([grid[:, 2 + r * step: 2 + r * step + size, 2 + c * step: 2 + c * step + size]
+                                     for c in range(5)]) for r in range(rows)])
+
+
+def test_the_reconstruction_columns_gray_out_the_visible_positions(tmp_path):
+    """Issue 24 item 11: the loss ignores the prediction at the visible positions, so it is untrained noise
+    there; columns 3 and 5 show those positions gray (whatever the model puts there), and the labels say so."""
+    from fcmae.visualize import COLUMNS
+
+    model = randomize_(fcmae.create_model("atto", img_size=128, **SMALL)).eval()
+    imgs = photo_batch(tmp_path)
+    mask = model.random_masking(2, (4, 4), generator=torch.Generator().manual_seed(1))
+    shown = cells(reconstruction_grid(model, imgs, mask, labels=False), 2, 128)
+    hidden = torch.nn.functional.interpolate(mask.view(2, 1, 4, 4), scale_factor=32).bool()[:, 0]
+    for r in range(2):
+        for column in (2, 4):
+            assert torch.all(shown[r, column][:, ~hidden[r]] == 0.5), (r, column)  # gray where visible
+            assert shown[r, column][:, hidden[r]].std() > 0.05, (r, column)  # the prediction where hidden
+        assert torch.equal(shown[r, 3][:, ~hidden[r]], shown[r, 0][:, ~hidden[r]])  # pasted: the true pixels
+    assert "hidden" in COLUMNS[2] and "hidden" in COLUMNS[4]
+
+
+def test_prediction_alone_keeps_gray_gray_and_colour_colour_image_by_image(tmp_path):
+    """Issue 24 item 12: column 5 was stretched to the whole batch's visible range in the normalized space, which
+    turned grayscale photos bright blue and colour ones into saturated tiles. A perfect norm-pix prediction now
+    shows each hidden patch's true pattern around its mean colour, one scale for all channels of an image: a
+    grayscale photo stays exactly gray, a colour photo keeps its colours, and no image depends on the others."""
+    model = Oracle(fcmae.FCMAEConfig("custom", **SMALL, img_size=128))
+    imgs = photo_batch(tmp_path)
+    mask = model.random_masking(2, (4, 4), generator=torch.Generator().manual_seed(1))
+    shown = cells(reconstruction_grid(model, imgs, mask, labels=False), 2, 128)
+    hidden = torch.nn.functional.interpolate(mask.view(2, 1, 4, 4), scale_factor=32).bool()[:, 0]
+    alone = shown[:, 4]  # (2, 3, H, W)
+    original = shown[:, 0]
+    patch_mean = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(original, 32), scale_factor=32)
+    for r in range(2):
+        assert ((alone[r][:, hidden[r]] % 1) == 0).float().mean() < 0.02  # not saturated (0 or 1)
+        for patch in mask[r].nonzero()[:, 0].tolist():
+            rows, cols = slice(patch // 4 * 32, patch // 4 * 32 + 32), slice(patch % 4 * 32, patch % 4 * 32 + 32)
+            shift = alone[r][:, rows, cols].flatten(1) - 0.5
+            deviation = (original[r] - patch_mean[r])[:, rows, cols].flatten(1)  # around the patch's mean colour
+            unclamped = (shift.abs() < 0.5).all(dim=0)
+            shift, deviation = shift[:, unclamped], deviation[:, unclamped]
+            scale = (shift * deviation).sum() / deviation.square().sum()  # one scale for all three channels
+            assert scale > 0 and (shift - scale * deviation).abs().max() < 5e-5 * scale, (r, patch)  # float error
+    colour, gray = alone[0][:, hidden[0]], alone[1][:, hidden[1]]
+    assert (gray.amax(0) - gray.amin(0)).max() < 1e-5 and gray.std() > 0.05  # gray, with the photo's pattern
+    assert (colour.amax(0) - colour.amin(0)).mean() > 0.03  # the astronaut keeps colour
+    single = [cells(reconstruction_grid(model, imgs[r:r + 1], mask[r:r + 1], labels=False), 1, 128)[0, 4]
+              for r in range(2)]
+    assert all(torch.allclose(single[r], alone[r], atol=1e-6) for r in range(2))  # per image, not per batch
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_grids_of_other_channel_counts(channels):
+    model = fcmae.create_model("atto", img_size=64, in_chans=channels, **SMALL).eval()
+    imgs = torch.randn(2, channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 0]])
+    grid = reconstruction_grid(model, imgs, mask, labels=False)
+    assert grid.shape == (3, 2 + 2 * 66, 2 + 5 * 66) and grid.min() >= 0 and grid.max() <= 1
+    alone = grid[:, 2:66, 2 + 4 * 66: 66 + 4 * 66]  # row 0: patches 0 and 3 removed
+    assert torch.all(alone[:, :32, 32:] == 0.5) and alone[:, :32, :32].std() > 0.05

@@ -36,7 +36,12 @@ from .model_file import write_safetensors
 from .output import OutputError, explain_write_error, file_mode
 
 __all__ = ["Position", "CheckpointStore", "find_checkpoint", "complete_checkpoints", "read_trainer_state",
-           "verified_state", "file_hashes", "ResumeError", "DamagedCheckpoint"]
+           "verified_state", "file_hashes", "ResumeError", "DamagedCheckpoint", "check_training_kind",
+           "check_trained_settings", "TRAINED_FOR"]
+
+# Settings the saved weights were trained for: a resume refuses a change of one as it refuses a changed batch plan,
+# unless allowed (then the run records the change with its step).
+TRAINED_FOR = ("input_size",)
 
 
 class ResumeError(UserError):
@@ -309,6 +314,8 @@ class CheckpointStore:
             self.accelerator.load_state(str(path))
         except Exception as e:  # torch, safetensors and Accelerate each raise their own types for a bad file
             detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])
+            if len(detail) > 300:  # torch lists every missing and unexpected key: thousands of characters
+                detail = detail[:300].rsplit(" ", 1)[0] + f" ... ({len(detail) - 300} more characters)"
             raise ResumeError(f"checkpoint {path} does not match this run or is damaged: {detail}") from None
         for name, module in extra_state.items():
             if not (path / f"{name}.safetensors").is_file():
@@ -327,6 +334,41 @@ def _newest_intact(folder: Path, but: Path) -> Path | None:
             except (DamagedCheckpoint, OSError):
                 continue
     return None
+
+
+def training_kind(saved_config: dict[str, Any]) -> str | None:
+    """"pretraining" or "fine-tuning" for a checkpoint's config.yaml (pretrain.py's or finetune.py's), None if it
+    tells neither. Each script's config has fields the other's lacks."""
+    if "num_classes" in saved_config or "finetune" in saved_config:
+        return "fine-tuning"
+    if "vis_every" in saved_config or "init_from" in saved_config or isinstance(saved_config.get("model"), dict):
+        return "pretraining"
+    return None
+
+
+def check_training_kind(path: Path, saved_config: dict[str, Any], pretraining: bool) -> None:
+    """ResumeError, in one line and before any other check, when a script is asked to resume the other script's
+    checkpoint (their settings and weights differ throughout: the batch plan or missing keys would be the wrong
+    thing to report)."""
+    kind = training_kind(saved_config)
+    if kind == "fine-tuning" and pretraining:
+        raise ResumeError(f"{path} is a fine-tuning checkpoint (a classifier, from finetune.py), not a pretraining "
+                          f"one: resume it with finetune.py, or start a pretraining from its weights with --init-from "
+                          f"{path} and a new --output-dir")
+    if kind == "pretraining" and not pretraining:
+        raise ResumeError(f"{path} is a pretraining checkpoint (an FCMAE model, from pretrain.py), not a fine-tuning "
+                          f"one: resume it with pretrain.py, or fine-tune its weights with --finetune {path} and a new "
+                          "--output-dir")
+
+
+def check_trained_settings(path: Path, changes: dict[str, list], allow_change: bool, record: str) -> None:
+    """ResumeError if a setting the saved weights were trained for (TRAINED_FOR) changed since `path` was saved and
+    `allow_change` is off. `changes`: {"key": [old, new]}; `record`: the file a run records allowed changes in."""
+    refused = [f"{key} {old} -> {new}" for key, (old, new) in changes.items() if key in TRAINED_FOR]
+    if refused and not allow_change:
+        raise ResumeError(f"cannot resume {path}: {', '.join(refused)} since it was saved, and its weights were "
+                          "trained with the saved value; resume with the saved settings, or pass --allow-resume-change "
+                          f"to go on with the new one (the change is recorded, with its step, in {record})")
 
 
 def check_position(path: Path, state: dict[str, Any], saved_config: dict[str, Any], now: Position,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import textwrap
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,13 @@ __all__ = ["parse_config", "build_parser", "OneLineArgumentParser", "Option", "o
 EPILOG = """\
 Every flag may also be written with underscores (--data_path). A --config file holds the same settings as
 YAML keys (data_path: ...), the model's in a model: section (model: {name: atto, mask_ratio: 0.6})."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps help at spaces only: a flag such as --resume or a word such as all-reduce stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -126,7 +135,7 @@ def _default_text(value: Any) -> str:
 def build_parser(cls: type[TrainConfig], description: str = "") -> OneLineArgumentParser:
     """One flag per option. Defaults are None, so that only flags actually given override the config file."""
     parser = OneLineArgumentParser(description=description, epilog=EPILOG, allow_abbrev=False,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=HelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="YAML file of settings; the flags given override it")
     model = parser.add_argument_group("model (FCMAEConfig; in a config file, the model: section)")
     run = parser.add_argument_group("settings")
@@ -139,6 +148,8 @@ def build_parser(cls: type[TrainConfig], description: str = "") -> OneLineArgume
             continue
         args = [a for a in typing.get_args(hint) if a is not type(None) and a is not Ellipsis]
         value_type = args[0] if args else hint
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) > 1:
+            value_type = str  # e.g. an integer or "auto": checked by coerce, which names the field
         nargs = None
         if typing.get_origin(hint) in (list, tuple):
             nargs = "*" if option.key == "log_with" else "+"

@@ -17,7 +17,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, TypeVar
+from typing import Any, Literal, Mapping, TypeVar
 
 from ..errors import ConfigError
 from ..fields import check_names, coerce
@@ -29,6 +29,22 @@ __all__ = ["TrainConfig", "PretrainConfig", "FinetuneConfig", "LINEAR_PROBE_RECI
 
 # FCMAEConfig fields a training config sets from its own (img_size is input_size): not keys of its model section.
 MODEL_SET_BY_RUN = {"img_size": "input_size"}
+
+# The most DataLoader workers a process starts by default: past it, more workers add memory, not throughput.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_num_workers() -> int:
+    """num_workers -1: the CPU cores this process may run on, shared by the launcher's processes on this host
+    (torchrun sets LOCAL_WORLD_SIZE; they all inherit one CPU set), at most MAX_DEFAULT_WORKERS and at least 1.
+    More workers than cores make torch warn and only oversubscribe the cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # a SLURM or taskset CPU set, not the machine's count
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    return max(1, min(MAX_DEFAULT_WORKERS, cores // processes))
+
 
 # The largest learning rate a config may ask for. No optimizer here trains anywhere near it: AdamW recipes peak
 # around 1e-3 and the largest lr of any recipe is the linear probe's SGD at blr 0.1 x 16384 / 256 = 6.4. Past it is
@@ -45,10 +61,10 @@ class TrainConfig:
     data_path: str = ""  # a folder of images, searched recursively (its train/ if any); demo: scikit-image's photos
     output_dir: str = "output"  # where checkpoints, the model file, config.yaml and metrics go
     input_size: list[int] = field(default_factory=lambda: [224])  # H [W] of the crops, multiples of 32 (one: square)
-    batch_size: int = 64  # images per process and step
+    batch_size: int | Literal["auto"] = 64  # images per process and step; auto: the largest that fits the device
     accum_steps: int = 1  # gradient accumulation: effective batch = batch_size x processes x accum_steps
     effective_batch_size: int = 0  # > 0: choose accum_steps to reach this effective batch
-    num_workers: int = 8  # DataLoader worker processes per process
+    num_workers: int = -1  # DataLoader worker processes per process; -1: the cores it may use / processes per host, 1 to 8
     mean: list[float] = field(default_factory=list)  # per-channel mean of [0, 1] pixels; empty: ImageNet's (RGB)
     std: list[float] = field(default_factory=list)  # per-channel std, as many as mean (fcmae-stats DATA computes both)
     # Schedule: a per-step cosine with linear warmup
@@ -69,13 +85,14 @@ class TrainConfig:
     log_every: int = 20  # steps between metrics records
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb
     progress: bool = True  # progress bars (--no-progress: none; also none when stdout is not a terminal)
-    allow_resume_change: bool = False  # resume with another batch size/processes/accum/seed/data: same epoch point
+    allow_resume_change: bool = False  # resume with another batch size/processes/accum/seed/data/input size: same epoch point
     timeout: float = 300.0  # seconds a step may wait on another process (hung, stopped) before the job ends; 0: never
     slow_timeout: float = 1800.0  # the same for a first step (compiling), evaluation, saves; setup: it + 60 s; 0: never
     # The keys given as command-line flags (set by parse_config; not a setting itself).
     explicit: typing.ClassVar[frozenset[str]] = frozenset()
     # Speed
     mixed_precision: str = ""  # no, bf16 or fp16 (CUDA, with a grad scaler); empty: accelerate launch's setting
+    ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size in MiB (larger: fewer all-reduces, later overlap)
 
     @classmethod
     def recipe(cls, file: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +138,11 @@ class TrainConfig:
                 value = nested_model(value, "")
             values[f.name] = list(value) if isinstance(value, tuple) else value
         return values
+
+    @property
+    def auto_batch(self) -> bool:
+        """batch_size is "auto": the scripts find it (fcmae.training.batch_size) before building the loader."""
+        return self.batch_size == "auto"
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -171,10 +193,12 @@ class TrainConfig:
         if len(self.input_size) not in (1, 2) or any(s <= 0 or s % 32 for s in self.input_size):
             raise ConfigError(f"input_size must be one or two positive multiples of 32, got {self.input_size}")
         for name in ("batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every"):
-            if getattr(self, name) < 1:
+            if not (name == "batch_size" and self.auto_batch) and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers == -1:
+            self.num_workers = default_num_workers()  # resolved here: config.yaml records the number used
         for name in ("num_workers", "max_steps", "warmup_epochs", "min_lr", "weight_decay", "effective_batch_size",
-                     "timeout", "slow_timeout"):
+                     "timeout", "slow_timeout", "ddp_bucket_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("blr", "lr"):
@@ -187,7 +211,7 @@ class TrainConfig:
                                   f"(the recipes' largest lr is 6.4); give a smaller --{name.replace('_', '-')}")
         # The smallest effective batch this config can run with (1 process; effective_batch_size may stop
         # accumulation early on a small dataset): blr times it is already too large. Run.base_lr checks the real one.
-        self.base_lr(self.batch_size * (1 if self.effective_batch_size else self.accum_steps))
+        self.base_lr((1 if self.auto_batch else self.batch_size) * (1 if self.effective_batch_size else self.accum_steps))
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if not self.output_dir.strip():
@@ -215,6 +239,8 @@ class PretrainConfig(TrainConfig):
     init_from: str = ""  # start from a model file's weights (not its training state)
     vis_every: int = 0  # steps between reconstruction grids in output_dir/vis (0: only at the end)
     compile: bool = False  # torch.compile the forward and loss whole (fullgraph); ragged masks run eager
+    compile_mode: str = ""  # torch.compile mode (implies compile): default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
+    compile_cache: str = ""  # folder for compiled kernels, shared by the processes and by later runs; empty: inductor's own
     gpu_augment: bool = False  # decode JPEGs (nvjpeg) and crop, flip, normalize on the device; workers only read files
 
     def validate(self) -> None:
@@ -232,8 +258,16 @@ class PretrainConfig(TrainConfig):
         if self.vis_every < 0:
             raise ConfigError(f"vis_every must be >= 0, got {self.vis_every}")
         self.check_normalization()
+        if self.compile_mode:
+            if self.compile_mode not in COMPILE_MODES:
+                raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+            self.compile = True
         if self.gpu_augment and self.model.in_chans != 3:
             raise ConfigError(f"gpu_augment decodes RGB photos; with in_chans {self.model.in_chans} leave it off")
+
+
+# torch.compile's modes (torch._inductor.list_mode_options); "reduce-overhead" and "max-autotune" replay CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # The MAE linear-probe protocol (He et al. 2022, main_linprobe.py): blr 0.1 for an effective batch of 16384, 90
@@ -256,7 +290,7 @@ class FinetuneConfig(TrainConfig):
     data_path: str = ""  # holds train/ and val/, one subfolder per class; digits:FOLDER writes the digits there
     finetune: str = ""  # weights to start from: any checkpoint fcmae.convert reads (converted on the fly)
     num_classes: int = 0  # 0: the number of class folders in train/
-    batch_size: int = 32
+    batch_size: int | Literal["auto"] = 32
     epochs: int = 100
     warmup_epochs: float = 20.0
     blr: float = 6.25e-4

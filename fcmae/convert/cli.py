@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -85,12 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                          decoder_embed_dim=args.decoder_embed_dim, strict=args.strict, drop_head=bool(args.drop_head))
         save_conversion(result, args.output)
     except (ValueError, OSError) as e:  # user mistakes: one line, no traceback (unless FCMAE_DEBUG=1)
-        from ..training.cli import debugging, show_causes
+        from ..training.cli import debugging, print_error, show_causes
 
         if debugging():
             show_causes(e)
             raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print_error(' '.join(str(e).split()))
         return 2
     print("\n".join(result.notes))
     print(f"wrote {len(result.state)} {args.to} tensors to {args.output}")

@@ -8,6 +8,7 @@
 - `transforms`: the pretraining augmentation (fast, seeded per sample) and the evaluation transform.
 - `datasets`: the datasets over files, with unreadable-sample skipping; `CollateUnreadable` batches their items.
 - `gpu_augment`: `--gpu-augment`, JPEGs decoded (nvjpeg) and augmented on the device in batches.
+- `device_feed`: uint8 batches normalized on the device, moved one step ahead on a side stream.
 - `stats`: `fcmae-stats`, per-channel mean and std over a sample of the data.
 """
 
@@ -25,7 +26,8 @@ from .file_index import FileIndex
 from .folders import (
     IMAGE_EXTENSIONS, demo_image_files, find_images, find_labeled_images, resolve_data_path, walk_images, write_digits,
 )
-from .gpu_augment import EncodedCrop, augment_batch, collate_encoded
+from .device_feed import DeviceFeed, DevicePixels, collate_pixels
+from .gpu_augment import DeviceAugment, EncodedCrop, augment_batch, collate_encoded
 from .seeding import preserved_rng, seeded
 from .shards import ShardImages, ShardOrder, is_shards, shard_dataset
 from .transforms import EvalTransform, PretrainTransform, eval_transform, pretrain_transform
@@ -34,13 +36,14 @@ __all__ = [
     "IMAGE_EXTENSIONS", "DataError", "find_images", "find_labeled_images", "demo_image_files", "load_rgb",
     "load_array", "ImageFiles", "Samples", "ShardImages", "ShardOrder", "FileIndex", "PretrainTransform",
     "EvalTransform", "pretrain_transform", "eval_transform", "pretrain_dataset", "pretrain_sampler", "seeded",
-    "preserved_rng", "write_digits", "resolve_data_path", "walk_images", "is_shards", "EncodedCrop", "augment_batch",
-    "collate_encoded", "CollateUnreadable",
+    "preserved_rng", "write_digits", "resolve_data_path", "walk_images", "is_shards", "EncodedCrop", "DeviceAugment", "augment_batch",
+    "collate_encoded", "CollateUnreadable", "DeviceFeed", "DevicePixels", "collate_pixels",
 ]
 
 
 def pretrain_dataset(data_path: str, size: tuple[int, int], seed: int, mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None, draft: bool = True, encoded: bool = False) -> Samples:
+                     std: Sequence[float] | None = None, draft: bool = True, encoded: bool = False,
+                     normalize: bool = True) -> Samples:
     """Unlabeled images for pretraining, by --data-path:
 
     - "demo": the embedded photos; "digits:FOLDER": scikit-learn's digits written to FOLDER;
@@ -51,14 +54,15 @@ def pretrain_dataset(data_path: str, size: tuple[int, int], seed: int, mean: Seq
     mean / std: per-channel normalization (their length is the channel count; ImageNet's 3 by default).
     encoded: items are `gpu_augment.EncodedCrop`'s (bytes + crop + flip, collated by
     `CollateUnreadable(collate_encoded)`, finished on the device by `augment_batch`, which normalizes) instead of
-    `PretrainTransform`'s tensors.
+    `PretrainTransform`'s tensors. normalize=False: pixels for `DevicePixels` (uint8 photos, batched by
+    `collate_pixels`), normalized on the training device.
     """
     if (mean is None) != (std is None):
         raise DataError("give both mean and std (one value per channel), or neither for ImageNet's")
     if encoded:
         transform = EncodedCrop()
     else:
-        transform = PretrainTransform(size, *(() if mean is None else (mean, std)), draft=draft)
+        transform = PretrainTransform(size, *(() if mean is None else (mean, std)), draft=draft, normalize=normalize)
     if data_path == "demo":
         return ImageFiles(demo_image_files(), transform, seed=seed)
     if data_path and not data_path.startswith("digits:") and is_shards(data_path):

@@ -1,5 +1,8 @@
 """Map-style datasets over image files or shard samples, with seeded augmentation and unreadable-sample skipping.
 
+An unreadable file is not reported where it fails (a DataLoader worker, started afresh each epoch and evaluation
+pass): items and batches carry it to the process that counts it, which prints `unreadable_warning` once per run.
+
 Augmentation is a pure function of (seed, epoch, sample index): every sample draws its random crop and flip from
 its own seeded generator. A run therefore sees the same pixels whatever the number of workers or processes, and a
 resumed run continues with exactly the data the uninterrupted run would have seen.
@@ -7,9 +10,8 @@ resumed run continues with exactly the data the uninterrupted run would have see
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,30 +28,36 @@ ARRAY_SUFFIXES = (".npy", ".tif", ".tiff")  # read as float arrays (any channel 
 class Samples(Dataset):
     """Base of the datasets: subclasses say how many samples there are and how to open one (`_open`).
 
-    An unreadable sample is skipped and a warning names it. For training, the next readable one takes its place,
-    and the item's `skipped` field counts the samples passed over (the training loop keeps the running total). For
-    evaluation (`substitute=False`) nothing takes its place, since that would count another image twice: the item
-    is a black image marked `readable` False, which evaluation leaves out.
+    An unreadable sample is skipped, silently here: the item says which (`unreadable`), and the process that
+    consumes the batches warns once per file and run (the training loop, `fcmae.evaluation.evaluate`). For
+    training, the next readable one takes its place, and the item's `skipped` field counts the samples passed over.
+    For evaluation (`substitute=False`) nothing takes its place, since that would count another image twice: the
+    item is a black image marked `readable` False, which evaluation leaves out.
 
-    `unreadable` lists the dataset positions that failed while the item was built (index, index + 1, ... for
-    training; index itself for evaluation), so len(unreadable) == skipped. `skipped` counts skip events, and a bad
-    file counts again each time it is tried (in a later epoch, or by the item of the position before it, which
-    skipped over it); the positions identify the files.
+    `unreadable` maps the dataset positions that failed while the item was built (index, index + 1, ... for
+    training; index itself for evaluation) to "PATH: REASON" (`describe_unreadable`), so len(unreadable) ==
+    skipped. `skipped` counts skip events, and a bad file counts again each time it is tried (in a later epoch, or
+    by the item of the position before it, which skipped over it); the positions identify the files.
 
     The transform is either a `transforms.PretrainTransform` (`decodes`: it gets the opened image or array and the
     sample's seed entropy) or any callable on a decoded RGB PIL image (timm / torchvision transforms), run with
     the global RNGs seeded from (seed, epoch, index).
 
     Each item is a dict: image (C, H, W) float tensor, label (int, -1 when unlabeled), skipped (int), readable
-    (bool), unreadable (list of int). Batch the items with `CollateUnreadable`: default_collate cannot batch the
-    unreadable lists, whose lengths differ.
+    (bool), unreadable (dict int -> str). Batch the items with `CollateUnreadable`: default_collate cannot batch
+    the unreadable dicts, whose lengths differ.
+
+    `reported`: the positions whose warning this process printed. Only the consuming process's copy of the
+    dataset uses it (workers' copies are thrown away), so evaluation warns once per run, not once per pass.
     """
 
     def __init__(self, transform: Callable, labels: Sequence[int] | np.ndarray | None, seed: int, substitute: bool):
         self.transform, self.seed, self.substitute = transform, seed, substitute
         self.labels = np.asarray(labels if labels is not None else np.full(len(self), -1), dtype=np.int64)
-        self.epoch = 0
-        self._reported: set[int] = set()  # positions already warned about as unreadable
+        # In shared memory: persistent DataLoader workers hold their own copy of the dataset, and must still see
+        # the epoch the main process sets (their augmentations differ between epochs).
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.reported: set[int] = set()
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -58,9 +66,14 @@ class Samples(Dataset):
         """(opened PIL image or (H, W, C) float array, a name for messages) of one sample."""
         raise NotImplementedError
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Called by the data loader at each epoch: augmentations differ between epochs."""
-        self.epoch = epoch
+        """Called by the data loader at each epoch, before its workers are given the epoch's first indices:
+        augmentations differ between epochs."""
+        self._epoch.fill_(epoch)
 
     def _decode(self, source: Any, name: str) -> Image.Image | np.ndarray:
         """A file or stream -> an opened PIL image (photos) or a float array (.npy, TIFF, and any file when the
@@ -80,7 +93,7 @@ class Samples(Dataset):
             return self.transform(image)
 
     def __getitem__(self, index: int) -> dict:
-        error, unreadable = None, []
+        error, unreadable = None, {}
         for skipped in range(len(self)):
             position = (index + skipped) % len(self)
             try:
@@ -90,10 +103,7 @@ class Samples(Dataset):
                 raise
             except Exception as e:  # PIL, tifffile and numpy raise many types for truncated, corrupt or foreign data
                 error = e
-                unreadable.append(position)
-                if position not in self._reported:  # once per file and process, whichever call site reads it
-                    self._reported.add(position)
-                    warnings.warn(f"skipping unreadable image {self._name(position)}: {e}", stacklevel=2)
+                unreadable[position] = describe_unreadable(self._name(position), e)
                 if self.substitute:
                     continue
                 black = np.zeros((32, 32, getattr(self.transform, "in_chans", 3)), dtype=np.float32)
@@ -109,13 +119,33 @@ class Samples(Dataset):
         return str(position)
 
 
+def describe_unreadable(name: str, error: BaseException) -> str:
+    """'NAME: REASON' on one line, for a file that could not be read: how items and batches carry it."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return f"{name}: {reason}"
+
+
+def unreadable_warning(described: str) -> str:
+    """The line that reports a skipped file (`describe_unreadable`'s text), printed on stderr once per run."""
+    return f"warning: skipped unreadable image {described}"
+
+
+def new_unreadable_warnings(found: Mapping[int, str], reported: set[int]) -> list[str]:
+    """The warning lines for the files of `found` (position -> 'PATH: REASON') not in `reported`, in position
+    order; adds them to `reported`."""
+    new = sorted(set(found) - reported)
+    reported.update(new)
+    return [unreadable_warning(found[position]) for position in new]
+
+
 class CollateUnreadable:
     """DataLoader collate_fn for `Samples` items: `collate` (default_collate, `collate_encoded`, ...) batches
-    every field but `unreadable`; the batch's "unreadable" is a plain list instead: the distinct dataset positions
-    found unreadable while its items were built, ascending ([] for most batches).
+    every field but `unreadable`; the batch's "unreadable" is a plain dict instead: the distinct dataset positions
+    found unreadable while its items were built, ascending, each with its 'PATH: REASON' ({} for most batches).
 
-    A list, not a tensor: Accelerate's send_to_device leaves it on the host, so the training loop can keep the set
-    of bad positions (distinct files, unlike the summed `skipped` events) without reading the device. A class
+    Not a tensor: Accelerate's send_to_device leaves it on the host, so the training loop can keep the set of bad
+    positions (distinct files, unlike the summed `skipped` events) without reading the device, and the process
+    that consumes the batches warns about each file once, wherever it failed (a worker, another rank). A class
     rather than a closure, so that it pickles for workers that are spawned rather than forked.
     """
 
@@ -124,7 +154,8 @@ class CollateUnreadable:
 
     def __call__(self, items: list[dict]) -> dict:
         batch = self.collate([{k: v for k, v in item.items() if k != "unreadable"} for item in items])
-        batch["unreadable"] = sorted({position for item in items for position in item["unreadable"]})
+        found = {position: text for item in items for position, text in item["unreadable"].items()}
+        batch["unreadable"] = dict(sorted(found.items()))
         return batch
 
 

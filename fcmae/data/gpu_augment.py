@@ -3,15 +3,16 @@
 The data-loader workers only read the file, parse its header and draw the crop and flip, from the same per-sample
 generator as `PretrainTransform` (the same crop boxes and flips as the CPU path). The batch then goes to the device
 as encoded bytes: `torchvision.io.decode_jpeg(list, device=...)` decodes the whole batch at once (nvjpeg on CUDA,
-libjpeg on the CPU, so the same code runs and is tested on both), and every image is cropped and resized with
-torch's antialiased bicubic interpolation, rounded to 8 bits like PIL's output, flipped and normalized.
+libjpeg on the CPU, so the same code runs and is tested on both), and the batch is cropped and resized with
+torch's antialiased bicubic filter (in batched matmuls: `batched_resize.crop_resize`), rounded to 8 bits like PIL's
+output, flipped and normalized.
 
 Files that are not plain JPEGs (PNG, CMYK JPEGs, EXIF-rotated JPEGs) are decoded and rotated by PIL in the worker
 and travel as pixels; only their crop runs on the device. 16-bit files and arrays travel as 8-bit RGB pixels (this
 path is for photos; N-channel data uses the CPU path).
 
 In pretrain.py (`--gpu-augment`) the loader's batches stay on the host (nvjpeg reads the encoded bytes from host
-memory) and `augment_batch` runs at the start of each step, on the training device.
+memory) and a `DeviceAugment` runs them on DeviceFeed's side stream, one step ahead, on the training device.
 
 Differences from the CPU path: the resize runs on float pixels rather than 8-bit ones (the same antialiased bicubic
 filter), the draft decode is not used, and nvjpeg's IDCT is not libjpeg-turbo's, so pixels differ by a few 8-bit
@@ -24,10 +25,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .batched_resize import crop_resize
 from .decoding import is_plain_jpeg, to_rgb
 from .transforms import crop_params, match_channels, sample_generator
 
@@ -72,28 +73,41 @@ def collate_encoded(items: list[dict]) -> dict:
     }
 
 
+class DeviceAugment:
+    """Decode, crop-resize (bicubic, antialiased), flip and normalize a collated batch on `device`:
+    `collate_encoded`'s batch -> (N, 3, H, W) float32, channels-last.
+
+    No step waits on the host: the loader's tensors are pinned (non-blocking copies), the mean, std and the resize's
+    index arrays reach the device from pinned memory, and the resize of the whole batch is a few batched matmuls
+    (`crop_resize`), so a batch costs about one launch per image (its crop's copy) plus a fixed few, and can run on
+    DeviceFeed's side stream while the step before it trains.
+    """
+
+    def __init__(self, device: torch.device | str, size: tuple[int, int],
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD):
+        self.device, self.size = torch.device(device), size
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
+
+    def __call__(self, encoded: dict) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = encoded["data"]
+        jpegs = [i for i, d in enumerate(data) if d.dim() == 1]
+        pixels = [d.to(self.device, non_blocking=True) if d.dim() == 3 else None for d in data]
+        if jpegs:
+            decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            for i, image in zip(jpegs, decoded):
+                pixels[i] = image
+        out = crop_resize(pixels, encoded["crop"], self.size)
+        out = out.clamp_(0, 255).round_()  # PIL's resize output is 8-bit: the CPU path's values
+        flip = encoded["flip"].to(self.device, non_blocking=True)  # pinned by the loader on a GPU machine
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+        return out.sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
+
+
 def augment_batch(encoded: dict, size: tuple[int, int], device: torch.device | str,
                   mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
                   ) -> torch.Tensor:
-    """Decode, crop-resize (bicubic, antialiased), flip and normalize a collated batch on `device`:
-    (N, 3, H, W) float32."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    device = torch.device(device)
-    data = encoded["data"]
-    jpegs = [i for i, d in enumerate(data) if d.dim() == 1]
-    pixels = [d.to(device, non_blocking=True) if d.dim() == 3 else None for d in data]
-    if jpegs:
-        decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-        for i, image in zip(jpegs, decoded):
-            pixels[i] = image
-    out = torch.empty(len(data), 3, *size, device=device)
-    for n, (image, (top, left, h, w)) in enumerate(zip(pixels, encoded["crop"].tolist())):
-        crop = image[None, :, top:top + h, left:left + w].float()
-        out[n] = F.interpolate(crop, size=size, mode="bicubic", antialias=True, align_corners=False)[0]
-    out = out.clamp_(0, 255).round_()  # PIL's resize output is 8-bit: the CPU path's values
-    flip = encoded["flip"].to(device)
-    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
-    return out.sub_(mean_t).div_(std_t)
+    """One batch through a new `DeviceAugment` (a training loop keeps one instead)."""
+    return DeviceAugment(device, size, mean, std)(encoded)

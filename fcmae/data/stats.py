@@ -12,36 +12,63 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
 
+from .datasets import describe_unreadable, unreadable_warning
 from .decoding import to_rgb
+from .errors import DataError, FatalDataError
 
 
-def channel_stats(data_path: str, in_chans: int = 3, samples: int = 1000, seed: int = 0
-                  ) -> tuple[list[float], list[float], int]:
-    """(mean, std, images read) per channel over up to `samples` images drawn without replacement."""
+class ChannelStats(NamedTuple):
+    mean: list[float]  # per channel
+    std: list[float]
+    images: int  # images read
+    unreadable: dict[int, str]  # dataset position -> "PATH: REASON" of each file skipped
+
+
+def channel_stats(data_path: str, in_chans: int = 3, samples: int = 1000, seed: int = 0) -> ChannelStats:
+    """Mean and std per channel over up to `samples` images drawn without replacement.
+
+    An unreadable image is skipped as in training: a line on stderr names it, the next image of the draw takes its
+    place, and `unreadable` lists it. An image with another channel count than `in_chans` stops it.
+    """
     from . import pretrain_dataset
 
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+
     dataset = pretrain_dataset(data_path, (32, 32), seed, mean=[0.0] * in_chans, std=[1.0] * in_chans)
-    positions = np.random.default_rng(seed).permutation(len(dataset))[:samples]
     total = np.zeros(in_chans)
     squares = np.zeros(in_chans)
-    pixels = 0
-    for position in positions:
-        image, name = dataset._open(int(position))
-        values = np.asarray(to_rgb(image), dtype=np.float64) / 255 if isinstance(image, Image.Image) else image
+    pixels = images = 0
+    unreadable: dict[int, str] = {}
+    for position in np.random.default_rng(seed).permutation(len(dataset)).tolist():
+        if images == samples:
+            break
+        try:
+            image, name = dataset._open(position)
+            values = np.asarray(to_rgb(image), dtype=np.float64) / 255 if isinstance(image, Image.Image) else image
+        except FatalDataError:
+            raise
+        except Exception as e:  # the decoders raise many types for truncated, corrupt or foreign data
+            unreadable[position] = describe_unreadable(dataset._name(position), e)
+            print(unreadable_warning(unreadable[position]), file=sys.stderr)
+            continue
         if values.shape[-1] != in_chans:
             raise ValueError(f"{name} has {values.shape[-1]} channels, not --in-chans {in_chans}")
         flat = values.reshape(-1, in_chans).astype(np.float64)
         total += flat.sum(0)
         squares += (flat**2).sum(0)
         pixels += len(flat)
+        images += 1
+    if not images:
+        raise DataError(f"none of the {len(unreadable)} images read from {data_path} could be decoded")
     mean = total / pixels
     std = np.sqrt(np.maximum(squares / pixels - mean**2, 0))
-    return mean.tolist(), std.tolist(), len(positions)
+    return ChannelStats(mean.tolist(), std.tolist(), images, unreadable)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,9 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run(_):
-        mean, std, count = channel_stats(args.data_path, args.in_chans, args.samples, args.seed)
-        print(f"# {count} images of {args.data_path}\nmean: [{', '.join(f'{m:.4f}' for m in mean)}]\n"
-              f"std: [{', '.join(f'{s:.4f}' for s in std)}]")
+        stats = channel_stats(args.data_path, args.in_chans, args.samples, args.seed)
+        skipped = f" ({len(stats.unreadable)} unreadable skipped)" if stats.unreadable else ""
+        print(f"# {stats.images} images of {args.data_path}{skipped}\n"
+              f"mean: [{', '.join(f'{m:.4f}' for m in stats.mean)}]\n"
+              f"std: [{', '.join(f'{s:.4f}' for s in stats.std)}]")
 
     from ..training import run_cli
 

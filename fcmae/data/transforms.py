@@ -97,22 +97,27 @@ class PretrainTransform:
 
     Called as `transform(image, entropy)` with an opened, not yet decoded PIL image (8-bit photos) or a (H, W, C)
     float32 array (`decoding.load_array`), and the sample's seed entropy [seed, epoch, index]. Returns a
-    (C, H, W) float32 tensor.
+    (C, H, W) float32 tensor, normalized; or with normalize=False, the pixels for `device_feed.DevicePixels` to normalize on
+    the training device: uint8 for 8-bit photos (a quarter of float32's bytes to copy), float32 in [0, 1] for
+    arrays (16-bit data keeps its precision).
 
     Args:
         size: output (H, W).
         mean, std: per-channel normalization of [0, 1] values; ImageNet's by default (3 channels).
         draft: reduced-size JPEG decoding where the crop allows it (see the module docstring).
+        normalize: False leaves normalization to the device (see above).
     """
 
     decodes = True  # the dataset hands over opened images and seed entropy, not decoded images
 
     def __init__(self, size: tuple[int, int], mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD, draft: bool = True,
-                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 normalize: bool = True):
         if len(mean) != len(std):
             raise DataError(f"mean has {len(mean)} values and std {len(std)}: give one per channel")
         self.size, self.draft, self.scale, self.ratio = tuple(size), draft, scale, ratio
+        self.normalize = normalize
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -156,6 +161,8 @@ class PretrainTransform:
             pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)
         if flip:
             pixels = pixels.flip(-1)
+        if not self.normalize:
+            return pixels.contiguous()  # uint8
         return self._normalize(pixels.float().div_(255).contiguous())
 
     def _array(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
@@ -167,6 +174,8 @@ class PretrainTransform:
         out = F.interpolate(crop, size=self.size, mode="bicubic", antialias=True, align_corners=False)[0]
         if flip:
             out = out.flip(-1)
+        if not self.normalize:
+            return out.contiguous()  # float32 in [0, 1]
         return self._normalize(out.contiguous())
 
 

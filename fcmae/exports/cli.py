@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..convert import check_output, convert
 from .hub import push_folder
-from .official_layout import OFFICIAL_SUFFIXES, write_official
+from .official_layout import OFFICIAL_SUFFIXES, describe_official, write_official
 from .output_folder import check_output_folder, write_folder
 from .source_info import describe_source
 from .timm_folder import write_timm_folder
@@ -61,7 +61,7 @@ def export(source: str, output: str, to: str, model: str | None = None, *, conv_
     if to == "official":
         count = write_official(result, output)
         return [*result.notes, f"wrote {count} tensors in the official ConvNeXt V2 layout to {output}",
-                f"use: the official code or a ConvNeXt V2 detection backbone reads checkpoint['model'] of {output}"]
+                *describe_official(result, output)]
     if to == "transformers":
         write_folder(output, lambda d: write_transformers_folder(result, info, d))
         cls = "ConvNextV2ForImageClassification" if "head.fc.weight" in result.state else "ConvNextV2Model"

@@ -1,9 +1,13 @@
 """The README.md model card of an exported folder: Hub front matter, what the model is, where it came from, how it
-was trained (the settings the run's config records) and what the run measured, and how to load it."""
+was trained (the settings the run's config records) and what the run measured, how to preprocess, and how to load it.
+
+The card goes to the Hub with the folder (`--push-to-hub`): it names the input by its file name and SHA-256, never by
+where it lay on this machine (see `source_info`)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from ..convert import Conversion
@@ -41,14 +45,19 @@ def render_card(conversion: Conversion, info: SourceInfo, library: str, num_clas
         front.append("license: cc-by-nc-4.0")
     front.append("---")
 
+    local = Path(conversion.source).resolve().name
+    notes = [note.replace(conversion.source, local) for note in conversion.notes]  # they name the input's path
     lines = [*front, "", f"# ConvNeXt V2 {size}, FCMAE" + (" + fine-tuned" if info.finetune else ""), "",
              f"A ConvNeXt V2 encoder (depths {_csv(config['depths'])}, dims {_csv(config['dims'])}) with {head}, "
              f"pretrained with FCMAE (fully convolutional masked autoencoder, Woo et al. 2023). Exported for "
              f"{library} by `fcmae-convert`.", "",
              "## Source", "", "| | |", "|---|---|",
-             f"| input | `{info.path}` ({info.kind}) |", f"| layout | {conversion.layout} |"]
+             f"| input | `{info.name}` ({info.kind}) |"]
+    if info.sha256:
+        lines.append(f"| SHA-256 | `{info.sha256}` |")
+    lines.append(f"| layout | {conversion.layout} |")
     lines += [f"| {k} | {v} |" for k, v in info.provenance.items()]
-    lines += [f"| conversion | {note} |" for note in conversion.notes]
+    lines += [f"| conversion | {note} |" for note in notes]
     if info.official:
         lines += ["", "The weights come from the official ConvNeXt V2 release, licensed CC-BY-NC 4.0 (non-commercial)."]
     for title, settings in (("Pretraining settings (FCMAE)", info.pretrain), ("Fine-tuning settings", info.finetune)):
@@ -64,11 +73,28 @@ def render_card(conversion: Conversion, info: SourceInfo, library: str, num_clas
     data = info.preprocessing
     lines += ["", "## Preprocessing", "",
               f"Input {data['input_size'][1]}x{data['input_size'][2]}, resize by 1/{data['crop_pct']} then center crop, "
-              f"{data['interpolation']} interpolation, mean {_floats(data['mean'])}, std {_floats(data['std'])}.",
-              "", "## Use", "", "```python",
+              f"{data['interpolation']} interpolation, mean {_floats(data['mean'])}, std {_floats(data['std'])}: what "
+              "`finetune.py` evaluates with (torchvision `Resize` and `CenterCrop`)."]
+    if library == "transformers":
+        lines += ["", _transformers_preprocessing(max(data["input_size"][1:]))]
+    lines += ["", "## Use", "", "```python",
               _LOAD[library].format(cls="ConvNextV2ForImageClassification" if num_classes else "ConvNextV2Model"),
               "```", ""]
     return "\n".join(lines)
+
+
+def _transformers_preprocessing(size: int) -> str:
+    """How transformers' ConvNextImageProcessor (preprocessor_config.json) differs from finetune.py's transform."""
+    if size >= 384:  # ConvNextImageProcessor's own rule: no crop from 384 px up
+        return (f"`preprocessor_config.json` does not match `finetune.py` at this size: transformers' "
+                f"`ConvNextImageProcessor` ignores `crop_pct` from 384 px up and resizes the whole image to "
+                f"{size}x{size} (no crop, the aspect ratio not kept). Preprocess as above yourself to match it.")
+    return ("`preprocessor_config.json` sets transformers' `ConvNextImageProcessor` to the same resize, crop, mean "
+            "and std, but not pixel for pixel: where the resized image is longer than the crop by 3, 7, 11, ... "
+            "pixels on a side (margin mod 4 = 3), transformers crops from margin // 2 and torchvision one pixel "
+            "further (it rounds margin / 2 half to even), so the input shifts by one pixel on that side (on a "
+            "600x400 photo at 96 px, normalized values differ by up to 3.6). Otherwise only the resize kernels "
+            "differ (normalized values within 0.02). This depends on each image's size, square images included.")
 
 
 def _classes(names: list[str] | None, limit: int = 10) -> str:

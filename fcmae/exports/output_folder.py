@@ -1,7 +1,8 @@
 """Output folders of the exports: checked before anything is converted, written atomically.
 
 An existing folder is replaced only with --overwrite, only if it holds nothing but files an export writes (so a
-run folder or a folder of other work is never deleted), and never if it holds the input.
+run folder or a folder of other work is never deleted), and never if it holds the input. Its files get the mode the
+umask gives, as every other file fcmae writes (transformers' `save_pretrained` leaves model.safetensors 0600).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Callable
+
+from ..checkpoints.output import file_mode
 
 __all__ = ["EXPORT_FILES", "check_output_folder", "write_folder"]
 
@@ -35,7 +38,8 @@ def check_output_folder(source: str | os.PathLike, output: str | os.PathLike, ov
 
 
 def write_folder(output: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call `write(folder)` on a fresh hidden folder beside `output`, then put it in place of `output`.
+    """Call `write(folder)` on a fresh hidden folder beside `output`, give its files the umask's mode, then put it in
+    place of `output`.
 
     A failure leaves no partial folder and any earlier export at `output` as it was.
     """
@@ -46,6 +50,10 @@ def write_folder(output: str | os.PathLike, write: Callable[[Path], None]) -> No
     tmp.mkdir()
     try:
         write(tmp)
+        mode = file_mode()
+        for file in tmp.iterdir():
+            if file.is_file():
+                os.chmod(file, mode)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)

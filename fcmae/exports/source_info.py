@@ -6,12 +6,18 @@ up; a fine-tuning run holds `classifier.safetensors` (`model.safetensors` in old
 accuracies and class names in its metadata, while its config names the pretrained weights it started from (whose run is read as well). An
 official checkpoint records its training arguments inside the file. Nothing here is required: what is missing or
 unreadable is simply not reported.
+
+Model cards go to the Hub with the folder, so nothing here records where a file lay on this machine: the input is
+named by its file name (and its folder's name for a folder input) with its SHA-256, a setting that names a local
+path by its last component (with the SHA-256 of a file it names, e.g. `finetune`'s pretrained weights).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +46,10 @@ EVAL_CROP_PCT = 0.875  # finetune.py evaluates with resize max(size) / 0.875, th
 class SourceInfo:
     """What an export's model card and preprocessing config say about the input.
 
-    path:         the input as given.
+    path:         the input as given (a local path: never written into an export).
+    name:         the input's name without its location: the file name; for a folder, the folder's name and the
+                  weights file read inside it (e.g. `step_00000002/model.safetensors`).
+    sha256:       the SHA-256 (hex) of the weights file read; None when there is none to read.
     kind:         "pretraining run", "pretraining checkpoint", "fine-tuning run", "official pretraining checkpoint",
                   "official fine-tuned checkpoint", "timm weights" or "model file".
     pretrain:     the FCMAE pretraining settings (config.yaml, or an official checkpoint's args); {} if unknown.
@@ -54,6 +63,8 @@ class SourceInfo:
 
     path: str
     kind: str
+    name: str = ""
+    sha256: str | None = None
     pretrain: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
@@ -76,7 +87,9 @@ def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
     metadata = _file_metadata(path)
     run_dir, config_file, step = _run_files(path)
     config = _read_yaml(config_file) if config_file else {}
-    info = SourceInfo(str(path), "model file")
+    weights = _weights_file(path)
+    name = f"{path.resolve().name}/{weights.name}" if path.is_dir() else path.name
+    info = SourceInfo(str(path), "model file", name=name, sha256=_sha256(weights) if weights.is_file() else None)
     size = conversion.config.get("img_size")
 
     if "finetune" in config:
@@ -105,7 +118,7 @@ def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
     # A file fcmae-convert wrote records what it was converted from: official weights stay official.
     for key in ("source", "layout"):
         if key in metadata:
-            info.provenance[f"converted from ({key})"] = metadata[key]
+            info.provenance[f"converted from ({key})"] = _without_location(metadata[key])
     info.official = any(layout.startswith("official") for layout in (conversion.layout, metadata.get("layout", ""))) \
         or info.kind.startswith("official")
 
@@ -124,9 +137,36 @@ def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
 # Files ----------------------------------------------------------------------------------------------------------
 
 
+def _weights_file(path: Path) -> Path:
+    """The weights file an input names: the file itself, or the model file of a run or checkpoint folder."""
+    return (run_model_file(path) or path / ACCELERATE_WEIGHTS) if path.is_dir() else path
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        while chunk := f.read(1 << 20):  # 1 MiB at a time: weights can be gigabytes
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_local_path(value: str) -> bool:
+    """Whether a setting's value names a place on this machine: an absolute or home path, or an existing file."""
+    return os.path.isabs(value) or value.startswith("~") or (os.sep in value and Path(value).is_file())
+
+
+def _without_location(value: str) -> str:
+    """A local path as its last component, with the SHA-256 of the file it names if that file is here; any other
+    value as it is."""
+    if not _is_local_path(value):
+        return value
+    file = Path(value).expanduser()
+    return f"{file.name} (SHA-256 {_sha256(file)})" if file.is_file() else file.name
+
+
 def _file_metadata(path: Path) -> dict[str, str]:
     """The safetensors header metadata (cheap), or an official torch file's args (the file is read again)."""
-    file = (run_model_file(path) or path / ACCELERATE_WEIGHTS) if path.is_dir() else path
+    file = _weights_file(path)
     if not file.is_file():
         return {}
     try:
@@ -185,8 +225,9 @@ def _records(run_dir: Path | None, name: str, step: int | None) -> list[dict[str
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings that describe how the weights were trained (run-control keys and empty values left out)."""
-    return {k: v for k, v in config.items()
+    """The settings that describe how the weights were trained (run-control keys and empty values left out; local
+    paths without their location)."""
+    return {k: _without_location(v) if isinstance(v, str) else v for k, v in config.items()
             if k not in RUN_CONTROL_KEYS and v not in (None, "", []) and isinstance(v, (str, int, float, bool, list))}
 
 

@@ -67,7 +67,7 @@ def write_timm_folder(conversion: Conversion, info: SourceInfo, folder: Path) ->
     """Write model.safetensors, config.json and README.md into `folder` (an existing, empty folder)."""
     state = complete_head_norm(conversion)
     num_classes = state["head.fc.weight"].shape[0] if "head.fc.weight" in state else 0
-    metadata = {"format": "pt", "model": conversion.name, "source": conversion.source, "layout": conversion.layout}
+    metadata = {"format": "pt", "model": conversion.name, "source": info.name, "layout": conversion.layout}  # no path
     write_safetensors(state, folder / "model.safetensors", metadata)
     config = timm_config(conversion, info, num_classes)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

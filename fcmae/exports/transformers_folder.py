@@ -6,15 +6,21 @@ The two traps of a hand-made port, both handled here:
     use 1e-6 (every other LayerNorm of transformers' ConvNeXt V2 has 1e-6 built in): config.json sets 1e-6.
   - GRN gamma and beta are (1, 1, 1, 4C) there, (4C,) in timm.
 
-Weights without a classifier are written as a `ConvNextV2Model` (keys without prefix, `num_labels` 0, so that
-`ConvNextV2ForImageClassification` also loads them with no missing key, its classifier an Identity); with a
+Weights without a classifier are written as a `ConvNextV2Model` (keys without prefix; config.json with `num_labels`
+0 and no `id2label`, so that `ConvNextV2ForImageClassification` also loads them with no missing key, its classifier
+an Identity, and `from_pretrained(FOLDER, num_labels=K)` adds a fresh K-class head without a warning); with a
 classifier, as a `ConvNextV2ForImageClassification` (`convnextv2.*` and `classifier.*`, `id2label` from the class
-names a fine-tuned file records). Both load with `from_pretrained(FOLDER)`; `num_labels=K` there adds a fresh head.
-The weights are checked against transformers' own model (strict) before anything is written.
+names a fine-tuned file records). The weights are checked against transformers' own model (strict) before anything
+is written.
+
+`preprocessor_config.json` is transformers' `ConvNextImageProcessor` with finetune.py's evaluation settings. It does
+what finetune.py does up to a one-pixel crop offset on some image sizes, below 384 px; from 384 px up it resizes to a
+square without a crop (its own rule), which the export notes. The model card says both (`model_card`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -99,17 +105,37 @@ def write_transformers_folder(conversion: Conversion, info: SourceInfo, folder: 
                          f"unexpected {unexpected[:4]}, shape mismatch {shapes[:4]}")
     model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
     model.save_pretrained(folder, safe_serialization=True)
+    if not num_labels:
+        _without_label_map(folder / "config.json")
 
     height, width = info.image_size
     data = info.preprocessing
     if height != width:
         conversion.notes.append(f"the model was trained at {height}x{width}; transformers' ConvNextImageProcessor "
                                 f"crops squares: preprocessor_config.json asks for {max(height, width)} px")
+    if max(height, width) >= 384:
+        conversion.notes.append(f"transformers' ConvNextImageProcessor resizes to {max(height, width)}x"
+                                f"{max(height, width)} without a center crop from 384 px up: preprocessor_config.json "
+                                "does not preprocess as finetune.py evaluates (the model card says how to)")
     processor = transformers.ConvNextImageProcessor(
         do_resize=True, size={"shortest_edge": max(height, width)}, crop_pct=data["crop_pct"], resample=3,  # bicubic
         do_rescale=True, do_normalize=True, image_mean=list(data["mean"]), image_std=list(data["std"]))
     processor.save_pretrained(folder)
     (folder / "README.md").write_text(render_card(conversion, info, "transformers", num_labels))
+
+
+def _without_label_map(config_file: Path) -> None:
+    """An encoder without a classifier: config.json with `num_labels` 0 in place of transformers' `"id2label": {}`.
+
+    With an empty map, `from_pretrained(FOLDER, num_labels=K)` warns that K "is incompatible to the id2label map of
+    length 0"; with `num_labels` and no map (read so by transformers 4.x and 5.x), K replaces 0 quietly, and without K
+    the classifier stays an Identity (0 labels) rather than a fresh 2-class head.
+    """
+    config = json.loads(config_file.read_text())
+    config.pop("id2label", None)
+    config.pop("label2id", None)
+    config["num_labels"] = 0
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _import_transformers() -> Any:

@@ -33,6 +33,13 @@ def show_causes(error: BaseException) -> BaseException:
     return error
 
 
+def print_error(message: str) -> None:
+    """Write `error: message` to stderr as one write: the ranks of a multi-process run share the launcher's
+    stderr, and print() writes the text and its newline separately, so two ranks' lines could interleave."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
     """Run a script's main; user errors end with a one-line message and exit status 2 (no traceback); a run
     stopped by SIGTERM / SIGUSR1 after saving exits with EXIT_PREEMPTED (75).
@@ -50,7 +57,7 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
         message = str(e).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: its last line is the error itself
             message = message.splitlines()[-1]
-        print(f"error: {message}", file=sys.stderr)
+        print_error(message)
         return 2
     except Preempted as e:  # SIGTERM / SIGUSR1: the step's checkpoint is saved
         if e.message:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from ..checkpoints import names
 from ..data import seeded
+from ..data.datasets import new_unreadable_warnings
 from .cli import TrainingError
 from .preemption import Preempted
 
@@ -35,13 +37,15 @@ StepFn = Callable[[nn.Module, dict], tuple[Tensor, int]]
 
 
 def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = None,
-        on_epoch_end: Callable[[int], None] | None = None, on_save: Callable | None = None) -> None:
+        on_epoch_end: Callable[[int], None] | None = None, on_save: Callable | None = None,
+        feed: Callable[[Iterable[dict]], Iterable[dict]] | None = None) -> None:
     """Train from run.step (after resuming) to run.total_steps.
 
     step_fn(model, batch) -> (loss, images in the batch). Callbacks: every_step(step) after each optimizer step
     (e.g. visualization, EMA); on_epoch_end(epoch) when an epoch's last step is done, and at the run's last step
     if that ends an epoch early (--max-steps), before the checkpoint (e.g. evaluation); on_save(checkpoint
-    folder), on the main process after each checkpoint.
+    folder), on the main process after each checkpoint. feed(batches) -> batches, e.g. `fcmae.data.DeviceFeed`,
+    which moves them to the device a step ahead.
 
     A stop request (SIGTERM, SIGUSR1, the launcher gone; see fcmae.training.preemption) ends the run after the
     step in progress, with a checkpoint of it: `Preempted` is raised once it is saved.
@@ -51,7 +55,7 @@ def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = 
     run.start()
     run.scheduler.step_update(run.at)
     epoch, skip = divmod(run.at, run.steps_per_epoch)
-    window = Window(run.accelerator.device)
+    window = Window(run.accelerator.device, run.step)
     # The bar is closed on errors too; signals and the watchdog are on only while training runs.
     with run.supervised() as watchdog, run.progress_bar(total=run.total_steps, initial=run.at, desc="train") as bar:
         run.model.train()
@@ -60,6 +64,8 @@ def fit(run: "Run", step_fn: StepFn, every_step: Callable[[int], None] | None = 
             batches = run.loader
             if skip:  # resumed mid-epoch: the epoch's order, less the batches already trained on
                 batches = run.accelerator.skip_first_batches(run.loader, skip * run.config.accum_steps)
+            if feed is not None:
+                batches = feed(batches)
             for _ in optimizer_steps(run, batches, step_fn, window):
                 bar.update(1)
                 watchdog.progress(run.step, slow=True)  # callbacks and saves may take long
@@ -123,8 +129,8 @@ def check_finite(run: "Run", window: "Window") -> None:
         note = f"set aside {suspect.name}, whose weights gave it, as {aside.name}; "
     run.accelerator.wait_for_everyone()
     good = run.store.find()
-    kept = (f"the newest checkpoint whose weights gave a finite loss is {good} (--resume auto resumes it)" if good
-            else "no checkpoint whose weights gave a finite loss had been saved")
+    kept = (f"the newest checkpoint whose weights gave a finite loss is {good} ({run.resume_command()} resumes it)"
+            if good else "no checkpoint whose weights gave a finite loss had been saved")
     raise TrainingError(f"the loss became non-finite ({value}) at step {step}; stopped without saving. {note}{kept}. "
                         "Try a lower --blr, more warmup, or bf16 instead of fp16")
 
@@ -133,7 +139,8 @@ def log(run: "Run", window: "Window", bar) -> dict:
     """A metrics record of the window since the last one: to the step log, the trackers and the progress bar."""
     check_finite(run, window)
     loss, images, seconds, unreadable = window.reduce(run.accelerator, known=run.unreadable)
-    run.unreadable |= unreadable
+    for line in new_unreadable_warnings(unreadable, run.unreadable):  # counted in run.unreadable; warned once
+        run.print(line, file=sys.stderr)
     record = {
         "step": run.step, "epoch": round(run.at / run.steps_per_epoch, 4), "loss": loss,
         "lr": max(group["lr"] for group in run.optimizer.param_groups),  # the undecayed group's
@@ -141,30 +148,44 @@ def log(run: "Run", window: "Window", bar) -> dict:
     }  # fmt: skip
     run.write_record(record)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+    steps, window.logged_step = run.step - window.logged_step, run.step
+    if run.progress_lines:
+        run.print(progress_line(run, record, seconds / max(steps, 1)))
     return record
+
+
+def progress_line(run: "Run", record: dict, step_seconds: float) -> str:
+    """What the bar shows, as one plain line for a log file: step/total, loss, lr, images/s and the time left at the
+    pace of the steps since the last line."""
+    left = timedelta(seconds=round((run.total_steps - run.at) * step_seconds))
+    skipped = f", {record['skipped_files']} unreadable files skipped" if record["skipped_files"] else ""
+    return (f"step {run.at}/{run.total_steps} (epoch {record['epoch']:g}): loss {record['loss']:.4f}, lr "
+            f"{record['lr']:.2e}, {record['images_per_s']:.1f} img/s, ETA {left}{skipped}")
 
 
 class Window:
     """Loss and image sums since the last log record and the first non-finite loss since the last check, kept on
     the device (adding to them never waits on it), and the unreadable files met, by dataset position, kept on the
-    host (a bad file counts once however often it is drawn, by whichever process or worker)."""
+    host with its 'PATH: REASON' (a bad file counts once however often it is drawn, by whichever process or
+    worker)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, step: int = 0):
         self.device = device
+        self.logged_step = step  # the step of the last log record (the window's steps follow it)
         self.bad = torch.tensor([math.inf, 0.0], device=device, dtype=torch.float64)  # first bad step, its loss
         self.reset()
 
     def reset(self) -> None:
         self.sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss*n, n batches, images, new bad files
-        self.unreadable: set[int] = set()
+        self.unreadable: dict[int, str] = {}
         self.start = time.perf_counter()
 
-    def add(self, loss: Tensor, images: int, unreadable: list[int] | None, step: int) -> None:
+    def add(self, loss: Tensor, images: int, unreadable: dict[int, str] | None, step: int) -> None:
         loss = loss.double()
         self.sums[0] += loss
         self.sums[1] += 1
         self.sums[2] += images
-        if unreadable:  # a plain list on the host (fcmae.data.CollateUnreadable)
+        if unreadable:  # a plain dict on the host (fcmae.data.CollateUnreadable)
             self.unreadable.update(unreadable)
         first = ~torch.isfinite(loss) & torch.isinf(self.bad[0])  # python scalars, not tensors: no host copy
         self.bad[0] = torch.where(first, float(step), self.bad[0])
@@ -176,14 +197,14 @@ class Window:
         step, value = min(bad, key=lambda b: b[0])
         return None if math.isinf(step) else (int(step), value)
 
-    def reduce(self, accelerator: Accelerator, known: set[int]) -> tuple[float, int, float, set[int]]:
+    def reduce(self, accelerator: Accelerator, known: set[int]) -> tuple[float, int, float, dict[int, str]]:
         """(mean loss, images, seconds, unreadable files not in `known`), over all processes; then starts a new
-        window. The positions are gathered only when some process met a new one."""
-        new = sorted(self.unreadable - known)
+        window. The files are gathered only when some process met a new one."""
+        new = [(position, text) for position, text in sorted(self.unreadable.items()) if position not in known]
         self.sums[3] = len(new)
         sums = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
         if sums[3] and accelerator.num_processes > 1:
             new = gather_object(new)  # every process's list, joined
         seconds = time.perf_counter() - self.start
         self.reset()
-        return sums[0] / max(sums[1], 1), int(sums[2]), seconds, set(new)
+        return sums[0] / max(sums[1], 1), int(sums[2]), seconds, dict(new)

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import sys
 import warnings
 from datetime import timedelta
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,10 +31,14 @@ from tqdm.auto import tqdm
 from ..checkpoints import names
 from ..checkpoints.folder_lock import FolderLock
 from ..checkpoints.output import check_output_folder, explain_write_error
-from ..checkpoints.store import CheckpointStore, Position, check_position
-from ..config import ConfigError, TrainConfig, load_yaml, save_yaml
+from ..checkpoints.store import CheckpointStore, Position, check_position, check_trained_settings, check_training_kind
+from ..config import ConfigError, TrainConfig, from_dict, load_yaml, save_yaml
+from ..model_config import FCMAEConfig
 from . import loop
+from .batch_size import find_batch_size
+from .compilation import compile_once
 from .cli import TrainingError
+from .invocation import Invocation, launch_mismatch
 from .launcher_store import connect_launcher_store
 from .preemption import StopSignals, ignore_in_worker
 from .shared_folder import check_shared_folder
@@ -42,6 +47,10 @@ from .watchdog import Watchdog, launched_by_launcher, orphaned_message
 __all__ = ["Run", "processes_without_gpu", "configure_cuda", "main_process_first", "quiet_worker"]
 
 T = TypeVar("T")
+
+# OUTPUT_DIR's record of the settings a resume changed, one JSON line each: {"step", "checkpoint", "changes":
+# {"key": [old, new]}}. config.yaml keeps the settings the run started with: it is never rewritten on a resume.
+CONFIG_CHANGES = "config_changes.jsonl"
 
 
 def processes_without_gpu() -> bool:
@@ -95,6 +104,7 @@ class Run:
         config: the resolved config; saved to OUTPUT_DIR/config.yaml and into every checkpoint.
         project: tracker project name.
         step_log: file in OUTPUT_DIR that gets a JSON record every log_every steps.
+        command: the command that started the run (fcmae.training.invocation), named by the hints to resume it.
 
     Attributes a script may fill before `fit`: `extra_state` (name -> module whose state dict is saved as
     NAME.safetensors in every checkpoint and restored on resume, e.g. an EMA model) and `info` (JSON values kept
@@ -104,8 +114,10 @@ class Run:
     and the data order stand.
     """
 
-    def __init__(self, config: TrainConfig, project: str, step_log: str = names.METRICS):
+    def __init__(self, config: TrainConfig, project: str, step_log: str = names.METRICS,
+                 command: Invocation | None = None):
         self.config = config
+        self.command = command
         self.output_dir = Path(config.output_dir)
         precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if precision == "fp16" and not torch.cuda.is_available():
@@ -120,11 +132,15 @@ class Run:
             # memory are copied without blocking the host.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed,
                                                       non_blocking=torch.cuda.is_available()),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=process_group_timeout(config))],
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=process_group_timeout(config)),
+                             DistributedDataParallelKwargs(bucket_cap_mb=config.ddp_bucket_mb)],
         )
         if self.accelerator.device.type == "cuda":
             configure_cuda()
         self.is_main = self.accelerator.is_main_process
+        mismatch = launch_mismatch()
+        if mismatch:
+            self.print(mismatch, file=sys.stderr)
         # One id for this run on every process: its temp folders and its keys in the launcher's store.
         run_id = [f"{os.getpid()}-{secrets.token_hex(4)}"]
         self.launcher_store = None
@@ -151,8 +167,11 @@ class Run:
         self.info: dict[str, Any] = {}
         self.project = project
         self.metrics_path = self.output_dir / step_log
-        self.logs = [self.metrics_path, self.output_dir / names.METRICS]  # JSONL files cut back on resume
+        self.config_changes: dict[str, list] = {}  # setting -> [old, new]: what this resume changed
+        self.logs = [self.metrics_path, self.output_dir / names.METRICS, self.output_dir / CONFIG_CHANGES]  # cut back
         self.show_progress = config.progress and self.is_main and sys.stdout.isatty()
+        # Without a bar (a log file, nohup, SLURM, --no-progress) a plain line every log_every steps says how it goes.
+        self.progress_lines = self.is_main and not self.show_progress
 
     fit = loop.fit
 
@@ -167,6 +186,7 @@ class Run:
         """Print on the main process only, above the progress bar if there is one."""
         if self.is_main:
             tqdm.write(" ".join(str(a) for a in args), file=file)
+            (file or sys.stdout).flush()  # a log file (nohup, tee, SLURM) gets the line now, not at exit
 
     def progress_bar(self, **kwargs) -> tqdm:
         """A tqdm bar on the main process, unless --no-progress or stdout is not a terminal (a log file)."""
@@ -194,8 +214,8 @@ class Run:
         resume = self.config.resume
         if existing and not resume:
             raise ConfigError(
-                f"{self.output_dir} already holds a run ({', '.join(existing)}); pass --resume auto to continue it, "
-                "or choose another --output-dir"
+                f"{self.output_dir} already holds a run ({', '.join(existing)}); to continue it, run "
+                f"{self.resume_command()}; or choose another --output-dir"
             )
         if existing and resume and resume != "auto" and (
                 Path(resume).resolve().parent != self.store.folder.resolve()):
@@ -226,6 +246,37 @@ class Run:
         if note:
             self.print(note)
 
+    def choose_batch_size(self, trial: Callable[[int], None], num_images: int) -> None:
+        """For `--batch-size auto`, before the loader is built: the batch of the checkpoint being resumed, or the
+        largest that fits the device (`fcmae.training.batch_size`; trial(size) runs one forward and backward).
+        Sets config.batch_size and says what was chosen."""
+        if not self.config.auto_batch:
+            return
+        resumed = self._resumed_batch_size()
+        if resumed:
+            self.config.batch_size = resumed
+            self.print(f"batch size auto: {resumed} per process, as the checkpoint being resumed trained")
+            return
+        self.config.batch_size, note = find_batch_size(trial, self.accelerator, self.config.effective_batch_size,
+                                                       num_images)
+        self.print(note)
+
+    def _resumed_batch_size(self) -> int | None:
+        """The batch size in the config.yaml of the checkpoint --resume names, if it can be read."""
+        if not self.config.resume:
+            return None
+        path = self.store.find() if self.config.resume == "auto" else Path(self.config.resume)
+        try:
+            saved = load_yaml(path / names.RUN_CONFIG).get("batch_size") if path else None
+        except (OSError, ConfigError):  # resume() itself names what is wrong with the checkpoint
+            return None
+        return saved if isinstance(saved, int) and not isinstance(saved, bool) else None
+
+    def compile_once(self, warm_up: Callable[[], None]) -> None:
+        """warm_up() (one compiled step) on the main process first, then on the others, which load its graph from
+        the cache (see fcmae.training.compilation)."""
+        compile_once(self.accelerator, warm_up)
+
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
                 place_batches: bool = True):
         """Wrap model, optimizer and loader for the processes and devices; sets the schedule's length.
@@ -247,10 +298,13 @@ class Run:
         self.warmup_steps = min(warmup, self.total_steps)
         self.warmup_warning = ""  # printed once, when the run really starts
         if 0 < self.total_steps <= warmup:
-            peak = self.base_lr() * self.total_steps / warmup
-            self.warmup_warning = (f"warning: all {self.total_steps} steps are warmup (warmup {warmup} steps): the "
-                                   f"learning rate only climbs, to {peak:.2e} at the end, and never decays; lower "
-                                   "--warmup-epochs / --warmup-steps or train longer")
+            # The warmup is cut to the run: the lr climbs to the full base lr at the last step (the logs' last lr).
+            asked = (f"--warmup-steps {config.warmup_steps}" if config.warmup_steps >= 0 else
+                     f"--warmup-epochs {config.warmup_epochs:g} = {warmup} steps")
+            cut = "shortened to the run" if warmup > self.total_steps else "as long as the run"
+            self.warmup_warning = (f"warning: all {self.total_steps} steps are warmup ({asked}, {cut}): the learning "
+                                   f"rate only climbs, from 0 to {self.base_lr():.2e} at the end, and never decays; "
+                                   "lower --warmup-epochs / --warmup-steps or train longer")
         cosine_log = logging.getLogger("timm.scheduler.cosine_lr")
         level = cosine_log.level
         cosine_log.setLevel(logging.ERROR)  # its "no effect" warning for all-warmup runs: ours above says more
@@ -303,18 +357,38 @@ class Run:
             return
         path, state = opened
         saved = load_yaml(path / names.RUN_CONFIG)
+        check_training_kind(path, saved, pretraining=isinstance(self.config.model, FCMAEConfig))  # before the rest
         saved_model = saved.get("model")  # a name, or the model: section of a pretraining config
         saved_name = saved_model.get("name") if isinstance(saved_model, dict) else saved_model
         if saved_name != self.config.model_name:
             raise ConfigError(f"checkpoint {path} is for model {saved_name}, not {self.config.model_name}")
         position, note = check_position(path, state, saved, self.position, self.config.allow_resume_change)
+        changes = self._changes_since(saved)
+        check_trained_settings(path, changes, self.config.allow_resume_change, CONFIG_CHANGES)
         self.store.load(path, self.extra_state)
         self.step, self.offset = position.step, position.offset
         self.unreadable, self.info = set(state.get("unreadable", [])), state["info"]
         if note:
             self.print(note)
         self.newest_checkpoint = path
+        self.config_changes = changes
         self.print(f"resumed from {path} at step {self.step}")
+        if changes:
+            listed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
+            self.print(f"changed since that checkpoint: {listed} (recorded in {self.output_dir / CONFIG_CHANGES}; "
+                       "config.yaml keeps the settings the run started with)")
+
+    def _changes_since(self, saved: dict[str, Any]) -> dict[str, list]:
+        """The settings that differ from a checkpoint's config.yaml, as {"key": [old, new]} ("model.key" for the
+        model's), --resume and --allow-resume-change themselves left out. The saved config is read as this run's
+        config class first, so that an older layout of the same settings is no change."""
+        try:
+            saved = from_dict(type(self.config), saved, source="the checkpoint's config.yaml").to_dict()
+        except (ValueError, TypeError):  # a config from another version of the code: compared as it is
+            pass
+        old, new = _settings(saved), _settings(self.config.to_dict())
+        return {key: [old.get(key), new.get(key)] for key in sorted(old.keys() | new.keys())
+                if key not in ("resume", "allow_resume_change") and old.get(key) != new.get(key)}
 
     def save_checkpoint(self, on_save: Callable[[Path], None] | None = None) -> Path:
         """Write the full training state to checkpoints/step_XXXXXXXX atomically and keep the newest keep_last."""
@@ -391,12 +465,19 @@ class Run:
         poster, why = note.split(" ", 1)
         return final, why if int(poster) == rank else f"{why} to rank {poster}"
 
+    def resume_command(self) -> str:
+        """The command that continues this run: the one that started it, with --resume auto."""
+        return self.command.resume_auto() if self.command else "the same command with --resume auto"
+
     def stop_message(self, reason: str, checkpoint: Path) -> str:
         """The line a stopped run ends with (main process; "" on the others)."""
         if not self.is_main:
             return ""
-        return (f"stopped at step {self.step} of {self.total_steps} ({reason}): saved {checkpoint}; to continue, run "
-                "the same command with --resume auto")
+        again = "the same command with --resume auto"  # the command itself where that alone would not do (a demo)
+        if self.command is not None and self.command.demo:
+            again = self.resume_command()
+        return (f"stopped at step {self.step} of {self.total_steps} ({reason}): saved {checkpoint}; to continue, "
+                f"run {again}")
 
     def _kept(self) -> str:
         """From memory, not the file system: the watchdog calls it when that file system may be what hangs."""
@@ -408,11 +489,18 @@ class Run:
         if self.is_main:
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
-                save_yaml(self.config, self.output_dir / names.RUN_CONFIG)
+                run_config = self.output_dir / names.RUN_CONFIG
+                if self.newest_checkpoint is None or not run_config.is_file():  # the record of a run: never rewritten
+                    save_yaml(self.config, run_config)
                 for log in self.logs:  # records past the step we start from belong to a run that did not survive
                     if log.is_file():
                         kept = [line for line in log.read_text().splitlines() if _record_step(line) <= self.step]
                         log.write_text("".join(line + "\n" for line in kept))
+                if self.config_changes:
+                    record = {"step": self.step, "checkpoint": self.newest_checkpoint.name,
+                              "changes": self.config_changes}
+                    with (self.output_dir / CONFIG_CHANGES).open("a") as f:
+                        f.write(json.dumps(record) + "\n")
             except OSError as e:
                 raise explain_write_error(e, self.output_dir, "write in --output-dir") from None
             self.store.set_aside_after(self.step, self.print)
@@ -420,6 +508,12 @@ class Run:
             self.print(self.warmup_warning, file=sys.stderr)
         if self.config.log_with:
             self.accelerator.init_trackers(self.project, config=_flat(self.config.to_dict()))
+        logs = ", ".join(sorted({log.name for log in self.logs[:2]}))
+        self.print(f"output: {self.output_dir.resolve()} (config.yaml, {logs}, checkpoints/)")
+        if "tensorboard" in self.config.log_with:
+            tracker = self.accelerator.get_tracker("tensorboard")
+            logdir = Path(getattr(tracker, "logging_dir", self.output_dir / self.project)).resolve()
+            self.print(f"TensorBoard: tensorboard --logdir {shlex.quote(str(logdir))}")
 
     def write_record(self, record: dict, path: Path | None = None) -> None:
         """Append a record (with a "step" key) to `path` (default: the step log) and send it to the trackers."""
@@ -428,6 +522,17 @@ class Run:
                 f.write(json.dumps(record) + "\n")
         if self.config.log_with:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping with its model section spread out as "model.key", values as JSON gives them back."""
+    flat = {}
+    for key, value in config.items():
+        if key == "model" and isinstance(value, dict):
+            flat.update({f"model.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return json.loads(json.dumps(flat))
 
 
 def _record_step(line: str) -> float:

@@ -164,8 +164,9 @@ class Watchdog(threading.Thread):
     @staticmethod
     def _exit(status: int, message: str) -> None:
         """End the process now: the main thread may be blocked inside a collective, with no clean way out of it."""
-        if message:
-            print(message, file=sys.stderr, flush=True)
+        if message:  # one write: ranks share the launcher's stderr
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
         sys.stdout.flush()
         os._exit(status)
 
