@@ -109,9 +109,12 @@ def pretrain(data: Path, out: Path, init: str, lengths: Sequence[int], args: arg
     full benchmark fits its time budget), at the price of a learning rate not yet annealed at the shorter points.
     """
     steps, every = max(lengths), math.gcd(*lengths)
-    if not (out / "fcmae_model.safetensors").is_file():
-        run([sys.executable, "pretrain.py", "--data-path", str(data), "--output-dir", str(out), "--model",
-             args.model, "--input-size", str(CROP), "--batch-size", str(args.batch_size), "--max-steps", str(steps),
+    # Done when the last length's checkpoint exists: fcmae_model.safetensors is also written at each save, so a run
+    # cut short has one too. A cut run continues from its newest checkpoint (--resume auto), bit for bit.
+    if not (out / "checkpoints" / f"step_{steps:08d}").is_dir():
+        run([sys.executable, "pretrain.py", "--resume", "auto", "--data-path", str(data), "--output-dir", str(out),
+             "--model", args.model, "--input-size", str(CROP), "--batch-size", str(args.batch_size),
+             "--max-steps", str(steps),
              "--warmup-steps", str(max(steps // 10, 1)), "--lr", str(args.lr), "--mask-ratio", str(args.mask_ratio),
              "--decoder-embed-dim", str(args.decoder_embed_dim), "--init", init,
              "--norm-pix-loss" if args.norm_pix_loss else "--no-norm-pix-loss", "--seed", str(args.seed),
@@ -135,7 +138,7 @@ def random_model(out: Path, init: str, seed: int, model: str) -> Path:
 def convert(model_file: Path) -> Path:
     """python -m fcmae.convert FILE timm.safetensors --to timm."""
     out = model_file.with_name("timm.safetensors")
-    if not out.is_file():
+    if not out.is_file() or out.stat().st_mtime < model_file.stat().st_mtime:  # none yet, or the model was rewritten
         run([sys.executable, "-m", "fcmae.convert", str(model_file), str(out), "--to", "timm"],
             model_file.with_name("convert.log"))
     return out
