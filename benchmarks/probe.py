@@ -139,7 +139,7 @@ def convert(model_file: Path) -> Path:
     """python -m fcmae.convert FILE timm.safetensors --to timm."""
     out = model_file.with_name("timm.safetensors")
     if not out.is_file() or out.stat().st_mtime < model_file.stat().st_mtime:  # none yet, or the model was rewritten
-        run([sys.executable, "-m", "fcmae.convert", str(model_file), str(out), "--to", "timm"],
+        run([sys.executable, "-m", "fcmae.convert", str(model_file), str(out), "--to", "timm", "--overwrite"],
             model_file.with_name("convert.log"))
     return out
 
