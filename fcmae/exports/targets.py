@@ -56,7 +56,7 @@ def export(source: str, output: str, to: str, model: str | None = None, *, conv_
     # timm's names are the hub between layouts; transformers and the official model use Linear MLPs.
     result = convert(source, "timm", model, conv_mlp=conv_mlp if to == "timm" else False, strict=strict,
                      drop_head=drop_head)
-    info = describe_source(source, result)
+    info = describe_source(result.loaded, result)  # what load() found: the input is not read again
 
     if to == "official":
         count = write_official(result, output)
