@@ -18,7 +18,7 @@ def test_defaults_are_the_paper_recipe():
     config = parse_config(PretrainConfig, ["--data-path", "x"])
     assert (config.model.mask_ratio, config.blr, config.weight_decay, config.epochs, config.warmup_epochs) == (
         0.6, 1.5e-4, 0.05, 800, 40.0)
-    assert config.image_size == (224, 224) and config.model.norm_pix_loss and config.model.backend == "sparse"
+    assert config.img_size == (224, 224) and config.model.norm_pix_loss and config.model.backend == "sparse"
     assert config.model == FCMAEConfig()  # the one model config, not a copy of its fields
 
 
@@ -31,7 +31,7 @@ def test_flags_override_the_file(tmp_path):
     model = config.model
     assert model.name == "convnextv2_tiny" and model.mask_ratio == 0.75 and model.decoder_embed_dim == 32
     assert model.img_size == (64, 96) and model.norm_pix_loss is False  # input_size sets the model's img_size
-    assert config.batch_size == 4 and config.image_size == (64, 96) and config.lr == 1e-3
+    assert config.batch_size == 4 and config.img_size == (64, 96) and config.lr == 1e-3
     assert config.log_with == ["tensorboard"]
     renamed = parse_config(PretrainConfig, ["--config", str(path), "--model", "atto"])  # the name only
     assert renamed.model.name == "convnextv2_atto" and renamed.model.dims == (40, 80, 160, 320)

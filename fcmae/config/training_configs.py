@@ -159,12 +159,13 @@ class TrainConfig:
 
     @property
     def input_size_is_valid(self) -> bool:
-        """input_size is one or two positive multiples of 32 (`image_size` is then defined)."""
+        """input_size is one or two positive multiples of 32 (`img_size` is then defined)."""
         return len(self.input_size) in (1, 2) and all(s > 0 and s % 32 == 0 for s in self.input_size)
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """(H, W) from input_size."""
+    def img_size(self) -> tuple[int, int]:
+        """(H, W) from input_size: the image size of the run, and its model's img_size (one internal name, as in
+        FCMAEConfig; input_size stays the key and flag)."""
         size = self.input_size
         return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
@@ -265,9 +266,9 @@ class PretrainConfig(TrainConfig):
         if self.input_size_is_valid:
             if not isinstance(self.model, FCMAEConfig):
                 self.model = FCMAEConfig.from_dict({**nested_model(self.model, "the model settings"),
-                                                    "img_size": self.image_size}, source="the model settings")
-            elif self.model.img_size != self.image_size:
-                self.model = self.model.replace(img_size=self.image_size)
+                                                    "img_size": self.img_size}, source="the model settings")
+            elif self.model.img_size != self.img_size:
+                self.model = self.model.replace(img_size=self.img_size)
         if self.compile_mode:
             self.compile = True
 
@@ -276,7 +277,7 @@ class PretrainConfig(TrainConfig):
         if not isinstance(self.model, FCMAEConfig):
             raise ConfigError(f"model must be an FCMAEConfig (or its settings when the config is built), got "
                               f"{type(self.model).__name__}")
-        if self.model.img_size != self.image_size:
+        if self.model.img_size != self.img_size:
             raise ConfigError(f"the model's img_size {list(self.model.img_size)} is not input_size "
                               f"{self.input_size}: a training config sets it with input_size")
         if self.model.backend.startswith("minkowski"):

@@ -57,7 +57,7 @@ class SourceInfo:
     finetune:     the fine-tuning settings; {} for a model that was not fine-tuned here or is unknown.
     metrics:      label -> value, what the run(s) recorded, in reading order.
     class_names:  the classifier's class names, where the file records them.
-    image_size:   (H, W) the model was last trained or evaluated at.
+    img_size:     (H, W) the model was last trained or evaluated at (as FCMAEConfig.img_size).
     official:     the weights come from the official ConvNeXt V2 release (licensed CC-BY-NC 4.0).
     provenance:   label -> value, what the file's metadata says about where it came from.
     """
@@ -70,7 +70,7 @@ class SourceInfo:
     finetune: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
     class_names: list[str] | None = None
-    image_size: tuple[int, int] = (224, 224)
+    img_size: tuple[int, int] = (224, 224)
     official: bool = False
     provenance: dict[str, str] = field(default_factory=dict)
 
@@ -78,7 +78,7 @@ class SourceInfo:
     def preprocessing(self) -> dict[str, Any]:
         """timm's data config of the model: what finetune.py evaluates with (bicubic, crop_pct 0.875, ImageNet
         mean and std; the pretraining augmentation normalizes the same way)."""
-        return {"input_size": (3, *self.image_size), "interpolation": "bicubic", "crop_pct": EVAL_CROP_PCT,
+        return {"input_size": (3, *self.img_size), "interpolation": "bicubic", "crop_pct": EVAL_CROP_PCT,
                 "crop_mode": "center", "mean": tuple(IMAGENET_DEFAULT_MEAN), "std": tuple(IMAGENET_DEFAULT_STD)}
 
 
@@ -134,7 +134,7 @@ def describe_source(loaded: Loaded, conversion: Conversion) -> SourceInfo:
                 info.metrics.setdefault(f"{key} of the saved weights", f"{float(metadata[key]):.2f}")
         if "weights" in metadata:
             info.provenance["saved weights"] = f"{metadata['weights']} (epoch {metadata.get('epoch', '?')})"
-    info.image_size = _image_size(size)
+    info.img_size = _img_size(size)
     return info
 
 
@@ -256,7 +256,7 @@ def _num(value: Any) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
-def _image_size(size: Any) -> tuple[int, int]:
+def _img_size(size: Any) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     if isinstance(size, (list, tuple)) and size and all(isinstance(s, int) for s in size):
