@@ -24,7 +24,7 @@ from ..checkpoints import (Loaded, detect_layout, format_keys, load, load_state_
 from ..checkpoints.layouts import strip_wrappers
 from ..checkpoints.torch_file import unwrap_state
 from ..fcmae import FCMAE
-from ..model_config import MODEL_SIZES, FCMAEConfig
+from ..model_config import MODEL_SIZES, FCMAEConfig, total_stride
 from .key_rules import to_fcmae_names
 from .shapes import csv, decoder_shape, infer_decoder, infer_encoder, infer_in_chans, model_name, settings_hints
 
@@ -158,7 +158,7 @@ def convert(
     settings = {k: hints[k] for k in ("img_size", "mask_ratio", "norm_pix_loss", "drop_path_rate", "backend")
                 if k in hints}
     in_chans = infer_in_chans(state)
-    config = dict(name=name, depths=list(depths), dims=list(dims), patch_size=4 * 2 ** (len(depths) - 1),
+    config = dict(name=name, depths=list(depths), dims=list(dims), patch_size=total_stride(depths),
                   in_chans=in_chans, decoder_depth=depth, decoder_embed_dim=width, **settings)
     channels = f", {in_chans} input channels" if in_chans != 3 else ""
     notes = [f"detected {layout} layout in {where}: {name} (depths {csv(depths)}, dims {csv(dims)}{channels}), "
