@@ -16,6 +16,7 @@ Each row runs the path a user takes:
     nice python benchmarks/probe.py                    # the table in benchmarks/README.md (< 20 min on 2 cores)
     nice python benchmarks/probe.py --quick            # timm init, steps 50 + 150, no raw-pixel row (see README)
     python benchmarks/probe.py --steps 2000 8000 --device cuda   # longer rows on a GPU
+    nice python benchmarks/probe.py --quick --mask-ratios 0.4 0.6 0.75   # one pretraining run per mask ratio
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def pretrain(data: Path, out: Path, init: str, lengths: Sequence[int], args: arg
              "--norm-pix-loss" if args.norm_pix_loss else "--no-norm-pix-loss", "--seed", str(args.seed),
              "--num-workers", str(args.num_workers), "--save-every", str(every), "--keep-last", str(steps // every),
              "--log-every", str(math.gcd(every, 25))],
-            out.with_suffix(".log"))
+            out.with_name(out.name + ".log"))  # not with_suffix: "...-mask0.4" has a "suffix" too
     return {n: out / "fcmae_model.safetensors" if n == steps else out / "checkpoints" / f"step_{n:08d}" /
             "model.safetensors" for n in lengths}
 
@@ -196,14 +197,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true",
                         help="timm init only, 50 + 150 steps, no raw-pixel baseline (its fits are the slowest part)")
     parser.add_argument("--steps", type=int, nargs="+", help="pretraining lengths (default: 150 450; quick: 50 150)")
-    parser.add_argument("--inits", nargs="+", choices=["timm", "official"], help="default: both; quick: timm")
+    parser.add_argument("--inits", nargs="+", choices=["timm", "official"],
+                        help="default: both; quick or a mask-ratio sweep: timm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--model", default="convnextv2_atto")
     parser.add_argument("--batch-size", type=int, default=32)
     # 3e-4, not 1.5e-3: at 1.5e-3 AdamW overwrites the std-0.02 init within a few dozen steps and the features fell
     # below random ones (benchmarks/README.md)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--mask-ratio", type=float, default=0.6)
+    parser.add_argument("--mask-ratios", type=float, nargs="+", default=[0.6],
+                        help="one pretraining run per ratio (per init and seed), all probed at every length")
     parser.add_argument("--decoder-embed-dim", type=int, default=256)
     # plain pixel loss: norm-pix normalizes away each patch's colour and brightness, the cue between these photos
     parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=False)
@@ -214,9 +217,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=ROOT / "output" / "probe")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    check_args(parser, args)
     args.seed = 0
     steps = args.steps or ((50, 150) if args.quick else (150, 450))
-    args.inits = args.inits or (["timm"] if args.quick else ["timm", "official"])
+    sweep = args.mask_ratios != [0.6]  # rows and run folders name their ratio; 0.6 alone keeps the old names
+    args.inits = args.inits or (["timm"] if args.quick or sweep else ["timm", "official"])
     args.out.mkdir(parents=True, exist_ok=True)
     data = write_crops(args.out / "data", args.train_per_photo, args.val_per_photo)
     train_x, y_train = load_split(data, "train")
@@ -230,21 +235,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for seed in args.seeds:
         args.seed = seed
         for init in args.inits:
-            run_dir = args.out / f"{args.model}-{init}-{max(steps)}-seed{seed}"
-            models = {0: random_model(args.out / f"{args.model}-{init}-0-seed{seed}", init, seed, args.model)}
-            start = time.perf_counter()
-            models.update(pretrain(data, run_dir, init, steps, args))
-            pretrain_seconds = round(time.perf_counter() - start, 1)
-            for length, model_file in models.items():
+            # the random model is the same for every mask ratio (the ratio only enters pretraining): one row
+            models = {(None, 0): random_model(args.out / f"{args.model}-{init}-0-seed{seed}", init, seed, args.model)}
+            pretrain_seconds = {}
+            for ratio in args.mask_ratios:
+                args.mask_ratio = ratio
+                # 0.6's folder keeps its old name, so a sweep reuses a default run of the same length
+                run_dir = args.out / f"{args.model}-{init}-{max(steps)}-seed{seed}{f'-mask{ratio:g}' * (ratio != 0.6)}"
+                start = time.perf_counter()
+                models.update({(ratio, n): file for n, file in pretrain(data, run_dir, init, steps, args).items()})
+                pretrain_seconds[ratio] = round(time.perf_counter() - start, 1)
+            for (ratio, length), model_file in models.items():
                 start = time.perf_counter()
                 timm_file = convert(model_file)
-                row = {"features": f"{init} init, " + (f"step {length} of {max(steps)}" if length else "random"),
-                       "init": init, "steps": length, "seed": seed}
+                row = {"features": f"{init} init, " + (f"mask {ratio:g}, " if sweep and length else "")
+                       + (f"step {length} of {max(steps)}" if length else "random"),
+                       "init": init, "steps": length, "seed": seed, "mask_ratio": ratio if length else None}
                 row.update(probe(features(timm_file, args.model, train_x, args.device), y_train,
                                  features(timm_file, args.model, val_x, args.device), y_val))
                 if length:
-                    row["loss"] = loss_at(run_dir / "metrics.jsonl", length)
-                    row["pretrain_seconds"] = pretrain_seconds  # the whole run's, shared by its rows
+                    row["loss"] = loss_at(model_file_run(model_file) / "metrics.jsonl", length)
+                    row["pretrain_seconds"] = pretrain_seconds[ratio]  # the whole run's, shared by its rows
                 row["seconds"] = round(time.perf_counter() - start, 1)  # convert, features and probes
                 rows.append(row)
                 if args.json:  # after every row: a run stopped part-way keeps what it measured
@@ -255,6 +266,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line errors (exit 2) for settings that would otherwise fail minutes in, after pretraining."""
+    def error(message: str) -> None:
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    if args.steps and min(args.steps) < 1:
+        error(f"--steps must be at least 1, got {min(args.steps)}")
+    bad = [r for r in args.mask_ratios if not 0 < r < 1]
+    if bad:
+        error(f"--mask-ratios must lie strictly between 0 and 1, got {bad[0]:g}")
+    if len(set(args.mask_ratios)) < len(args.mask_ratios):
+        error(f"--mask-ratios lists a ratio twice: {' '.join(f'{r:g}' for r in args.mask_ratios)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
+
+
+def model_file_run(model_file: Path) -> Path:
+    """The pretrain.py output folder a model file belongs to (its own folder, or the one above checkpoints/)."""
+    return model_file.parents[2] if model_file.parent.parent.name == "checkpoints" else model_file.parent
 
 
 def loss_at(metrics: Path, step: int) -> float:

@@ -143,6 +143,7 @@ def test_a_pretraining_run_logs_the_knn_that_probe_py_computes(probe, crops, tmp
     assert f"step 3: knn_top1 {knn[-1]['knn_top1']:.2f}" in result.stdout
 
 
+@pytest.mark.slow  # three pretraining runs with the monitor
 def test_the_monitor_changes_no_loss_and_exact_resume_stays_exact(crops, tmp_path, monkeypatch):
     """The monitor reads the weights only (its loading draws nothing from the global RNG, which seeds the model's
     initialization): a run with it has the losses and weights of a run without, to the bit, and so does a run
