@@ -77,11 +77,11 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
         # arrays (any channel count, 16-bit, .npy): crop, flip and resize in torch (see the README, Data)
         mean, std = config.normalization()
         mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
-        train_tf = PretrainTransform(config.image_size, mean, std, draft=False, scale=(0.08, 1.0))  # timm's scale
-        val_tf = EvalTransform(config.image_size, mean, std, config.crop_pct)
+        train_tf = PretrainTransform(config.img_size, mean, std, draft=False, scale=(0.08, 1.0))  # timm's scale
+        val_tf = EvalTransform(config.img_size, mean, std, config.crop_pct)
     else:
         train_tf = create_transform(  # config.aa and config.interpolation were checked when the config was read
-            config.image_size, is_training=True, auto_augment=config.aa or None, interpolation=config.interpolation,
+            config.img_size, is_training=True, auto_augment=config.aa or None, interpolation=config.interpolation,
             color_jitter=config.color_jitter, re_prob=config.reprob, re_mode="pixel", re_count=1,
             **normalization_kwargs(config),
         )  # fmt: skip
@@ -120,7 +120,7 @@ def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
 
 def eval_transform(config: FinetuneConfig):
     """Resize to input_size / crop_pct, then center crop (crop_pct 0.875: 256 -> 224, the same ratio elsewhere)."""
-    return create_transform(config.image_size, is_training=False, interpolation=config.interpolation,
+    return create_transform(config.img_size, is_training=False, interpolation=config.interpolation,
                             crop_pct=config.crop_pct, **normalization_kwargs(config))
 
 
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     model = build_model(config, len(classes), run.print).to(run.accelerator.device)
 
     def trial_step(batch_size: int) -> None:  # --batch-size auto: one forward and backward at this size
-        images = torch.randn(batch_size, config.in_chans, *config.image_size, device=run.accelerator.device)
+        images = torch.randn(batch_size, config.in_chans, *config.img_size, device=run.accelerator.device)
         with run.accelerator.autocast():
             loss = model(images).float().logsumexp(dim=1).mean()  # a cross-entropy's cost, without labels
         loss.backward()

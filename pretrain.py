@@ -64,14 +64,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # digits written, a folder indexed, shards counted: by the main process; an error there ends every process
     # with its one-line message. Photos stay uint8 until they reach the device (DevicePixels normalizes there).
     mean, std = config.normalization()
-    monitor = KNNMonitor.start(run.accelerator, config.monitor_data, config.image_size, mean, std,
+    monitor = KNNMonitor.start(run.accelerator, config.monitor_data, config.img_size, mean, std,
                                config.in_channels, config.num_workers) if config.monitor_data else None
-    dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.image_size, config.seed, mean,
+    dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.img_size, config.seed, mean,
                                                               std, encoded=config.gpu_augment, normalize=False))
     mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
     collate = CollateUnreadable(collate_encoded if config.gpu_augment else collate_pixels)  # + batch["unreadable"]
     # The batch's images on the device, (N, C, H, W) normalized; with --gpu-augment decoded and augmented there
-    images_of = DeviceAugment(device, config.image_size, mean, std) if config.gpu_augment else \
+    images_of = DeviceAugment(device, config.img_size, mean, std) if config.gpu_augment else \
         DevicePixels(device, mean, std)
 
     def transfer(batch: dict) -> dict:  # DeviceFeed's: the next batch, while the step before runs
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.to(device)
 
     def trial_step(batch_size: int) -> None:  # --batch-size auto: one eager forward and backward at this size
-        images = torch.randn(batch_size, config.model.in_chans, *config.image_size, device=device)
+        images = torch.randn(batch_size, config.model.in_chans, *config.img_size, device=device)
         with run.accelerator.autocast():
             loss, _, _ = model(images.contiguous(memory_format=torch.channels_last))
         loss.backward()

@@ -31,9 +31,7 @@ class FCMAEDecoder(nn.Module):
     """
 
     def __init__(self, in_dim: int, embed_dim: int = 512, depth: int = 1, patch_size: int = 32, in_chans: int = 3):
-        super().__init__()
-        if embed_dim < 1 or depth < 0:
-            raise ValueError(f"decoder_embed_dim must be >= 1 and decoder_depth >= 0, got {embed_dim} and {depth}")
+        super().__init__()  # FCMAEConfig has checked embed_dim >= 1 and depth >= 0
         self.proj = nn.Conv2d(in_dim, embed_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, 1, 1))
         # No drop path: forward_removed's last block works on rows, which a DropPath would drop one by one.

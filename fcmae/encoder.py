@@ -23,7 +23,7 @@ from timm.models.convnext import ConvNeXtBlock
 from torch import Tensor, nn
 
 from .masking import apply_keep, check_mask, grid_size
-from .model_config import BACKENDS, STEM_STRIDE
+from .model_config import BACKENDS, STEM_STRIDE, check_backend, check_stages, total_stride
 from .sparse import VisiblePatches, kept_count, strided_conv
 
 __all__ = ["SparseConvNeXtV2", "Block", "BACKENDS"]
@@ -83,7 +83,8 @@ class SparseConvNeXtV2(nn.Module):
     Args:
         depths: blocks per stage, e.g. (2, 2, 6, 2).
         dims: channels per stage, e.g. (40, 80, 160, 320).
-        drop_path_rate: stochastic depth at the last block, rising linearly from 0 at the first (as timm does).
+        drop_path_rate: stochastic depth at the last block, rising linearly from 0 at the first (as timm does);
+            in [0, 1) (FCMAEConfig checks it).
         backend: "sparse" (default) or "dense" (the masked-dense reference).
         patch_size: side of a mask patch in pixels; must equal the encoder's total stride (32).
         in_chans: input channels (3 for RGB); only the stem's conv depends on it.
@@ -99,13 +100,10 @@ class SparseConvNeXtV2(nn.Module):
         in_chans: int = 3,
     ):
         super().__init__()
-        if len(depths) != len(dims) or not depths or min(depths) < 1 or min(dims) < 1:
-            raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must be positive and of equal length")
-        self.total_stride = STEM_STRIDE * 2 ** (len(depths) - 1)
-        if patch_size != self.total_stride:
-            raise ValueError(f"patch_size must equal the encoder's total stride {self.total_stride}, got {patch_size}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        # FCMAEConfig has checked all settings (FCMAE(config) passes them on); this is its own check of the
+        # shape, for a caller who builds the encoder without one.
+        check_stages(depths, dims, patch_size)
+        self.total_stride = total_stride(depths)
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -127,8 +125,7 @@ class SparseConvNeXtV2(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend(value)  # also guards a backend switched after construction (encoder.backend = "dense")
         self._backend = value
 
     def forward(self, imgs: Tensor, mask: Tensor | None = None) -> Tensor:

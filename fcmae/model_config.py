@@ -60,6 +60,30 @@ def resolve_name(name: str) -> str:
     return full
 
 
+def total_stride(depths: tuple[int, ...] | list[int]) -> int:
+    """The encoder's total stride: the stem's, halved once more by each later stage (32 for 4 stages)."""
+    return STEM_STRIDE * 2 ** (len(depths) - 1)
+
+
+def check_stages(depths: tuple[int, ...] | list[int], dims: tuple[int, ...] | list[int], patch_size: int) -> None:
+    """ConfigError unless depths and dims are positive and of equal length, and patch_size is their total stride.
+
+    FCMAEConfig's check, also the encoder's when a caller builds it without one (`SparseConvNeXtV2(depths, dims)`).
+    """
+    if not depths or len(depths) != len(dims) or min(depths) < 1 or min(dims) < 1:
+        raise ConfigError(f"depths {list(depths)} and dims {list(dims)} must be positive and of equal length")
+    stride = total_stride(depths)
+    if patch_size != stride:
+        raise ConfigError(f"patch_size must equal the encoder's total stride {stride} ({len(depths)} stages), "
+                          f"got {patch_size}")
+
+
+def check_backend(backend: str) -> None:
+    """ConfigError unless `backend` is one of BACKENDS (FCMAEConfig's check, also the encoder's setter's)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
 @dataclass(frozen=True)
 class FCMAEConfig:
     """An FCMAE model: encoder size, input, masking, decoder, loss, backend and init."""
@@ -93,13 +117,7 @@ class FCMAEConfig:
         self._validate()
 
     def _validate(self) -> None:
-        depths, dims = self.depths, self.dims
-        if len(depths) != len(dims) or min(depths) < 1 or min(dims) < 1:
-            raise ConfigError(f"depths {list(depths)} and dims {list(dims)} must be positive and of equal length")
-        stride = STEM_STRIDE * 2 ** (len(depths) - 1)
-        if self.patch_size != stride:
-            raise ConfigError(f"patch_size must equal the encoder's total stride {stride} ({len(depths)} stages), "
-                              f"got {self.patch_size}")
+        check_stages(self.depths, self.dims, self.patch_size)
         if self.in_chans < 1:
             raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
         try:
@@ -123,8 +141,7 @@ class FCMAEConfig:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         # MinkowskiEngine itself is imported only when the backend runs (or a training run asks for it), so a
         # model file written with it loads anywhere.
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend(self.backend)
         if self.init not in INIT_SCHEMES:
             raise ConfigError(f"unknown init {self.init!r}; choose one of {', '.join(INIT_SCHEMES)}")
 

@@ -32,7 +32,7 @@ def test_every_flag_in_both_spellings():
     config = parse_config(PretrainConfig, ["--data_path", "x", "--mask_ratio=0.75", "--no_norm_pix_loss",
                                            "--input_size", "64", "--decoder-embed_dim", "32", "--model", "tiny"])
     assert config.data_path == "x" and config.model.mask_ratio == 0.75 and not config.model.norm_pix_loss
-    assert config.image_size == (64, 64) and config.model.decoder_embed_dim == 32
+    assert config.img_size == (64, 64) and config.model.decoder_embed_dim == 32
     assert config.model.name == "convnextv2_tiny"
     assert parse_config(FinetuneConfig, ["--data_path", "x", "--layer_decay", "0.7"]).layer_decay == 0.7
     # the other CLIs' parsers too (fcmae-convert, fcmae.visualize), and values keep their underscores

@@ -1,5 +1,6 @@
 """Config files, flags, precedence, validation, the nested model and the round trip through config.yaml."""
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ def test_defaults_are_the_paper_recipe():
     config = parse_config(PretrainConfig, ["--data-path", "x"])
     assert (config.model.mask_ratio, config.blr, config.weight_decay, config.epochs, config.warmup_epochs) == (
         0.6, 1.5e-4, 0.05, 800, 40.0)
-    assert config.image_size == (224, 224) and config.model.norm_pix_loss and config.model.backend == "sparse"
+    assert config.img_size == (224, 224) and config.model.norm_pix_loss and config.model.backend == "sparse"
     assert config.model == FCMAEConfig()  # the one model config, not a copy of its fields
 
 
@@ -30,7 +31,7 @@ def test_flags_override_the_file(tmp_path):
     model = config.model
     assert model.name == "convnextv2_tiny" and model.mask_ratio == 0.75 and model.decoder_embed_dim == 32
     assert model.img_size == (64, 96) and model.norm_pix_loss is False  # input_size sets the model's img_size
-    assert config.batch_size == 4 and config.image_size == (64, 96) and config.lr == 1e-3
+    assert config.batch_size == 4 and config.img_size == (64, 96) and config.lr == 1e-3
     assert config.log_with == ["tensorboard"]
     renamed = parse_config(PretrainConfig, ["--config", str(path), "--model", "atto"])  # the name only
     assert renamed.model.name == "convnextv2_atto" and renamed.model.dims == (40, 80, 160, 320)
@@ -190,3 +191,41 @@ def test_finetune_config_names_its_model_and_channels():
     assert config.model == config.model_name == "convnextv2_tiny" and config.in_chans == 4
     with pytest.raises(ConfigError, match="unknown flag --mask-ratio in the command line"):  # a pretraining setting
         parse_config(FinetuneConfig, ["--data-path", "x", "--mask-ratio", "0.5"])
+
+
+def test_configs_are_canonical_when_built_and_validate_only_checks(monkeypatch, tmp_path):
+    """Issue 26 item 4: validate() changed values in place (num_workers -1, "~", the model, compile_mode). They are
+    now canonical as soon as the config exists, and validate() leaves every value as it found it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    pretrain = PretrainConfig(data_path="~/photos", num_workers=-1, input_size=[64, 96], compile_mode="default",
+                              model={"name": "atto", "mask_ratio": 0.5})
+    assert pretrain.data_path == str(tmp_path / "photos") and pretrain.num_workers >= 1 and pretrain.compile
+    assert pretrain.model == FCMAEConfig("atto", img_size=(64, 96), mask_ratio=0.5)
+    finetune = FinetuneConfig(data_path="x", model="pico")
+    assert finetune.model == "convnextv2_pico"
+    for config in (pretrain, finetune, parse_config(PretrainConfig, ["--data-path", "x", "--model", "femto"])):
+        before = copy.deepcopy(config.to_dict())
+        config.validate()
+        assert config.to_dict() == before
+
+
+def test_a_model_changed_after_building_is_checked_not_rebuilt():
+    config = PretrainConfig(data_path="x", input_size=[64])
+    config.model = FCMAEConfig("atto", img_size=96)
+    with pytest.raises(ConfigError, match=r"the model's img_size \[96, 96\] is not input_size \[64\]"):
+        config.validate()
+
+
+def test_parse_config_reads_each_layer_s_keys_once(monkeypatch, tmp_path):
+    """Issue 26 item 4: canonical() ran three times on the same settings (file, flags, then their merge)."""
+    import fcmae.config.command_line as command_line
+
+    calls = []
+    original = command_line.canonical
+    monkeypatch.setattr(command_line, "canonical", lambda *a, **k: calls.append(k["source"]) or original(*a, **k))
+    monkeypatch.setattr("fcmae.config.training_configs.canonical",
+                        lambda *a, **k: calls.append("again") or original(*a, **k))
+    (tmp_path / "c.yaml").write_text("model: {name: atto, mask_ratio: 0.5}\n")
+    config = parse_config(PretrainConfig, ["--config", str(tmp_path / "c.yaml"), "--data-path", "x", "--seed", "3"])
+    assert calls == [str(tmp_path / "c.yaml"), "the command line"]
+    assert (config.model.mask_ratio, config.seed) == (0.5, 3)

@@ -6,6 +6,7 @@ import torch
 
 import fcmae
 from fcmae.encoder import SparseConvNeXtV2
+from fcmae.errors import ConfigError
 
 from helpers import SMALL, encoder_pair, forward_backward, randomize_, rel_err
 
@@ -126,3 +127,15 @@ def test_bad_inputs_raise_clear_errors():
         SparseConvNeXtV2(backend="cuda")
     with pytest.raises(ValueError, match="patch_size must equal the encoder's total stride 32"):
         SparseConvNeXtV2(patch_size=16)
+
+
+@pytest.mark.parametrize("settings", [dict(depths=(1, 0, 1, 1)), dict(depths=(1, 1, 1)), dict(patch_size=16),
+                                      dict(backend="cuda")])
+def test_the_encoder_checks_its_settings_with_the_config_s_own_rules(settings):
+    """Issue 26 item 4: one definition of each rule. An encoder built without FCMAEConfig fails with the config's
+    ConfigError and message, not with a second, differently worded copy of the check."""
+    with pytest.raises(ConfigError) as from_config:
+        fcmae.FCMAEConfig("atto", **settings)
+    with pytest.raises(ConfigError) as from_encoder:
+        SparseConvNeXtV2(**settings)
+    assert str(from_encoder.value) == str(from_config.value)

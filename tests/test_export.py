@@ -2,6 +2,7 @@
 pyramids, from real pretraining and fine-tuning runs, official-layout files and timm files, checked on real photos."""
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -21,7 +22,8 @@ import fcmae.exports
 from fcmae.cli import convert as convert_cli
 from fcmae import convert as conv
 from fcmae.data import eval_transform, load_rgb
-from helpers import SMALL, one_line_error, randomize_, rel_err, run_finetune, run_pretrain, write_photos
+from helpers import (SMALL, one_line_error, randomize_, randomized_small_model, rel_err, run_finetune, run_pretrain,
+                     write_photos)
 from official_layout import official_state, save_official
 
 transformers = pytest.importorskip("transformers")  # the dev extra installs it
@@ -622,3 +624,43 @@ def test_bad_export_inputs_end_with_one_line(runs, tmp_path, capsys, monkeypatch
     assert "needs the transformers package: pip install" in one_line_error(capsys, [source, tmp_path / "z", "--to",
                                                                                     "transformers"])
     assert not any(p.name.startswith((".z", "z", "y")) for p in tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_failed_official_write_is_one_line_like_every_other_write(tmp_path, capsys, monkeypatch):
+    """Issue 26 item 3: one atomic writer. The official .pth export wrote through a second copy of it, which answered
+    a full disk with the raw errno text; now it gives the model file's line and leaves the earlier file intact."""
+    import fcmae.exports.official_layout as official_layout
+
+    source = tmp_path / "fcmae_model.safetensors"
+    fcmae.save_model(randomized_small_model(), source)
+    out = tmp_path / "atto_fcmae.pth"
+    export(capsys, source, out, "--to", "official")
+    before = out.read_bytes()
+
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(official_layout.torch, "save", full_disk)
+    assert one_line_error(capsys, [source, out, "--to", "official", "--overwrite"]) == (
+        f"error: cannot write {out}: no space left on the device; free some space or choose a folder on another "
+        "disk\n")
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [out.name, source.name]
+
+
+def test_an_export_reads_its_input_once(tmp_path, capsys, monkeypatch):
+    """Issue 26 item 3: the model card's description took the input's metadata by reading the file again after
+    load() (for an official torch checkpoint, a second full torch.load); it now takes what load() returned."""
+    import fcmae.checkpoints.torch_file as torch_file
+
+    model = randomize_(fcmae.create_model("custom", **SMALL), seed=3).eval()
+    path = save_official(tmp_path / "ckpt.pth", official_state(model.state_dict(), me=True), wrapped=True,
+                         args=argparse.Namespace(input_size=96, mask_ratio=0.6, epochs=1600))
+    reads = []
+    original = torch_file._torch_load  # one call per read of a torch file (it may torch.load twice inside)
+    monkeypatch.setattr(torch_file, "_torch_load", lambda file: reads.append(file) or original(file))
+    export(capsys, path, tmp_path / "custom", "--to", "timm")
+    assert reads == [path]
+    card = (tmp_path / "custom" / "README.md").read_text()  # and the card still tells the checkpoint's args
+    assert "(official pretraining checkpoint)" in card and "| epochs | 1600 |" in card
+    assert json.loads((tmp_path / "custom" / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 96, 96]

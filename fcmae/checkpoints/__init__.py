@@ -7,7 +7,7 @@
     loading      `load_model`: an FCMAE model from any input that records its config
     torch_file   torch.save files, read with weights_only=True
     store        training-state folders: save, prune, find, resume, compatibility
-    output       output folders and failed writes, explained in one line
+    output       output files and folders: their checks, atomic writes, and failed writes explained in one line
 """
 
 from .formats import KINDS, Loaded, load

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .output import explain_write_error, file_mode
+from .output import write_file_atomically
 
 __all__ = ["save_model", "write_safetensors", "read_model_file", "load_state_dict_strict", "format_keys"]
 
@@ -35,18 +35,8 @@ def write_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.safetensors'}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"no such folder for {path.name}: {path.parent}")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
-                                    metadata=metadata)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except Exception as e:  # safetensors reports I/O failures as its own error type
-        reason = explain_write_error(e, path)  # while the partial file still fills a full disk: it tells
-        tmp.unlink(missing_ok=True)
-        raise reason from None
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    write_file_atomically(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,15 +1,19 @@
-"""Output files and folders, and failed writes: one line that names the path and the fix, instead of raw errno
-text."""
+"""Output files and folders, in one place: their checks (before anything is computed), their atomic writes (a
+temporary file or folder, then a rename), and failed writes as one line that names the path and the fix, instead
+of raw errno text."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
-from .names import ACCELERATE_WEIGHTS
+from .names import ACCELERATE_WEIGHTS, EXPORT_FILES
 
-__all__ = ["OutputError", "check_output_folder", "check_output_file", "explain_write_error", "free_space", "file_mode"]
+__all__ = ["OutputError", "check_output_folder", "check_output_file", "check_export_folder", "write_file_atomically",
+           "write_folder_atomically", "explain_write_error", "free_space", "file_mode"]
 
 
 class OutputError(OSError):
@@ -117,6 +121,80 @@ def check_output_file(source: str | os.PathLike, output: str | os.PathLike, over
         raise ValueError(f"the output {output} is the input file; write the conversion to a new file")
     if out.is_file() and not overwrite:
         raise ValueError(f"{output} exists; pass --overwrite to replace it, or choose another output file")
+
+
+def check_export_folder(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool) -> None:
+    """An export's output folder (`check_output_file`'s twin): ValueError (one line) if `output` cannot become an
+    export folder of `source`.
+
+    An existing folder is replaced only with `overwrite`, only if it holds nothing but files an export writes
+    (EXPORT_FILES: a run folder or a folder of other work is never deleted), and never if it holds the input.
+    """
+    out, src = Path(output), Path(source)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{output} is a file; this export writes a folder: give a folder name")
+    if out.exists() and src.exists() and (out.resolve() == src.resolve() or out.resolve() in src.resolve().parents):
+        raise ValueError(f"the output folder {output} holds the input {source}; write the export to a new folder")
+    if out.exists():
+        if not overwrite:
+            raise ValueError(f"{output} exists; pass --overwrite to replace it, or choose another output folder")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+        if foreign:
+            raise ValueError(f"{output} holds files no export writes ({', '.join(foreign[:5])}); --overwrite only "
+                             "replaces an earlier export: choose another output folder")
+    if not out.absolute().parent.is_dir():
+        raise FileNotFoundError(f"no such folder for {out.name}: {out.absolute().parent}")
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on `path` + ".tmp", give the file the umask's mode, then rename it over `path`: every file
+    fcmae writes whole (model files, safetensors and torch.save exports) goes through here.
+
+    A failure (no permission, full disk, the writer's own error) raises OutputError with a one-line reason and the
+    fix, removes the temporary file and leaves any earlier file at `path` as it was. Libraries that write their
+    own temporary file would leave it 0600 (safetensors does); the chmod gives the mode every other file gets.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"no such folder for {path.name}: {path.parent}")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except Exception as e:  # safetensors and torch report I/O failures as their own error types
+        reason = explain_write_error(e, path)  # while the partial file still fills a full disk: it tells
+        tmp.unlink(missing_ok=True)
+        raise reason from None
+
+
+def write_folder_atomically(output: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(folder)` on a fresh hidden folder beside `output`, give its files the umask's mode (transformers'
+    `save_pretrained` leaves model.safetensors 0600), then put it in place of `output`.
+
+    A failure leaves no partial folder and any earlier folder at `output` as it was.
+    """
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        mode = file_mode()
+        for file in tmp.iterdir():
+            if file.is_file():
+                os.chmod(file, mode)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def _fix(error: OSError, flag: str) -> str:

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..fields import check_names, field_docs
 from ..model_config import FCMAEConfig
 from .training_configs import (
-    MODEL_SET_BY_RUN, Config, FinetuneConfig, PretrainConfig, TrainConfig, canonical, from_dict, merge,
+    MODEL_SET_BY_RUN, Config, FinetuneConfig, PretrainConfig, TrainConfig, canonical, from_canonical, merge,
 )
 from .yaml_files import load_yaml
 
@@ -178,7 +178,7 @@ def parse_config(
     given = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
     file = canonical(cls, load_yaml(args.config), source=args.config) if args.config else {}
     flags = canonical(cls, given, source="the command line")
-    config = from_dict(cls, merge(file, cls.recipe(file, flags), flags))
+    config = from_canonical(cls, merge(file, cls.recipe(file, flags), flags))  # each layer made canonical once
     config.explicit = frozenset(given)
     if not config.data_path:
         demo_hint = f"; with no arguments at all it runs the demo ({_shown(demo)})" if demo is not None else ""

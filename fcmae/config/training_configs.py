@@ -24,8 +24,8 @@ from ..fields import check_names, coerce
 from ..model_config import MODEL_SIZES, FCMAEConfig, resolve_name
 from .augmentation import check_augment_policy, check_interpolation
 
-__all__ = ["TrainConfig", "PretrainConfig", "FinetuneConfig", "LINEAR_PROBE_RECIPE", "from_dict", "merge",
-           "nested_model", "MODEL_SET_BY_RUN"]
+__all__ = ["TrainConfig", "PretrainConfig", "FinetuneConfig", "LINEAR_PROBE_RECIPE", "from_dict", "from_canonical",
+           "merge", "nested_model", "MODEL_SET_BY_RUN"]
 
 # FCMAEConfig fields a training config sets from its own (img_size is input_size): not keys of its model section.
 MODEL_SET_BY_RUN = {"img_size": "input_size"}
@@ -94,6 +94,19 @@ class TrainConfig:
     mixed_precision: str = ""  # no, bf16 or fp16 (CUDA, with a grad scaler); empty: accelerate launch's setting
     ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size in MiB (larger: fewer all-reduces, later overlap)
 
+    def __post_init__(self) -> None:
+        """The canonical values, set once when the config is built; `validate` then only checks them.
+
+        num_workers -1 becomes the number used (so config.yaml records it), and a "~" no shell expanded (from a
+        YAML file, or written --data-path=~/photos) becomes the home folder.
+        """
+        if self.num_workers == -1:
+            self.num_workers = default_num_workers()
+        for name in ("data_path", "output_dir", "resume", "init_from", "finetune"):
+            value = getattr(self, name, "")
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
+
     @classmethod
     def recipe(cls, file: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
         """Values a switch brings with it (e.g. finetune's linear_probe): over the config file, under the flags."""
@@ -145,8 +158,14 @@ class TrainConfig:
         return self.batch_size == "auto"
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """(H, W) from input_size."""
+    def input_size_is_valid(self) -> bool:
+        """input_size is one or two positive multiples of 32 (`img_size` is then defined)."""
+        return len(self.input_size) in (1, 2) and all(s > 0 and s % 32 == 0 for s in self.input_size)
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        """(H, W) from input_size: the image size of the run, and its model's img_size (one internal name, as in
+        FCMAEConfig; input_size stays the key and flag)."""
         size = self.input_size
         return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
@@ -185,18 +204,17 @@ class TrainConfig:
         return lr
 
     def validate(self) -> None:
-        """Raise ConfigError for values no run can use."""
+        """Raise ConfigError for values no run can use. Only checks: the values were made canonical when the
+        config was built (`__post_init__`)."""
         for name, value in vars(self).items():  # coerce stops nan / inf from files and flags; this, from code
             numbers = value if isinstance(value, list) else [value]
             if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
                 raise ConfigError(f"{name} must be a finite number, got {value}")
-        if len(self.input_size) not in (1, 2) or any(s <= 0 or s % 32 for s in self.input_size):
+        if not self.input_size_is_valid:
             raise ConfigError(f"input_size must be one or two positive multiples of 32, got {self.input_size}")
         for name in ("batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every"):
             if not (name == "batch_size" and self.auto_batch) and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers == -1:
-            self.num_workers = default_num_workers()  # resolved here: config.yaml records the number used
         for name in ("num_workers", "max_steps", "warmup_epochs", "min_lr", "weight_decay", "effective_batch_size",
                      "timeout", "slow_timeout", "ddp_bucket_mb"):
             if getattr(self, name) < 0:
@@ -216,10 +234,6 @@ class TrainConfig:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if not self.output_dir.strip():
             raise ConfigError("output_dir is empty: pass --output-dir FOLDER")
-        for name in ("data_path", "output_dir", "resume", "init_from", "finetune"):  # a "~" no shell expanded:
-            value = getattr(self, name, "")  # from a YAML file, or written --data-path=~/photos
-            if value.startswith("~"):
-                setattr(self, name, os.path.expanduser(value))
         if self.mixed_precision not in ("", "no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if len(self.mean) != len(self.std):
@@ -245,14 +259,27 @@ class PretrainConfig(TrainConfig):
     monitor_data: str = ""  # labeled images (train/, val/, a folder per class): log the features' kNN top-1 (knn_top1)
     monitor_every: int = 1000  # steps between kNN evaluations on monitor_data (and one at the last step)
 
+    def __post_init__(self) -> None:
+        """Also builds `model` (from its settings, if given as a mapping or a name), with img_size = input_size;
+        a malformed input_size leaves it for `validate` to name. compile_mode implies compile."""
+        super().__post_init__()
+        if self.input_size_is_valid:
+            if not isinstance(self.model, FCMAEConfig):
+                self.model = FCMAEConfig.from_dict({**nested_model(self.model, "the model settings"),
+                                                    "img_size": self.img_size}, source="the model settings")
+            elif self.model.img_size != self.img_size:
+                self.model = self.model.replace(img_size=self.img_size)
+        if self.compile_mode:
+            self.compile = True
+
     def validate(self) -> None:
-        """Also builds `model` (from its settings, if given as a mapping), with img_size = input_size."""
         super().validate()
-        if isinstance(self.model, FCMAEConfig):
-            self.model = self.model.replace(img_size=self.image_size)
-        else:
-            self.model = FCMAEConfig.from_dict({**nested_model(self.model, "the model settings"),
-                                                "img_size": self.image_size}, source="the model settings")
+        if not isinstance(self.model, FCMAEConfig):
+            raise ConfigError(f"model must be an FCMAEConfig (or its settings when the config is built), got "
+                              f"{type(self.model).__name__}")
+        if self.model.img_size != self.img_size:
+            raise ConfigError(f"the model's img_size {list(self.model.img_size)} is not input_size "
+                              f"{self.input_size}: a training config sets it with input_size")
         if self.model.backend.startswith("minkowski"):
             from ..minkowski import require  # fails here, before anything is written, without MinkowskiEngine
 
@@ -262,10 +289,8 @@ class PretrainConfig(TrainConfig):
         if self.monitor_every < 1:
             raise ConfigError(f"monitor_every must be >= 1, got {self.monitor_every}")
         self.check_normalization()
-        if self.compile_mode:
-            if self.compile_mode not in COMPILE_MODES:
-                raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-            self.compile = True
+        if self.compile_mode and self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.gpu_augment and self.model.in_chans != 3:
             raise ConfigError(f"gpu_augment decodes RGB photos; with in_chans {self.model.in_chans} leave it off")
 
@@ -349,9 +374,13 @@ class FinetuneConfig(TrainConfig):
                        f"{batches_per_epoch} batch(es) makes {-(-batches_per_epoch // accum)} optimizer steps, not "
                        f"{steps} (min_steps_per_epoch {self.min_steps_per_epoch}{few}); the lr follows the batch")
 
+    def __post_init__(self) -> None:
+        """Also resolves the model's name ("atto" -> "convnextv2_atto")."""
+        super().__post_init__()
+        self.model = resolve_name(self.model)
+
     def validate(self) -> None:
         super().validate()
-        self.model = resolve_name(self.model)
         if self.in_chans < 1:
             raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
         self.check_normalization()
@@ -391,7 +420,12 @@ Config = TypeVar("Config", bound=TrainConfig)
 def from_dict(cls: type[Config], values: Mapping[str, Any], source: str = "the config") -> Config:
     """A validated `cls` config from a mapping (a YAML file, flags, a saved config.yaml), values coerced to the
     field types. Unknown keys fail with a "did you mean" naming `source`."""
-    values = canonical(cls, values, source)
+    return from_canonical(cls, canonical(cls, values, source))
+
+
+def from_canonical(cls: type[Config], values: Mapping[str, Any]) -> Config:
+    """`from_dict` for a mapping already in canonical form (`canonical`'s output, or a `merge` of such): its keys
+    were checked once, where they were read, and are not read again."""
     hints = _hints(cls)
     kwargs = {key: value if key == "model" and _nests_model(cls) else coerce(key, value, hints[key])
               for key, value in values.items()}

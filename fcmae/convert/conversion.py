@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import timm
@@ -19,11 +19,12 @@ import torch
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from torch import Tensor, nn
 
-from ..checkpoints import detect_layout, format_keys, load, load_state_dict_strict, save_model, write_safetensors
+from ..checkpoints import (Loaded, detect_layout, format_keys, load, load_state_dict_strict, save_model,
+                           write_safetensors)
 from ..checkpoints.layouts import strip_wrappers
 from ..checkpoints.torch_file import unwrap_state
 from ..fcmae import FCMAE
-from ..model_config import MODEL_SIZES, FCMAEConfig
+from ..model_config import MODEL_SIZES, FCMAEConfig, total_stride
 from .key_rules import to_fcmae_names
 from .shapes import csv, decoder_shape, infer_decoder, infer_encoder, infer_in_chans, model_name, settings_hints
 
@@ -61,6 +62,9 @@ class Conversion:
     conv_mlp: "timm" target: whether the MLP is written as 1x1 convs; None for "fcmae".
     model:    "fcmae" target: the FCMAE model holding `state`; None for "timm".
     notes:    one line each: what was detected, and what was left out or freshly initialized.
+    loaded:   what `fcmae.checkpoints.load` found at `source` (file, kind, metadata, run config, step), without its
+              weights (they are `state`, converted); None for a state-dict input. The exports describe the input
+              from it rather than reading the file again.
     """
 
     state: StateDict
@@ -72,6 +76,7 @@ class Conversion:
     conv_mlp: bool | None = None
     model: FCMAE | None = None
     notes: list[str] = field(default_factory=list)
+    loaded: Loaded | None = None
 
     @property
     def timm_kwargs(self) -> dict[str, Any]:
@@ -125,6 +130,7 @@ def convert(
     """
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
+    loaded: Loaded | None = None
     if isinstance(source, Mapping):
         state, metadata = unwrap_state(source, "the state dict")
         state, where, recorded = strip_wrappers(state), "<state dict>", None
@@ -152,7 +158,7 @@ def convert(
     settings = {k: hints[k] for k in ("img_size", "mask_ratio", "norm_pix_loss", "drop_path_rate", "backend")
                 if k in hints}
     in_chans = infer_in_chans(state)
-    config = dict(name=name, depths=list(depths), dims=list(dims), patch_size=4 * 2 ** (len(depths) - 1),
+    config = dict(name=name, depths=list(depths), dims=list(dims), patch_size=total_stride(depths),
                   in_chans=in_chans, decoder_depth=depth, decoder_embed_dim=width, **settings)
     channels = f", {in_chans} input channels" if in_chans != 3 else ""
     notes = [f"detected {layout} layout in {where}: {name} (depths {csv(depths)}, dims {csv(dims)}{channels}), "
@@ -167,6 +173,8 @@ def convert(
                                     where, notes)
         result = Conversion(fcmae_model.state_dict(), to, layout, name, fcmae_model.config.to_dict(), where,
                             model=fcmae_model, notes=notes)
+    if loaded is not None:
+        result.loaded = replace(loaded, state={})  # what it was; the weights are result.state (no second copy)
     for note in notes:
         log.info(note)
     return result

@@ -3,7 +3,6 @@ Hub-ready folder.
 
   source_info.py          what the input is and what its run recorded (settings, metrics, class names, input size)
   model_card.py           the README.md model card of an exported folder
-  output_folder.py        checks and atomic writes of an output folder
   timm_folder.py          a folder timm loads with `create_model("local-dir:FOLDER", pretrained=True)`
   transformers_folder.py  a folder `transformers.ConvNextV2Model` / `ConvNextV2ForImageClassification` load
   official_layout.py      the official ConvNeXt V2 dense layout (`downsample_layers.*`, `stages.*`)
@@ -11,7 +10,8 @@ Hub-ready folder.
   targets.py              `export`: which target an output is, and writing it (what `fcmae-convert` calls)
 
 Every export starts from `fcmae.convert.convert(..., "timm")`: one loader, one layout detection and one set of
-checks for every input the converter reads.
+checks for every input the converter reads. Output folders are checked and written atomically by
+`fcmae.checkpoints.output`, as every other file fcmae writes.
 """
 
 from .targets import export

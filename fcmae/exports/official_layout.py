@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..convert import KEY_TABLE, Conversion, template_regex
 from ..checkpoints import write_safetensors
+from ..checkpoints.output import write_file_atomically
 
 __all__ = ["OFFICIAL_SUFFIXES", "describe_official", "is_classifier", "to_official_names", "write_official"]
 
@@ -79,15 +80,7 @@ def write_official(conversion: Conversion, path: str | os.PathLike) -> int:
         write_safetensors(state, path, {"format": "official-dense", "model": conversion.name,
                                         "source": Path(conversion.source).name, "layout": conversion.layout})
         return len(state)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"no such folder for {path.name}: {path.parent}")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save({"model": state}, tmp)
-        os.replace(tmp, path)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}: {str(e).strip().splitlines()[0]}") from None
+    write_file_atomically(path, lambda tmp: torch.save({"model": state}, tmp))
     return len(state)
 
 

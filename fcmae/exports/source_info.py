@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..checkpoints.names import ACCELERATE_WEIGHTS, METRICS, RUN_CONFIG, TRAINER_STATE, run_model_file
-from ..convert import Conversion, load_checkpoint
+from ..checkpoints import Loaded
+from ..checkpoints.names import METRICS, RUN_CONFIG, TRAINER_STATE
+from ..convert import Conversion
 from ..model_config import FCMAEConfig
 
 __all__ = ["SourceInfo", "describe_source", "RUN_CONTROL_KEYS"]
@@ -57,7 +57,7 @@ class SourceInfo:
     finetune:     the fine-tuning settings; {} for a model that was not fine-tuned here or is unknown.
     metrics:      label -> value, what the run(s) recorded, in reading order.
     class_names:  the classifier's class names, where the file records them.
-    image_size:   (H, W) the model was last trained or evaluated at.
+    img_size:     (H, W) the model was last trained or evaluated at (as FCMAEConfig.img_size).
     official:     the weights come from the official ConvNeXt V2 release (licensed CC-BY-NC 4.0).
     provenance:   label -> value, what the file's metadata says about where it came from.
     """
@@ -70,7 +70,7 @@ class SourceInfo:
     finetune: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
     class_names: list[str] | None = None
-    image_size: tuple[int, int] = (224, 224)
+    img_size: tuple[int, int] = (224, 224)
     official: bool = False
     provenance: dict[str, str] = field(default_factory=dict)
 
@@ -78,18 +78,20 @@ class SourceInfo:
     def preprocessing(self) -> dict[str, Any]:
         """timm's data config of the model: what finetune.py evaluates with (bicubic, crop_pct 0.875, ImageNet
         mean and std; the pretraining augmentation normalizes the same way)."""
-        return {"input_size": (3, *self.image_size), "interpolation": "bicubic", "crop_pct": EVAL_CROP_PCT,
+        return {"input_size": (3, *self.img_size), "interpolation": "bicubic", "crop_pct": EVAL_CROP_PCT,
                 "crop_mode": "center", "mean": tuple(IMAGENET_DEFAULT_MEAN), "std": tuple(IMAGENET_DEFAULT_STD)}
 
 
-def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
-    """Describe the input `path` that `conversion` was made from (see the module docstring)."""
-    path = Path(path)
-    metadata = _file_metadata(path)
+def describe_source(loaded: Loaded, conversion: Conversion) -> SourceInfo:
+    """Describe the input that `conversion` was made from (see the module docstring), from what `load` found there
+    (`conversion.loaded`): its weights file, metadata and run config are not read again."""
+    path, metadata, weights = loaded.path, loaded.metadata, loaded.file
     run_dir, config_file, step = _run_files(path)
-    recorded = _read_yaml(config_file) if config_file else {}
+    if loaded.run_config is not None:
+        recorded = loaded.run_config
+    else:  # a file in a run folder under a name the run does not write: its config.yaml still tells its settings
+        recorded = _read_yaml(config_file) if config_file else {}
     config = _flat(recorded)
-    weights = _weights_file(path)
     name = f"{path.resolve().name}/{weights.name}" if path.is_dir() else path.name
     info = SourceInfo(str(path), "model file", name=name, sha256=_sha256(weights) if weights.is_file() else None)
     size = conversion.config.get("img_size")
@@ -132,16 +134,11 @@ def describe_source(path: str | Path, conversion: Conversion) -> SourceInfo:
                 info.metrics.setdefault(f"{key} of the saved weights", f"{float(metadata[key]):.2f}")
         if "weights" in metadata:
             info.provenance["saved weights"] = f"{metadata['weights']} (epoch {metadata.get('epoch', '?')})"
-    info.image_size = _image_size(size)
+    info.img_size = _img_size(size)
     return info
 
 
 # Files ----------------------------------------------------------------------------------------------------------
-
-
-def _weights_file(path: Path) -> Path:
-    """The weights file an input names: the file itself, or the model file of a run or checkpoint folder."""
-    return (run_model_file(path) or path / ACCELERATE_WEIGHTS) if path.is_dir() else path
 
 
 def _sha256(file: Path) -> str:
@@ -164,21 +161,6 @@ def _without_location(value: str) -> str:
         return value
     file = Path(value).expanduser()
     return f"{file.name} (SHA-256 {_sha256(file)})" if file.is_file() else file.name
-
-
-def _file_metadata(path: Path) -> dict[str, str]:
-    """The safetensors header metadata (cheap), or an official torch file's args (the file is read again)."""
-    file = _weights_file(path)
-    if not file.is_file():
-        return {}
-    try:
-        with safetensors.safe_open(str(file), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # not safetensors: a torch file, read safely for its args
-        try:
-            return load_checkpoint(file)[1]
-        except (ValueError, OSError):
-            return {}
 
 
 def _run_files(path: Path) -> tuple[Path | None, Path | None, int | None]:
@@ -274,7 +256,7 @@ def _num(value: Any) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
-def _image_size(size: Any) -> tuple[int, int]:
+def _img_size(size: Any) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     if isinstance(size, (list, tuple)) and size and all(isinstance(s, int) for s in size):

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoints.output import check_output_file
+from ..checkpoints.output import check_export_folder, check_output_file, write_folder_atomically
 from ..convert import convert
 from .hub import push_folder
 from .official_layout import OFFICIAL_SUFFIXES, describe_official, write_official
-from .output_folder import check_output_folder, write_folder
 from .source_info import describe_source
 from .timm_folder import write_timm_folder
 from .transformers_folder import write_transformers_folder
@@ -51,24 +50,24 @@ def export(source: str, output: str, to: str, model: str | None = None, *, conv_
     if not is_export(to, output):
         raise ValueError(f"--to {to} into {output} is a plain conversion, not an export; use fcmae.convert")
     if folder:
-        check_output_folder(source, output, overwrite)
+        check_export_folder(source, output, overwrite)
     else:
         check_output_file(source, output, overwrite, OFFICIAL_SUFFIXES)  # the plain conversion's check
     # timm's names are the hub between layouts; transformers and the official model use Linear MLPs.
     result = convert(source, "timm", model, conv_mlp=conv_mlp if to == "timm" else False, strict=strict,
                      drop_head=drop_head)
-    info = describe_source(source, result)
+    info = describe_source(result.loaded, result)  # what load() found: the input is not read again
 
     if to == "official":
         count = write_official(result, output)
         return [*result.notes, f"wrote {count} tensors in the official ConvNeXt V2 layout to {output}",
                 *describe_official(result, output)]
     if to == "transformers":
-        write_folder(output, lambda d: write_transformers_folder(result, info, d))
+        write_folder_atomically(output, lambda d: write_transformers_folder(result, info, d))
         cls = "ConvNextV2ForImageClassification" if "head.fc.weight" in result.state else "ConvNextV2Model"
         use = f"use: transformers.{cls}.from_pretrained({str(output)!r}), AutoImageProcessor likewise"
     else:
-        write_folder(output, lambda d: write_timm_folder(result, info, d))
+        write_folder_atomically(output, lambda d: write_timm_folder(result, info, d))
         use = f"use: timm.create_model({'local-dir:' + str(output)!r}, pretrained=True)"
     lines = [*result.notes, f"wrote a {to} folder to {output} (model.safetensors, config.json, "
                             f"{'preprocessor_config.json, ' if to == 'transformers' else ''}README.md)", use]

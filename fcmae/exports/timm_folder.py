@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..convert import Conversion
 from ..checkpoints import write_safetensors
+from ..model_config import total_stride
 from .model_card import render_card
 from .source_info import SourceInfo
 
@@ -45,7 +46,7 @@ def timm_config(conversion: Conversion, info: SourceInfo, num_classes: int) -> d
     """timm's config.json for these weights (the format `timm.create_model('local-dir:...')` reads)."""
     data = info.preprocessing
     height, width = data["input_size"][1:]
-    stride = 4 * 2 ** (len(conversion.config["depths"]) - 1)
+    stride = total_stride(conversion.config["depths"])
     pretrained_cfg = {
         "tag": "fcmae_ft" if info.finetune else "fcmae", "custom_load": False, **data,
         "fixed_input_size": False, "num_classes": num_classes, "pool_size": (height // stride, width // stride),

@@ -76,7 +76,7 @@ def to_transformers_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def transformers_config(conversion: Conversion, info: SourceInfo, num_labels: int) -> dict[str, Any]:
     """The keyword arguments of `transformers.ConvNextV2Config` for these weights."""
     kwargs: dict[str, Any] = dict(depths=list(conversion.config["depths"]), hidden_sizes=list(conversion.config["dims"]),
-                                  layer_norm_eps=LAYER_NORM_EPS, image_size=info.image_size[0], num_channels=3)
+                                  layer_norm_eps=LAYER_NORM_EPS, image_size=info.img_size[0], num_channels=3)
     if num_labels and info.class_names and len(info.class_names) == num_labels:
         kwargs["id2label"] = dict(enumerate(info.class_names))
         kwargs["label2id"] = {name: i for i, name in enumerate(info.class_names)}
@@ -108,7 +108,7 @@ def write_transformers_folder(conversion: Conversion, info: SourceInfo, folder: 
     if not num_labels:
         _without_label_map(folder / "config.json")
 
-    height, width = info.image_size
+    height, width = info.img_size
     data = info.preprocessing
     if height != width:
         conversion.notes.append(f"the model was trained at {height}x{width}; transformers' ConvNextImageProcessor "
