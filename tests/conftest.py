@@ -1,8 +1,8 @@
 import pytest
 import torch
+from helpers import SMALL, benchmark_module, write_photos
 
 import fcmae
-from helpers import SMALL, write_photos
 
 
 @pytest.fixture
@@ -23,3 +23,9 @@ def photos(tmp_path):
 def private_cache(tmp_path_factory, monkeypatch):
     """Folder indexes and downloaded shards go to a per-session cache, not ~/.cache/fcmae."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def probe():
+    """benchmarks/probe.py as a module."""
+    return benchmark_module("probe")

@@ -8,12 +8,12 @@ import torch
 from accelerate.state import AcceleratorState
 from torch import nn
 
-import finetune  # the repository's scripts: pyproject's pytest `pythonpath` puts the repository first on sys.path
 import fcmae
+import finetune  # the repository's scripts: pyproject's pytest `pythonpath` puts the repository first on sys.path
 import pretrain
 from fcmae.cli import convert as convert_cli
-from fcmae.encoder import SparseConvNeXtV2
 from fcmae.cli import run_cli
+from fcmae.encoder import SparseConvNeXtV2
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 
@@ -129,3 +129,18 @@ def forward_backward(encoder: nn.Module, imgs: torch.Tensor, mask: torch.Tensor,
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out * upstream).sum().backward()
     return out, imgs.grad, {n: p.grad for n, p in encoder.named_parameters()}
+
+
+def benchmark_module(name: str):
+    """benchmarks/NAME.py imported as a module (the benchmarks are scripts, not a package; those that import a
+    sibling find it because benchmarks/ goes on sys.path first)."""
+    import importlib.util
+    import sys
+
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

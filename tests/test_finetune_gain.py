@@ -1,25 +1,17 @@
 """benchmarks/finetune_gain.py at its --quick size: pretrain.py -> fcmae.convert -> finetune.py from the converted
 weights and from a random init, per seed, and the table. It checks the path and the table, not the gain."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import safetensors.torch
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, benchmark_module
 
 
 @pytest.fixture(scope="module")
 def gain():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports probe.py beside it
-    spec = importlib.util.spec_from_file_location("finetune_gain", ROOT / "benchmarks" / "finetune_gain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("finetune_gain")
 
 
 @pytest.mark.slow  # pretrain, convert and four fine-tunes: minutes on 2 cores

@@ -1,6 +1,5 @@
 """The kNN monitor (pretrain.py --monitor-data): benchmarks/probe.py's kNN, on real photo crops, in a real run."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,17 +13,17 @@ import pytest
 import safetensors.torch
 import torch
 from accelerate.state import AcceleratorState
+from helpers import SMALL, launcher_failure, randomize_
 from sklearn.datasets import load_digits
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fcmae
+from fcmae.cli import run_cli
 from fcmae.data import eval_transform, find_labeled_images, load_rgb
 from fcmae.knn_monitor import KNNMonitor, knn_accuracy, pooled_features
-from fcmae.cli import run_cli
 from fcmae.training import Run
-from helpers import SMALL, launcher_failure, randomize_
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,14 +33,6 @@ SIZE = 64
 RUN = ["--model", "atto", "--input-size", str(SIZE), "--batch-size", "8", "--decoder-embed-dim", "64",
        "--num-workers", "0", "--lr", "3e-4", "--warmup-steps", "1", "--log-every", "1", "--vis-every", "0",
        "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("probe", ROOT / "benchmarks" / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

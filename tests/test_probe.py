@@ -1,6 +1,5 @@
 """benchmarks/probe.py end to end, tiny: crops of real photos -> pretrain.py -> fcmae.convert -> timm -> probes."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,14 +11,6 @@ from PIL import Image
 import fcmae
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("probe", ROOT / "benchmarks" / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_crops_are_real_photos_split_by_region(probe, tmp_path):

@@ -1,6 +1,5 @@
 """benchmarks/probe.py --mask-ratios: one pretraining run per ratio, each probed, and its arguments checked up front."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -8,14 +7,6 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("probe", ROOT / "benchmarks" / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow  # two pretrainings and their probes: minutes on 2 cores
