@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from fcmae.cli import check_command_line, run_cli
-from fcmae.config import ConfigError, FinetuneConfig, from_dict, load_yaml, parse_config
+from fcmae.config import ConfigError, FinetuneConfig, load_yaml, parse_config
+from fcmae.config.training_configs import canonical, flat_settings, from_canonical, merge
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "demo.yaml"
 if __name__ == "__main__":  # --help and a bad flag are answered here, before torch and timm import (seconds)
@@ -69,11 +70,11 @@ def datasets(config: FinetuneConfig) -> tuple[ImageFiles, ImageFiles, list[str]]
     if val_classes != classes:
         extra = sorted(set(val_classes) ^ set(classes))
         raise DataError(f"train/ and val/ have different class folders (differing: {', '.join(extra[:8])})")
-    if config.num_classes and config.num_classes != len(classes):
-        raise DataError(f"--num-classes {config.num_classes} does not match the {len(classes)} class folders "
+    if config.model.num_classes and config.model.num_classes != len(classes):
+        raise DataError(f"--num-classes {config.model.num_classes} does not match the {len(classes)} class folders "
                         f"in {root / 'train'}")
     files = [*train_files, *val_files]
-    if config.in_chans != 3 or any(Path(f).suffix.lower() in ARRAY_SUFFIXES for f in files):
+    if config.model.in_chans != 3 or any(Path(f).suffix.lower() in ARRAY_SUFFIXES for f in files):
         # arrays (any channel count, 16-bit, .npy): crop, flip and resize in torch (see the README, Data)
         mean, std = config.normalization()
         mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
@@ -130,19 +131,19 @@ def eval_transform(config: FinetuneConfig):
 def build_model(config: FinetuneConfig, num_classes: int, say=print) -> nn.Module:
     """timm's ConvNeXt V2 with a fresh classifier, its encoder from config.finetune if given (any input
     `fcmae.load` reads); `say` gets the converter's notes (what was detected, dropped or inferred)."""
-    drop_path = 0.0 if config.linear_probe else config.drop_path
-    model = timm.create_model(config.model, num_classes=num_classes, drop_path_rate=drop_path,
-                              head_init_scale=config.head_init_scale, in_chans=config.in_chans)
+    drop_path = 0.0 if config.linear_probe else config.model.drop_path
+    model = timm.create_model(config.model.name, num_classes=num_classes, drop_path_rate=drop_path,
+                              head_init_scale=config.model.head_init_scale, in_chans=config.model.in_chans)
     if config.finetune:
         from fcmae.convert import convert
 
-        result = convert(config.finetune, "timm", model=config.model, drop_head=True)
+        result = convert(config.finetune, "timm", model=config.model.name, drop_head=True)
         for note in result.notes:
             say(f"--finetune: {note}")
         missing, unexpected = model.load_state_dict(result.state, strict=False)
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:
-            raise ValueError(f"{config.finetune} does not fit {config.model}: missing {missing[:5]}, "
+            raise ValueError(f"{config.finetune} does not fit {config.model.name}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
     if config.linear_probe:
         attach_probe(model)
@@ -160,12 +161,12 @@ def load_for_eval(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
     if loaded.layout != "timm":
         raise ConfigError(f"{file} holds {loaded.layout} weights; convert them first: fcmae-convert {file} "
                           "classifier.safetensors --to timm")
-    if metadata.get("model", config.model) != config.model:
+    if metadata.get("model", config.model.name) != config.model.name:
         raise ConfigError(f"{file} holds a {metadata['model']}; pass --model {metadata['model']}")
-    model = timm.create_model(config.model, num_classes=num_classes, in_chans=config.in_chans)
+    model = timm.create_model(config.model.name, num_classes=num_classes, in_chans=config.model.in_chans)
     if "head.fc.0.running_mean" in state:  # a linear probe's training checkpoint
         state = fold_probe(state)
-    load_state_dict_strict(model, state, source=f"{file} (for {config.model} with {num_classes} classes)")
+    load_state_dict_strict(model, state, source=f"{file} (for {config.model.name} with {num_classes} classes)")
     return model, metadata
 
 
@@ -202,7 +203,8 @@ def saved_eval_settings(resume: str) -> dict:
     saved = loaded.run_config
     if saved is None and (loaded.file.parent / names.RUN_CONFIG).is_file():
         saved = load_yaml(loaded.file.parent / names.RUN_CONFIG)
-    return {**{key: saved[key] for key in EVAL_SETTINGS if key in saved}, **settings} if saved else settings
+    saved = flat_settings(saved or {})  # in_chans is in the model: section of a run's config.yaml
+    return {**{key: saved[key] for key in EVAL_SETTINGS if key in saved}, **settings}
 
 
 EVAL_AUTO_BATCH = 64  # --eval with --batch-size auto
@@ -216,10 +218,12 @@ def evaluate_only(config: FinetuneConfig) -> dict:
     """
     saved = {k: v for k, v in saved_eval_settings(config.resume).items() if k not in config.explicit}
     if saved:
-        config = from_dict(FinetuneConfig, {**config.to_dict(), **saved})
+        config = from_canonical(FinetuneConfig, merge(canonical(FinetuneConfig, config.to_dict(), "the config"),
+                                                      canonical(FinetuneConfig, saved, f"{config.resume}'s settings")))
     accelerator = Accelerator(cpu=processes_without_gpu())
-    shown = [k for k in EVAL_SETTINGS if getattr(config, k) != []]  # an empty mean / std means ImageNet's: not shown
-    accelerator.print("eval at " + ", ".join(f"{k} {getattr(config, k)}" + (" (saved with the model)" * (k in saved))
+    settings = flat_settings(config.to_dict())
+    shown = [k for k in EVAL_SETTINGS if settings[k] != []]  # an empty mean / std means ImageNet's: not shown
+    accelerator.print("eval at " + ", ".join(f"{k} {settings[k]}" + (" (saved with the model)" * (k in saved))
                                              for k in shown))
     _, val_set, classes = main_process_first(accelerator, lambda: datasets(config))
     model, metadata = load_for_eval(config, len(classes))
@@ -255,12 +259,12 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     config.check_data_channels(train_set[0]["image"].shape[0])
     rgb_only = [f"--{name.replace('_', '-')}" for name in ("aa", "color_jitter", "reprob") if getattr(config, name)]
     if isinstance(train_set.transform, PretrainTransform) and rgb_only:
-        run.print(f"note: {', '.join(rgb_only)} apply to 8-bit RGB photos only: off for this {config.in_chans}-channel "
+        run.print(f"note: {', '.join(rgb_only)} apply to 8-bit RGB photos only: off for this {config.model.in_chans}-channel "
                   "array data (random resized crop, flip, mixup and cutmix stay)")
     model = build_model(config, len(classes), run.print).to(run.accelerator.device)
 
     def trial_step(batch_size: int) -> None:  # --batch-size auto: one forward and backward at this size
-        images = torch.randn(batch_size, config.in_chans, *config.img_size, device=run.accelerator.device)
+        images = torch.randn(batch_size, config.model.in_chans, *config.img_size, device=run.accelerator.device)
         with run.accelerator.autocast():
             loss = model(images).float().logsumexp(dim=1).mean()  # a cross-entropy's cost, without labels
         loss.backward()
@@ -283,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if config.model_ema:
         ema = ModelEmaV3(run.unwrapped_model, decay=config.model_ema_decay)
         run.extra_state["ema"] = ema
-    run.print(f"{config.model}{' (linear probe)' if config.linear_probe else ''}: {len(classes)} classes, "
+    run.print(f"{config.model.name}{' (linear probe)' if config.linear_probe else ''}: {len(classes)} classes, "
               f"{len(train_set)} train / {len(val_set)} val images\n{run.describe()}")
 
     mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.smoothing,
@@ -349,11 +353,12 @@ def save_best(model: nn.Module, config: FinetuneConfig, classes: list[str], whic
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     if config.linear_probe:
         state = fold_probe(state)
-    metadata = {"format": "timm", "model": config.model, "num_classes": str(len(classes)),
+    settings = flat_settings(config.to_dict())  # the flags' names: in_chans at the top, as before models nested
+    metadata = {"format": "timm", "model": config.model.name, "num_classes": str(len(classes)),
                 "classes": json.dumps(classes), "weights": which, "epoch": str(epoch),
                 "val_acc1": f"{result['acc1']:.4f}", "val_acc5": f"{result['acc5']:.4f}",
                 "linear_probe": str(config.linear_probe).lower(),
-                **{key: json.dumps(getattr(config, key)) for key in EVAL_SETTINGS}}
+                **{key: json.dumps(settings[key]) for key in EVAL_SETTINGS}}
     write_safetensors(state, path, metadata)
 
 

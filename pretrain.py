@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # with its one-line message. Photos stay uint8 until they reach the device (DevicePixels normalizes there).
     mean, std = config.normalization()
     monitor = KNNMonitor.start(run.accelerator, config.monitor_data, config.img_size, mean, std,
-                               config.in_channels, config.num_workers) if config.monitor_data else None
+                               config.model.in_chans, config.num_workers) if config.monitor_data else None
     dataset = run.main_process_first(lambda: pretrain_dataset(config.data_path, config.img_size, config.seed, mean,
                                                               std, encoded=config.gpu_augment, normalize=False))
     mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD

@@ -1,6 +1,6 @@
 """fcmae: FCMAE pretraining of ConvNeXt V2 with a pure-PyTorch sparse encoder.
 
-    fcmae.FCMAE, fcmae.create_model, fcmae.FCMAEConfig, fcmae.list_models   the model (fcmae.fcmae, model_config)
+    fcmae.FCMAE, fcmae.create_model, fcmae.FCMAEConfig, fcmae.list_models   the model (fcmae.model, fcmae.config.model)
     fcmae.load, fcmae.load_model, fcmae.save_model                          files (fcmae.checkpoints)
     fcmae.convert, fcmae.exports, fcmae.data, fcmae.config, fcmae.training  the packages
 
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and readers
     from .checkpoints import load, load_model, save_model
+    from .config.model import FCMAEConfig, list_models
     from .encoder import SparseConvNeXtV2
-    from .fcmae import FCMAE, create_model
     from .masking import random_mask
-    from .model_config import FCMAEConfig, list_models
+    from .model import FCMAE, create_model
 
 __all__ = [
     "FCMAE", "FCMAEConfig", "SparseConvNeXtV2", "create_model", "list_models", "load", "load_model", "save_model",
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _ATTRIBUTES = {
-    "FCMAE": "fcmae", "create_model": "fcmae", "FCMAEConfig": "model_config", "list_models": "model_config",
+    "FCMAE": "model", "create_model": "model", "FCMAEConfig": "config.model", "list_models": "config.model",
     "SparseConvNeXtV2": "encoder", "random_mask": "masking", "load": "checkpoints", "load_model": "checkpoints",
     "save_model": "checkpoints",
 }

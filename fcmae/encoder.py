@@ -22,8 +22,8 @@ from timm.layers import LayerNorm, calculate_drop_path_rates
 from timm.models.convnext import ConvNeXtBlock
 from torch import Tensor, nn
 
+from .config.model import BACKENDS, STEM_STRIDE, check_backend, check_stages, total_stride
 from .masking import apply_keep, check_mask, grid_size
-from .model_config import BACKENDS, STEM_STRIDE, check_backend, check_stages, total_stride
 from .sparse import VisiblePatches, kept_count, strided_conv
 
 __all__ = ["SparseConvNeXtV2", "Block", "BACKENDS"]

@@ -19,7 +19,7 @@ from timm.layers import trunc_normal_
 from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
-from .model_config import INIT_SCHEMES
+from .config.model import INIT_SCHEMES
 
 __all__ = ["INIT_SCHEMES", "init_timm", "initialize"]
 

@@ -30,7 +30,7 @@ from torchvision.utils import make_grid, save_image
 
 from .data import DataError, eval_transform, load_rgb
 from .data.datasets import describe_unreadable, unreadable_warning
-from .fcmae import FCMAE
+from .model import FCMAE
 
 __all__ = ["COLUMNS", "reconstruct", "prediction_alone", "reconstruction_grid", "draw_reconstructions",
            "save_reconstructions", "sample_indices", "load_images"]

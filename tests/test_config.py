@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from fcmae import FCMAEConfig
-from fcmae.config import ConfigError, FinetuneConfig, PretrainConfig, from_dict, load_yaml, parse_config, save_yaml
+from fcmae.config import (
+    ClassifierConfig, ConfigError, FinetuneConfig, PretrainConfig, from_dict, load_yaml, parse_config, save_yaml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,15 +110,15 @@ def test_absurd_learning_rates_end_in_one_line_and_exit_2(tmp_path, capsys, argv
     assert re.fullmatch(f"error: {message}.*\n", capsys.readouterr().err)  # "." stops at a newline: one line
 
 
-@pytest.mark.parametrize("cls, values", [
-    (PretrainConfig, {"lr": float("nan")}),
-    (PretrainConfig, {"warmup_epochs": float("inf")}),
-    (PretrainConfig, {"mean": [0.5, float("nan"), 0.5], "std": [0.25] * 3}),
-    (FinetuneConfig, {"head_init_scale": float("inf")}),
+@pytest.mark.parametrize("cls, values, name", [
+    (PretrainConfig, {"lr": float("nan")}, "lr"),
+    (PretrainConfig, {"warmup_epochs": float("inf")}, "warmup_epochs"),
+    (PretrainConfig, {"mean": [0.5, float("nan"), 0.5], "std": [0.25] * 3}, "mean"),
+    (FinetuneConfig, {"model": {"head_init_scale": float("inf")}}, "head_init_scale"),
+    (FinetuneConfig, {"model": {"drop_path": float("nan")}}, "drop_path"),
 ])
-def test_configs_built_in_code_refuse_non_finite_values(cls, values):
+def test_configs_built_in_code_refuse_non_finite_values(cls, values, name):
     """Files and flags stop nan / inf when they are read; validate stops them in a config built in code too."""
-    name = next(iter(values))
     with pytest.raises(ConfigError, match=f"{name} must be a finite number, got "):
         cls(data_path="x", **values).validate()
 
@@ -154,7 +156,7 @@ def test_shipped_configs_parse():
         cls = FinetuneConfig if "finetune" in path.parts else PretrainConfig
         config = parse_config(cls, ["--config", str(path), "--data-path", "x"])
         written = yaml.safe_load(path.read_text())["model"]
-        assert config.model_name.endswith((written["name"] if isinstance(written, dict) else written).split("_")[-1])
+        assert config.model.name.endswith((written["name"] if isinstance(written, dict) else written).split("_")[-1])
 
 
 @pytest.mark.parametrize("aa, message", [
@@ -185,10 +187,19 @@ def test_valid_timm_transform_strings_pass():
         parse_config(FinetuneConfig, ["--data-path", "x", "--interpolation", "bicubik"])
 
 
-def test_finetune_config_names_its_model_and_channels():
+def test_finetune_config_holds_its_model_as_pretraining_does():
+    """Issue 26 item 4: FinetuneConfig.model is a ClassifierConfig, as PretrainConfig.model is an FCMAEConfig; the
+    flags stay flat (--model, --in-chans, --drop-path) and config.yaml nests them under model:."""
     config = parse_config(FinetuneConfig, ["--data-path", "x", "--model", "tiny", "--in-chans", "4", "--mean",
-                                           *["0.5"] * 4, "--std", *["0.25"] * 4])
-    assert config.model == config.model_name == "convnextv2_tiny" and config.in_chans == 4
+                                           *["0.5"] * 4, "--std", *["0.25"] * 4, "--drop-path", "0.2"])
+    assert config.model == ClassifierConfig("convnextv2_tiny", in_chans=4, drop_path=0.2)
+    assert config.to_dict()["model"] == {"name": "convnextv2_tiny", "in_chans": 4, "num_classes": 0,
+                                         "drop_path": 0.2, "head_init_scale": 0.001}
+    assert from_dict(FinetuneConfig, config.to_dict()).model == config.model  # config.yaml reads back
+    flat = {**config.to_dict(), "model": "tiny", "in_chans": 4, "drop_path": 0.2}  # a config.yaml written before
+    assert from_dict(FinetuneConfig, flat).model == config.model
+    with pytest.raises(ConfigError, match="in_chans is set twice in the config, at the top level and in the model"):
+        from_dict(FinetuneConfig, {**config.to_dict(), "in_chans": 3})
     with pytest.raises(ConfigError, match="unknown flag --mask-ratio in the command line"):  # a pretraining setting
         parse_config(FinetuneConfig, ["--data-path", "x", "--mask-ratio", "0.5"])
 
@@ -202,7 +213,7 @@ def test_configs_are_canonical_when_built_and_validate_only_checks(monkeypatch, 
     assert pretrain.data_path == str(tmp_path / "photos") and pretrain.num_workers >= 1 and pretrain.compile
     assert pretrain.model == FCMAEConfig("atto", img_size=(64, 96), mask_ratio=0.5)
     finetune = FinetuneConfig(data_path="x", model="pico")
-    assert finetune.model == "convnextv2_pico"
+    assert finetune.model == ClassifierConfig("convnextv2_pico")
     for config in (pretrain, finetune, parse_config(PretrainConfig, ["--data-path", "x", "--model", "femto"])):
         before = copy.deepcopy(config.to_dict())
         config.validate()

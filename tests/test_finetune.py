@@ -16,6 +16,7 @@ from PIL import Image
 import finetune
 import pretrain
 from fcmae.config import LINEAR_PROBE_RECIPE, ConfigError
+from fcmae.config.training_configs import flat_settings
 from fcmae.data import write_digits
 from fcmae.layer_decay import layer_id, param_groups_layer_decay
 from fcmae.linear_probe import attach_probe, fold_probe
@@ -149,9 +150,10 @@ def test_linear_probe_switches_to_the_mae_protocol_and_flags_override_it(tmp_pat
         return finetune.parse_config(finetune.FinetuneConfig, ["--data-path", "x", *argv])
 
     probe = parse("--linear-probe")
-    assert {k: getattr(probe, k) for k in LINEAR_PROBE_RECIPE} == LINEAR_PROBE_RECIPE
+    settings = flat_settings(probe.to_dict())  # the flags' names: drop_path is the model's
+    assert {k: settings[k] for k in LINEAR_PROBE_RECIPE} == LINEAR_PROBE_RECIPE
     assert (probe.optimizer, probe.blr, probe.effective_batch_size, probe.epochs) == ("sgd", 0.1, 16384, 90)
-    assert probe.mixup == probe.cutmix == probe.smoothing == probe.drop_path == probe.weight_decay == 0
+    assert probe.mixup == probe.cutmix == probe.smoothing == probe.model.drop_path == probe.weight_decay == 0
     assert probe.aa == "" and not probe.model_ema
     assert parse().optimizer == "adamw" and parse().mixup == 0.8  # without the switch: the fine-tuning recipe
     overridden = parse("--linear-probe", "--optimizer", "lars", "--epochs", "5", "--mixup", "0.2")
@@ -160,7 +162,8 @@ def test_linear_probe_switches_to_the_mae_protocol_and_flags_override_it(tmp_pat
     from_file = parse("--config", str(ROOT / "configs/finetune/convnextv2_base.yaml"), "--linear-probe",
                       "--warmup-epochs", "3")
     assert (from_file.mixup, from_file.aa, from_file.epochs, from_file.warmup_epochs) == (0.0, "", 90, 3.0)
-    assert from_file.model == "convnextv2_base" and from_file.layer_decay == 1.0
+    assert from_file.model.name == "convnextv2_base" and from_file.layer_decay == 1.0
+    assert from_file.model.drop_path == 0.0  # the file's model: section gives way to the recipe too
     # A config file written for probing keeps its own values.
     own = tmp_path / "probe.yaml"
     own.write_text("linear_probe: true\nepochs: 30\nblr: 0.05\n")

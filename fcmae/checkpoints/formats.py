@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import names
 from .layouts import detect_layout, strip_wrappers
-from ..model_config import FCMAEConfig
+from ..config.model import FCMAEConfig
 from .model_file import read_model_file
 from .torch_file import read_torch_file
 

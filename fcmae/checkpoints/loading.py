@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..fcmae import FCMAE
+from ..model import FCMAE
 from .formats import load
 from .model_file import load_state_dict_strict
 

@@ -339,9 +339,10 @@ def _newest_intact(folder: Path, but: Path) -> Path | None:
 def training_kind(saved_config: dict[str, Any]) -> str | None:
     """"pretraining" or "fine-tuning" for a checkpoint's config.yaml (pretrain.py's or finetune.py's), None if it
     tells neither. Each script's config has fields the other's lacks."""
-    if "num_classes" in saved_config or "finetune" in saved_config:
+    model = saved_config.get("model")
+    if "num_classes" in saved_config or "finetune" in saved_config or (isinstance(model, dict) and "num_classes" in model):
         return "fine-tuning"
-    if "vis_every" in saved_config or "init_from" in saved_config or isinstance(saved_config.get("model"), dict):
+    if "vis_every" in saved_config or "init_from" in saved_config or isinstance(model, dict):
         return "pretraining"
     return None
 

@@ -1,7 +1,7 @@
 """The command line of pretrain.py and finetune.py, generated from the config dataclasses.
 
-One flag per setting: each field of the config (`--batch-size`), and for pretraining each field of its FCMAEConfig
-(`--mask-ratio`, with `--model` for its name). The help line of a flag is its field's comment, with the default.
+One flag per setting: each field of the config (`--batch-size`), and each field of its model's config
+(FCMAEConfig's `--mask-ratio`, ClassifierConfig's `--drop-path`, with `--model` for the name). The help line of a flag is its field's comment, with the default.
 Precedence: dataclass defaults < `--config FILE` < command-line flags.
 
 argparse, generated here, rather than a library: HfArgumentParser reads help from `field(metadata=...)` and
@@ -25,9 +25,9 @@ from typing import Any, NoReturn, Sequence
 
 from ..errors import ConfigError
 from ..fields import check_names, field_docs
-from ..model_config import FCMAEConfig
 from .training_configs import (
     MODEL_SET_BY_RUN, Config, FinetuneConfig, PretrainConfig, TrainConfig, canonical, from_canonical, merge,
+    model_class,
 )
 from .yaml_files import load_yaml
 
@@ -96,7 +96,7 @@ class Option:
     hint: Any
     default: Any
     doc: str
-    model: bool  # one of the model's settings (FCMAEConfig)
+    model: bool  # one of the model's settings (its FCMAEConfig or ClassifierConfig)
 
     @property
     def flag(self) -> str:
@@ -104,22 +104,22 @@ class Option:
 
 
 def options(cls: type[TrainConfig]) -> list[Option]:
-    """The flags of a config class, in field order: its own fields, and its FCMAEConfig's where `model` is one."""
+    """The flags of a config class, in field order: its own fields, and its model's in place of `model`."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        if hints[f.name] is FCMAEConfig:
-            out += _model_options()
+        if f.name == "model":
+            out += _model_options(model_class(cls))
         else:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             out.append(Option(f.name, hints[f.name], default, docs[f.name], model=False))
     return out
 
 
-def _model_options() -> list[Option]:
-    docs, hints = field_docs(FCMAEConfig), typing.get_type_hints(FCMAEConfig)
+def _model_options(model: type) -> list[Option]:
+    docs, hints = field_docs(model), typing.get_type_hints(model)
     return [Option("model" if f.name == "name" else f.name, hints[f.name], f.default, docs[f.name], model=True)
-            for f in dataclasses.fields(FCMAEConfig) if f.name not in MODEL_SET_BY_RUN]
+            for f in dataclasses.fields(model) if f.name not in MODEL_SET_BY_RUN]
 
 
 def _default_text(value: Any) -> str:
@@ -137,7 +137,7 @@ def build_parser(cls: type[TrainConfig], description: str = "") -> OneLineArgume
     parser = OneLineArgumentParser(description=description, epilog=EPILOG, allow_abbrev=False,
                                    formatter_class=HelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="YAML file of settings; the flags given override it")
-    model = parser.add_argument_group("model (FCMAEConfig; in a config file, the model: section)")
+    model = parser.add_argument_group(f"model ({model_class(cls).__name__}; in a config file, the model: section)")
     run = parser.add_argument_group("settings")
     for option in options(cls):
         group = model if option.model else run

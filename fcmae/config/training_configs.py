@@ -1,12 +1,14 @@
 """The training configs: dataclasses that read top to bottom, and their mapping form (YAML, flags, JSON).
 
-`PretrainConfig.model` is one `FCMAEConfig` (the model the run trains); `FinetuneConfig.model` names the timm
-ConvNeXt V2 it fine-tunes. Each field's comment is its documentation: `--help` and the flag tables of docs/configuration.md
+Each holds its model as one frozen config: `PretrainConfig.model` an `FCMAEConfig`, `FinetuneConfig.model` a
+`ClassifierConfig` (the timm ConvNeXt V2 it fine-tunes), so `config.model.name` and `config.model.in_chans` read the
+same in both scripts. Each field's comment is its documentation: `--help` and the flag tables of docs/configuration.md
 are generated from it (`fcmae.fields.field_docs`).
 
 The mapping form (`to_dict`, `from_dict`) nests the model: `{"model": {"name": ..., "mask_ratio": ...}, ...}`.
 `from_dict` also takes the model's settings at the top level, as its command-line flags spell them
-(`mask_ratio: 0.75`, and `model: atto` for the name), which is what config files written before held.
+(`mask_ratio: 0.75`, `in_chans: 1`, and `model: atto` for the name), which is what config files written before
+held; `flat_settings` turns a mapping back into that form.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from typing import Any, Literal, Mapping, TypeVar
 
 from ..errors import ConfigError
 from ..fields import check_names, coerce
-from ..model_config import MODEL_SIZES, FCMAEConfig, resolve_name
 from .augmentation import check_augment_policy, check_interpolation
+from .model import MODEL_SIZES, ClassifierConfig, FCMAEConfig
 
 __all__ = ["TrainConfig", "PretrainConfig", "FinetuneConfig", "LINEAR_PROBE_RECIPE", "from_dict", "from_canonical",
-           "merge", "nested_model", "MODEL_SET_BY_RUN"]
+           "merge", "nested_model", "flat_settings", "model_class", "MODEL_SET_BY_RUN"]
 
-# FCMAEConfig fields a training config sets from its own (img_size is input_size): not keys of its model section.
+# Model fields a training config sets from its own (FCMAEConfig's img_size is input_size): not model-section keys.
 MODEL_SET_BY_RUN = {"img_size": "input_size"}
 
 # The most DataLoader workers a process starts by default: past it, more workers add memory, not throughput.
@@ -57,7 +59,7 @@ class TrainConfig:
     """Settings shared by pretrain.py and finetune.py."""
 
     # Model and data
-    model: Any = "convnextv2_atto"  # the model (each subclass types it)
+    model: Any = None  # the model's config (each subclass types it: FCMAEConfig, ClassifierConfig)
     data_path: str = ""  # a folder of images, searched recursively (its train/ if any); demo: scikit-image's photos
     output_dir: str = "output"  # where checkpoints, the model file, config.yaml and metrics go
     input_size: list[int] = field(default_factory=lambda: [224])  # H [W] of the crops, multiples of 32 (one: square)
@@ -112,21 +114,11 @@ class TrainConfig:
         """Values a switch brings with it (e.g. finetune's linear_probe): over the config file, under the flags."""
         return {}
 
-    @property
-    def model_name(self) -> str:
-        """The model's name, e.g. "convnextv2_atto" (a resumed checkpoint must be for the same)."""
-        return self.model.name if isinstance(self.model, FCMAEConfig) else str(self.model)
-
-    @property
-    def in_channels(self) -> int:
-        """The channels the model takes: the data must give as many."""
-        return self.model.in_chans if isinstance(self.model, FCMAEConfig) else int(getattr(self, "in_chans", 3))
-
     def check_data_channels(self, channels: int) -> None:
         """ConfigError unless the data's images have the channels the model takes (checked before training)."""
-        if channels != self.in_channels:
+        if channels != self.model.in_chans:
             raise ConfigError(f"the images of {self.data_path} load with {channels} channel(s) but the model takes "
-                              f"{self.in_channels} (--in-chans {self.in_channels}); set --in-chans {channels}")
+                              f"{self.model.in_chans} (--in-chans {self.model.in_chans}); set --in-chans {channels}")
 
     def normalization(self) -> tuple[list[float], list[float]] | tuple[None, None]:
         """(mean, std) per channel from the config, or (None, None) for ImageNet's (RGB only)."""
@@ -134,7 +126,7 @@ class TrainConfig:
 
     def check_normalization(self) -> None:
         """ConfigError unless mean / std fit the model's channels (called once the model is known)."""
-        channels = self.in_channels
+        channels = self.model.in_chans
         if self.mean and len(self.mean) != channels:
             raise ConfigError(f"mean and std have {len(self.mean)} value(s) but the model takes {channels} "
                               f"channel(s): give one per channel")
@@ -147,8 +139,8 @@ class TrainConfig:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, FCMAEConfig):
-                value = nested_model(value, "")
+            if f.name == "model":
+                value = nested_model(type(self), value, "")
             values[f.name] = list(value) if isinstance(value, tuple) else value
         return values
 
@@ -265,7 +257,7 @@ class PretrainConfig(TrainConfig):
         super().__post_init__()
         if self.input_size_is_valid:
             if not isinstance(self.model, FCMAEConfig):
-                self.model = FCMAEConfig.from_dict({**nested_model(self.model, "the model settings"),
+                self.model = FCMAEConfig.from_dict({**nested_model(type(self), self.model, "the model settings"),
                                                     "img_size": self.img_size}, source="the model settings")
             elif self.model.img_size != self.img_size:
                 self.model = self.model.replace(img_size=self.img_size)
@@ -318,11 +310,9 @@ LINEAR_PROBE_RECIPE: dict[str, Any] = dict(
 class FinetuneConfig(TrainConfig):
     """Fine-tuning and linear probing (finetune.py). Defaults are the paper's ConvNeXt V2-Base recipe."""
 
-    model: str = "convnextv2_atto"  # the timm ConvNeXt V2 to fine-tune: atto, femto, pico, nano, tiny, base, ...
-    in_chans: int = 3  # input channels of the model (its stem): 3 for RGB
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)  # the classifier
     data_path: str = ""  # holds train/ and val/, one subfolder per class; digits:FOLDER writes the digits there
     finetune: str = ""  # weights to start from: any checkpoint fcmae.convert reads (converted on the fly)
-    num_classes: int = 0  # 0: the number of class folders in train/
     batch_size: int | Literal["auto"] = 32
     epochs: int = 100
     warmup_epochs: float = 20.0
@@ -331,8 +321,6 @@ class FinetuneConfig(TrainConfig):
     optimizer: str = "adamw"  # "adamw", "lars" (the linear-probe protocol) or "sgd" (momentum 0.9)
     layer_decay: float = 0.6  # lr of layer i = lr * layer_decay ** (last id + 1 - i); 1.0 turns it off
     layer_decay_type: str = "group"  # "single" (an id per block) or "group" (12 ids, for 3-3-27-3 models)
-    head_init_scale: float = 0.001  # the new classifier's init is scaled by this (official: 0.001, i.e. std 2e-5)
-    drop_path: float = 0.1  # stochastic depth at the last block (off for the linear probe)
     smoothing: float = 0.1  # label smoothing (folded into the mixup targets when mixup/cutmix is on)
     mixup: float = 0.8  # mixup alpha; 0 turns it off
     cutmix: float = 1.0  # cutmix alpha; 0 turns it off
@@ -355,8 +343,9 @@ class FinetuneConfig(TrainConfig):
         values; flags given on the command line, and a config file that itself sets linear_probe, win over it."""
         if not flags.get("linear_probe", file.get("linear_probe", False)):
             return {}
-        explicit = set(flags) | (set(file) if file.get("linear_probe") else set())
-        return {k: v for k, v in LINEAR_PROBE_RECIPE.items() if k not in explicit}
+        explicit = set(flat_settings(flags)) | (set(flat_settings(file)) if file.get("linear_probe") else set())
+        return canonical(cls, {k: v for k, v in LINEAR_PROBE_RECIPE.items() if k not in explicit},
+                         "the linear-probe recipe")
 
     def effective_accum_steps(self, processes: int, batches_per_epoch: int) -> tuple[int, str]:
         """TrainConfig's, then with min_steps_per_epoch: fewer accumulated batches where an epoch of
@@ -375,26 +364,27 @@ class FinetuneConfig(TrainConfig):
                        f"{steps} (min_steps_per_epoch {self.min_steps_per_epoch}{few}); the lr follows the batch")
 
     def __post_init__(self) -> None:
-        """Also resolves the model's name ("atto" -> "convnextv2_atto")."""
+        """Also builds `model` (from its settings, if given as a mapping or a name: "atto" -> "convnextv2_atto")."""
         super().__post_init__()
-        self.model = resolve_name(self.model)
+        if not isinstance(self.model, ClassifierConfig):
+            self.model = ClassifierConfig.from_dict(nested_model(type(self), self.model, "the model settings"),
+                                                    source="the model settings")
 
     def validate(self) -> None:
         super().validate()
-        if self.in_chans < 1:
-            raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
+        if not isinstance(self.model, ClassifierConfig):
+            raise ConfigError(f"model must be a ClassifierConfig (or its settings when the config is built), got "
+                              f"{type(self.model).__name__}")
         self.check_normalization()
         if self.min_steps_per_epoch < 0:
             raise ConfigError(f"min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes must be >= 0 (0: count the class folders), got {self.num_classes}")
         if self.layer_decay_type not in ("single", "group"):
             raise ConfigError(f"layer_decay_type must be single or group, got {self.layer_decay_type!r}")
         if self.optimizer not in ("adamw", "lars", "sgd"):
             raise ConfigError(f"optimizer must be adamw, lars or sgd, got {self.optimizer!r}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        for name in ("drop_path", "smoothing", "reprob"):
+        for name in ("smoothing", "reprob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.mixup < 0 or self.cutmix < 0 or self.color_jitter < 0:
@@ -403,8 +393,6 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         check_interpolation(self.interpolation)
         check_augment_policy(self.aa)
-        if self.head_init_scale <= 0:
-            raise ConfigError(f"head_init_scale must be > 0, got {self.head_init_scale}")
         if not 0.0 < self.model_ema_decay < 1.0:
             raise ConfigError(f"model_ema_decay must be in (0, 1), got {self.model_ema_decay}")
         if self.eval and not self.resume:
@@ -427,8 +415,7 @@ def from_canonical(cls: type[Config], values: Mapping[str, Any]) -> Config:
     """`from_dict` for a mapping already in canonical form (`canonical`'s output, or a `merge` of such): its keys
     were checked once, where they were read, and are not read again."""
     hints = _hints(cls)
-    kwargs = {key: value if key == "model" and _nests_model(cls) else coerce(key, value, hints[key])
-              for key, value in values.items()}
+    kwargs = {key: value if key == "model" else coerce(key, value, hints[key]) for key, value in values.items()}
     config = cls(**kwargs)
     config.validate()
     return config
@@ -436,13 +423,10 @@ def from_canonical(cls: type[Config], values: Mapping[str, Any]) -> Config:
 
 def canonical(cls: type[TrainConfig], values: Mapping[str, Any], source: str) -> dict[str, Any]:
     """`values` with underscores in every key, checked against `cls`, the model's settings gathered into one
-    nested mapping under "model" when `cls` holds an FCMAEConfig (see the module docstring)."""
+    nested mapping under "model" (see the module docstring)."""
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    if not _nests_model(cls):
-        check_names(values, [f.name for f in dataclasses.fields(cls)], "key", source)
-        return values
-    model = nested_model(values.pop("model", {}), f"{source}'s model section")
-    for key in [k for k in values if k in model_keys()]:
+    model = nested_model(cls, values.pop("model", {}), f"{source}'s model section")
+    for key in [k for k in values if k in model_keys(cls)]:
         if key in model and model[key] != values[key]:
             raise ConfigError(f"{key} is set twice in {source}, at the top level and in the model section")
         model[key] = values.pop(key)
@@ -450,11 +434,11 @@ def canonical(cls: type[TrainConfig], values: Mapping[str, Any], source: str) ->
     return {**values, "model": model} if model else values
 
 
-def nested_model(model: Any, source: str) -> dict[str, Any]:
-    """A model given as a name, a mapping of FCMAEConfig fields or an FCMAEConfig -> its mapping, checked (img_size
-    left out: input_size sets it)."""
-    if isinstance(model, FCMAEConfig):  # a named size's depths and dims go without saying
-        named = MODEL_SIZES.get(model.name) == (model.depths, model.dims)
+def nested_model(cls: type[TrainConfig], model: Any, source: str) -> dict[str, Any]:
+    """`cls`'s model given as a name, a mapping of its fields or its config -> its mapping, checked (FCMAEConfig's
+    img_size left out: input_size sets it)."""
+    if isinstance(model, model_class(cls)):  # a named size's depths and dims go without saying
+        named = MODEL_SIZES.get(model.name) == (getattr(model, "depths", ()), getattr(model, "dims", ()))
         return {k: v for k, v in model.to_dict().items()
                 if k not in MODEL_SET_BY_RUN and not (named and k in ("depths", "dims"))}
     if isinstance(model, str):
@@ -465,8 +449,20 @@ def nested_model(model: Any, source: str) -> dict[str, Any]:
     for key, run_key in MODEL_SET_BY_RUN.items():
         if key in model:
             raise ConfigError(f"{key} in {source}: a training config sets it with {run_key}")
-    check_names(model, model_keys(), "key", source)
+    check_names(model, model_keys(cls), "key", source)
     return model
+
+
+def flat_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping with its model section's settings at the top level, as the command-line flags spell them
+    (`model` the model's name): the form of a config file written before models nested, and of a classifier
+    file's metadata (`in_chans`)."""
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    model = values.get("model")
+    if not isinstance(model, Mapping):
+        return values
+    model = {str(k).replace("-", "_"): v for k, v in model.items()}
+    return {**values, **{k: v for k, v in model.items() if k != "name"}, "model": model.get("name")}
 
 
 def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
@@ -479,19 +475,22 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_keys() -> list[str]:
-    """The FCMAEConfig fields a training config's model section takes."""
-    return [f.name for f in dataclasses.fields(FCMAEConfig) if f.name not in MODEL_SET_BY_RUN]
+def model_class(cls: type[TrainConfig]) -> type[FCMAEConfig] | type[ClassifierConfig]:
+    """The config class of `cls`'s model: FCMAEConfig for pretraining, ClassifierConfig for fine-tuning."""
+    model = _hints(cls)["model"]
+    if model not in (FCMAEConfig, ClassifierConfig):
+        raise TypeError(f"{cls.__name__}.model must be typed FCMAEConfig or ClassifierConfig, not {model}")
+    return model
+
+
+def model_keys(cls: type[TrainConfig]) -> list[str]:
+    """The model fields a `cls` config's model section takes."""
+    return [f.name for f in dataclasses.fields(model_class(cls)) if f.name not in MODEL_SET_BY_RUN]
 
 
 def top_level_keys(cls: type[TrainConfig]) -> list[str]:
-    """Keys valid at the top level of a `cls` mapping (the model's settings too, when it nests one)."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    return names + [k for k in model_keys() if k != "name"] if _nests_model(cls) else names
-
-
-def _nests_model(cls: type[TrainConfig]) -> bool:
-    return _hints(cls)["model"] is FCMAEConfig
+    """Keys valid at the top level of a `cls` mapping: its fields, and its model's settings but the name."""
+    return [f.name for f in dataclasses.fields(cls)] + [k for k in model_keys(cls) if k != "name"]
 
 
 @functools.cache

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and readers
     from ..checkpoints.layouts import LAYOUTS, detect_layout
+    from ..config.model import CUSTOM
     from ..minkowski_kernels import dense_conv_to_me, dense_depthwise_to_me, me_conv_to_dense, me_depthwise_to_dense
-    from ..model_config import CUSTOM
     from .conversion import TARGETS, Conversion, convert, load_checkpoint, save_conversion, to_fcmae, to_timm
     from .key_rules import KEY_TABLE, KeyRule, template_regex
 
@@ -34,7 +34,7 @@ _ATTRIBUTES = {
     **dict.fromkeys(["dense_conv_to_me", "dense_depthwise_to_me", "me_conv_to_dense", "me_depthwise_to_dense"],
                     "..minkowski_kernels"),
     **dict.fromkeys(["KEY_TABLE", "KeyRule", "template_regex"], ".key_rules"),
-    "CUSTOM": "..model_config",
+    "CUSTOM": "..config.model",
 }
 __all__ = list(_ATTRIBUTES)
 

@@ -23,8 +23,8 @@ from ..checkpoints import (Loaded, detect_layout, format_keys, load, load_state_
                            write_safetensors)
 from ..checkpoints.layouts import strip_wrappers
 from ..checkpoints.torch_file import unwrap_state
-from ..fcmae import FCMAE
-from ..model_config import MODEL_SIZES, FCMAEConfig, total_stride
+from ..model import FCMAE
+from ..config.model import MODEL_SIZES, FCMAEConfig, total_stride
 from .key_rules import to_fcmae_names
 from .shapes import csv, decoder_shape, infer_decoder, infer_encoder, infer_in_chans, model_name, settings_hints
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
-from ..model_config import CUSTOM, MODEL_SIZES, resolve_name
+from ..config.model import CUSTOM, MODEL_SIZES, resolve_name
 
 __all__ = ["CUSTOM", "infer_encoder", "infer_decoder", "model_name", "settings_hints", "decoder_shape", "csv"]
 

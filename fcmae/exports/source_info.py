@@ -27,8 +27,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..checkpoints import Loaded
 from ..checkpoints.names import METRICS, RUN_CONFIG, TRAINER_STATE
+from ..config.model import FCMAEConfig
+from ..config.training_configs import flat_settings
 from ..convert import Conversion
-from ..model_config import FCMAEConfig
 
 __all__ = ["SourceInfo", "describe_source", "RUN_CONTROL_KEYS"]
 
@@ -91,7 +92,7 @@ def describe_source(loaded: Loaded, conversion: Conversion) -> SourceInfo:
         recorded = loaded.run_config
     else:  # a file in a run folder under a name the run does not write: its config.yaml still tells its settings
         recorded = _read_yaml(config_file) if config_file else {}
-    config = _flat(recorded)
+    config = flat_settings(recorded)  # the flags' spelling: `model: convnextv2_atto`, `mask_ratio: 0.6`
     name = f"{path.resolve().name}/{weights.name}" if path.is_dir() else path.name
     info = SourceInfo(str(path), "model file", name=name, sha256=_sha256(weights) if weights.is_file() else None)
     size = conversion.config.get("img_size")
@@ -103,7 +104,7 @@ def describe_source(loaded: Loaded, conversion: Conversion) -> SourceInfo:
         pretrained = Path(str(config["finetune"])) if config.get("finetune") else None
         if pretrained is not None and pretrained.exists():
             pre_dir, pre_config, pre_step = _run_files(pretrained)
-            info.pretrain = _settings(_flat(_read_yaml(pre_config))) if pre_config else {}
+            info.pretrain = _settings(flat_settings(_read_yaml(pre_config))) if pre_config else {}
             info.metrics.update(_pretrain_metrics(pre_dir, pre_step))
         size = config.get("input_size", size)
     elif _trains_fcmae(recorded):
@@ -193,13 +194,6 @@ def _trains_fcmae(config: dict[str, Any]) -> bool:
         return FCMAEConfig.from_run_config(config) is not None
     except ValueError:  # a damaged config: described as a plain model file
         return False
-
-
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    """A run config's settings for a model card: a pretraining run's model section spread at the top level (the
-    flags' spelling: `model: convnextv2_atto`, `mask_ratio: 0.6`), as older runs wrote it."""
-    model = config.get("model")
-    return {**config, **model, "model": model.get("name")} if isinstance(model, dict) else config
 
 
 def _records(run_dir: Path | None, name: str, step: int | None) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..convert import Conversion
 from ..checkpoints import write_safetensors
-from ..model_config import total_stride
+from ..config.model import total_stride
 from .model_card import render_card
 from .source_info import SourceInfo
 

@@ -33,8 +33,8 @@ from ..checkpoints.folder_lock import FolderLock
 from ..checkpoints.output import check_output_folder, explain_write_error
 from ..checkpoints.store import CheckpointStore, Position, check_position, check_trained_settings, check_training_kind
 from ..config import ConfigError, TrainConfig, from_dict, load_yaml, save_yaml
+from ..config.model import FCMAEConfig
 from ..errors import TrainingError
-from ..model_config import FCMAEConfig
 from .batch_size import find_batch_size
 from .compilation import compile_once
 from .invocation import Invocation, launch_mismatch
@@ -355,10 +355,10 @@ class Run:
         path, state = opened
         saved = load_yaml(path / names.RUN_CONFIG)
         check_training_kind(path, saved, pretraining=isinstance(self.config.model, FCMAEConfig))  # before the rest
-        saved_model = saved.get("model")  # a name, or the model: section of a pretraining config
+        saved_model = saved.get("model")  # the model: section, or a name (configs written before models nested)
         saved_name = saved_model.get("name") if isinstance(saved_model, dict) else saved_model
-        if saved_name != self.config.model_name:
-            raise ConfigError(f"checkpoint {path} is for model {saved_name}, not {self.config.model_name}")
+        if saved_name != self.config.model.name:
+            raise ConfigError(f"checkpoint {path} is for model {saved_name}, not {self.config.model.name}")
         position, note = check_position(path, state, saved, self.position, self.config.allow_resume_change)
         changes = self._changes_since(saved)
         check_trained_settings(path, changes, self.config.allow_resume_change, CONFIG_CHANGES)

@@ -9,11 +9,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .config.model import FCMAEConfig
 from .decoder import FCMAEDecoder
 from .encoder import SparseConvNeXtV2
 from .initialization import initialize
 from .masking import check_mask, grid_size, kept_per_sample, random_mask
-from .model_config import FCMAEConfig
 from .sparse import kept_count
 
 __all__ = ["FCMAE", "create_model"]

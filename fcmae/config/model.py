@@ -1,13 +1,17 @@
-"""FCMAEConfig: the one description of an FCMAE model, and the ConvNeXt V2 sizes it names.
+"""The models' configs: FCMAEConfig (an FCMAE model), ClassifierConfig (finetune.py's timm classifier), and the
+ConvNeXt V2 sizes they name.
 
-Built once, validated once (in `__post_init__`, a one-line ConfigError per problem), frozen afterwards. The model
-(`FCMAE(config)`), `create_model`, the training configs (`PretrainConfig.model`), every model file's metadata
-(`to_metadata` / `from_metadata`) and the loaders all use this one object:
+Each is built once, validated once (in `__post_init__`, a one-line ConfigError per problem) and frozen afterwards.
+The model (`FCMAE(config)`), `create_model`, the training configs (`PretrainConfig.model`), every model file's
+metadata (`to_metadata` / `from_metadata`) and the loaders all use the one FCMAEConfig:
 
     config = FCMAEConfig("atto", img_size=96, mask_ratio=0.75)
     model = FCMAE(config)                       # or fcmae.create_model("atto", img_size=96, mask_ratio=0.75)
     model.config.mask_ratio                     # 0.75
     FCMAEConfig.from_metadata(safetensors_metadata) == config
+
+`FinetuneConfig.model` is a ClassifierConfig the same way: `config.model.name`, `config.model.in_chans` read the
+same in both scripts.
 """
 
 from __future__ import annotations
@@ -15,15 +19,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import ConfigError
-from .fields import check_names, coerce
-from .patch_grid import grid_size, kept_per_sample
+from ..errors import ConfigError
+from ..fields import check_names, coerce
+from ..patch_grid import grid_size, kept_per_sample
 
-__all__ = ["FCMAEConfig", "MODEL_SIZES", "MODEL_FORMAT", "BACKENDS", "INIT_SCHEMES", "STEM_STRIDE", "CUSTOM",
+__all__ = ["FCMAEConfig", "ClassifierConfig", "MODEL_SIZES", "MODEL_FORMAT", "BACKENDS", "INIT_SCHEMES", "STEM_STRIDE", "CUSTOM",
            "list_models", "resolve_name"]
 
 # name: (depths, dims), from the ConvNeXt V2 paper; the names are timm's.
@@ -197,13 +202,15 @@ class FCMAEConfig:
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> FCMAEConfig | None:
         """The FCMAE model a pretraining run's config (its config.yaml, as a mapping) trains; None when the run
-        trains no FCMAE model (a fine-tuning run's `model` names a timm classifier).
+        trains no FCMAE model (a fine-tuning run's `model` is a timm classifier's ClassifierConfig).
 
         Runs write the model nested (`model: {name: convnextv2_atto, mask_ratio: 0.6, ...}`); runs written before
         held its settings at the top level (`model: convnextv2_atto`, `mask_ratio: 0.6`). Both are read here, the
         one reader of a run's model. The run's `input_size` (H [W]) is the model's img_size.
         """
         model = config.get("model")
+        if "finetune" in config or "num_classes" in config:  # finetune.py's fields: a run that trains a classifier
+            return None
         if isinstance(model, Mapping):
             values = {str(k).replace("-", "_"): v for k, v in model.items()}
         elif "mask_ratio" in config:  # the flat layout of older runs: the model's fields among the run's
@@ -225,6 +232,48 @@ class FCMAEConfig:
         check_names(changes, [f.name for f in dataclasses.fields(self)], "key", "FCMAEConfig.replace")
         if "name" in changes and self.name in MODEL_SIZES and (self.depths, self.dims) == MODEL_SIZES[self.name]:
             changes = {"depths": (), "dims": (), **changes}
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """A dense ConvNeXt V2 classifier (timm's), as finetune.py trains and evaluates it."""
+
+    name: str = "convnextv2_atto"  # the timm ConvNeXt V2 to fine-tune: atto, femto, pico, nano, tiny, base, ...
+    in_chans: int = 3  # input channels of the model (its stem): 3 for RGB
+    num_classes: int = 0  # 0: the number of class folders in train/
+    drop_path: float = 0.1  # stochastic depth at the last block (off for the linear probe)
+    head_init_scale: float = 0.001  # the new classifier's init is scaled by this (official: 0.001, i.e. std 2e-5)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(ClassifierConfig)
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
+        object.__setattr__(self, "name", resolve_name(self.name))
+        for name in ("drop_path", "head_init_scale"):  # coerce stops nan / inf from files and flags; this, from code
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.in_chans < 1:
+            raise ConfigError(f"in_chans must be >= 1, got {self.in_chans}")
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0 (0: count the class folders), got {self.num_classes}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.head_init_scale <= 0:
+            raise ConfigError(f"head_init_scale must be > 0, got {self.head_init_scale}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "the model config") -> ClassifierConfig:
+        """A config from a mapping of field names; an unknown name fails with a "did you mean" naming `source`."""
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        check_names(values, [f.name for f in dataclasses.fields(cls)], "key", source)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ClassifierConfig:
+        check_names(changes, [f.name for f in dataclasses.fields(self)], "key", "ClassifierConfig.replace")
         return dataclasses.replace(self, **changes)
 
 
