@@ -16,6 +16,7 @@ import fcmae
 from fcmae import FCMAEConfig
 from fcmae.checkpoints import names
 from fcmae.cli import run_cli
+from fcmae.config import FinetuneConfig, save_yaml
 from helpers import write_photos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +75,10 @@ def test_from_run_config_reads_both_layouts():
     expected = FCMAEConfig("atto", img_size=(64, 96), mask_ratio=0.75, decoder_depth=2)
     assert FCMAEConfig.from_run_config(nested) == expected
     assert FCMAEConfig.from_run_config(flat) == expected
-    # A fine-tuning run's config names a timm model: no FCMAE model in it.
+    # A fine-tuning run's config holds a timm classifier: no FCMAE model in it, in the layout finetune.py writes
+    # (the model nested, as a ClassifierConfig) and in the older one (its name).
+    written = FinetuneConfig(data_path="x", model={"name": "atto", "drop_path": 0.2}).to_dict()
+    assert isinstance(written["model"], dict) and FCMAEConfig.from_run_config(written) is None
     assert FCMAEConfig.from_run_config({"model": "convnextv2_atto", "finetune": "x.safetensors"}) is None
 
 
@@ -90,3 +94,31 @@ def test_a_classifier_is_named_as_what_it_is(tmp_path):
         fcmae.load_model(tmp_path / "classifier.safetensors")
     message = str(e.value)
     assert "fine-tuning run's model file (a classifier)" in message and "metadata" not in message
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_a_fine_tuning_runs_classifier_is_named_in_either_layout(tmp_path, layout):
+    from fcmae.checkpoints import write_safetensors
+
+    timm = pytest.importorskip("timm")
+    write_safetensors(timm.create_model("convnextv2_atto", num_classes=3).state_dict(),
+                      tmp_path / names.CLASSIFIER, {"format": "timm"})
+    config = FinetuneConfig(data_path="x", model={"name": "atto", "num_classes": 3})
+    if layout == "nested":
+        save_yaml(config, tmp_path / names.RUN_CONFIG)  # as finetune.py writes it
+    else:
+        (tmp_path / names.RUN_CONFIG).write_text("model: convnextv2_atto\nnum_classes: 3\nfinetune: ''\n")
+    loaded = fcmae.load(tmp_path)
+    assert loaded.kind == "run folder" and loaded.model_config is None
+    assert loaded.what() == "a fine-tuning run's run folder (a classifier)"
+
+
+def test_a_damaged_run_config_is_named_in_one_line(run_folder, tmp_path):
+    """config.yaml has one reader (fcmae.config.load_yaml): the scripts' --config, fcmae.load and the exports."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_folder, copy)
+    (copy / names.RUN_CONFIG).write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match=f"^{copy / names.RUN_CONFIG} is not valid YAML: [^\n]*$"):
+        fcmae.load(copy)

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import Tensor
 
+from ..config.model import FCMAEConfig
+from ..config.yaml_files import load_yaml
 from . import names
 from .layouts import detect_layout, strip_wrappers
-from ..config.model import FCMAEConfig
 from .model_file import read_model_file
 from .torch_file import read_torch_file
 
@@ -100,7 +100,7 @@ def load(path: str | os.PathLike) -> Loaded:
     loaded = _load_file(path, path)
     run_dir = path.parent
     if path.name in names.RUN_MODELS and (run_dir / names.RUN_CONFIG).is_file():
-        loaded.run_config = _read_yaml(run_dir / names.RUN_CONFIG)
+        loaded.run_config = load_yaml(run_dir / names.RUN_CONFIG)
     return loaded
 
 def _load_file(path: Path, file: Path) -> Loaded:
@@ -126,7 +126,7 @@ def _load_folder(path: Path) -> Loaded:
             raise ValueError(f"{path} is a training-state folder without weights ({names.ACCELERATE_WEIGHTS})")
         loaded = _load_file(path, file)
         loaded.kind = "training-state folder"
-        loaded.run_config = _read_yaml(path / names.RUN_CONFIG) if (path / names.RUN_CONFIG).is_file() else None
+        loaded.run_config = load_yaml(path / names.RUN_CONFIG) if (path / names.RUN_CONFIG).is_file() else None
         try:
             loaded.step = int(json.loads((path / names.TRAINER_STATE).read_text())["step"])
         except (ValueError, KeyError, TypeError):
@@ -135,16 +135,16 @@ def _load_folder(path: Path) -> Loaded:
     model = names.run_model_file(path)
     if model is not None and (path / names.RUN_CONFIG).is_file():
         loaded = _load_file(path, model)
-        loaded.kind, loaded.run_config = "run folder", _read_yaml(path / names.RUN_CONFIG)
+        loaded.kind, loaded.run_config = "run folder", load_yaml(path / names.RUN_CONFIG)
         return loaded
-    config_json = path / "config.json"
-    if config_json.is_file() and (path / "model.safetensors").is_file():
+    config_json = path / names.EXPORT_CONFIG
+    if config_json.is_file() and (path / names.EXPORT_WEIGHTS).is_file():
         try:
             exported = json.loads(config_json.read_text())
         except (ValueError, OSError):
             exported = {}
         if "architecture" in exported:
-            loaded = _load_file(path, path / "model.safetensors")
+            loaded = _load_file(path, path / names.EXPORT_WEIGHTS)
             loaded.kind = "timm folder"
             return loaded
         if exported.get("model_type") == "convnextv2":
@@ -161,11 +161,3 @@ def _looks_like_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
     return path.suffix == ".safetensors" or head[8:9] == b"{"
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a readable config ({e})") from None
-    return data if isinstance(data, dict) else {}
-

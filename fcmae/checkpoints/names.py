@@ -12,7 +12,8 @@ from pathlib import Path
 __all__ = [
     "PRETRAINED_MODEL", "CLASSIFIER", "LEGACY_MODEL", "ACCELERATE_WEIGHTS", "ACCELERATE_WEIGHTS_PICKLE",
     "CHECKPOINTS", "CHECKPOINT_PREFIX", "TRAINER_STATE", "RUN_CONFIG", "METRICS", "TRAIN_LOG", "VIS", "RUN_MODELS",
-    "LOCK", "SHARED_PROBE", "ABANDONED", "DIVERGED", "EXPORT_FILES",
+    "LOCK", "SHARED_PROBE", "ABANDONED", "DIVERGED", "EXPORT_WEIGHTS", "EXPORT_CONFIG", "EXPORT_PREPROCESSOR",
+    "MODEL_CARD", "EXPORT_FILES",
     "checkpoint_name", "checkpoint_step", "run_model_file",
 ]
 
@@ -32,8 +33,13 @@ LOCK = ".fcmae.lock"  # held by a live run's main process (fcmae.checkpoints.fol
 SHARED_PROBE = ".fcmae-shared-"  # + the run's id: written and removed at start, to check all nodes see the folder
 ABANDONED, DIVERGED = "abandoned", "diverged"  # checkpoints set aside as WHY_step_XXXXXXXX (resumed past; nan)
 RUN_MODELS = (PRETRAINED_MODEL, CLASSIFIER, LEGACY_MODEL)  # what a run folder may hand out, in that order
-# The files of an export folder (fcmae-convert --to timm FOLDER / transformers): --overwrite replaces no other folder.
-EXPORT_FILES = frozenset({"model.safetensors", "config.json", "preprocessor_config.json", "README.md"})
+# An export folder (fcmae-convert --to timm FOLDER / transformers): the names timm's local-dir: and transformers'
+# from_pretrained read. --overwrite replaces no folder holding other files.
+EXPORT_WEIGHTS = "model.safetensors"  # the weights
+EXPORT_CONFIG = "config.json"  # timm's Hub config, or the transformers model config
+EXPORT_PREPROCESSOR = "preprocessor_config.json"  # transformers: the image processor
+MODEL_CARD = "README.md"  # the model card
+EXPORT_FILES = frozenset({EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_PREPROCESSOR, MODEL_CARD})
 
 
 def checkpoint_name(step: int) -> str:

@@ -1,4 +1,8 @@
-"""Config files: a YAML mapping in, the resolved config out (config.yaml beside a run's outputs)."""
+"""Config files: a YAML mapping in, the resolved config out (config.yaml beside a run's outputs).
+
+`load_yaml` is the one reader of both: a --config file, and a run's or checkpoint's config.yaml (the scripts'
+resume, `fcmae.load`, the exports' model cards).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .training_configs import TrainConfig
+from .training_configs import TrainConfig  # noqa: TC001 (the type of save_yaml's argument)
 
 __all__ = ["load_yaml", "save_yaml"]
 
@@ -20,6 +24,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

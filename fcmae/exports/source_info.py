@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..checkpoints import Loaded
 from ..checkpoints.names import METRICS, RUN_CONFIG, TRAINER_STATE
 from ..config.model import FCMAEConfig
 from ..config.training_configs import flat_settings
+from ..config.yaml_files import load_yaml
 from ..convert import Conversion
 
 __all__ = ["SourceInfo", "describe_source", "RUN_CONTROL_KEYS"]
@@ -180,12 +180,11 @@ def _run_files(path: Path) -> tuple[Path | None, Path | None, int | None]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    """A run's config.yaml as it is written; {} if unreadable."""
+    """A run's config.yaml (`load_yaml`, the one reader); {} if unreadable: the card then leaves its settings out."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return load_yaml(path)
+    except ValueError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _trains_fcmae(config: dict[str, Any]) -> bool:

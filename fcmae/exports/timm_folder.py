@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..convert import Conversion
-from ..checkpoints import write_safetensors
+from ..checkpoints import names, write_safetensors
 from ..config.model import total_stride
+from ..convert import Conversion
 from .model_card import render_card
 from .source_info import SourceInfo
 
@@ -69,7 +69,7 @@ def write_timm_folder(conversion: Conversion, info: SourceInfo, folder: Path) ->
     state = complete_head_norm(conversion)
     num_classes = state["head.fc.weight"].shape[0] if "head.fc.weight" in state else 0
     metadata = {"format": "pt", "model": conversion.name, "source": info.name, "layout": conversion.layout}  # no path
-    write_safetensors(state, folder / "model.safetensors", metadata)
+    write_safetensors(state, folder / names.EXPORT_WEIGHTS, metadata)
     config = timm_config(conversion, info, num_classes)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "README.md").write_text(render_card(conversion, info, "timm", num_classes))
+    (folder / names.EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (folder / names.MODEL_CARD).write_text(render_card(conversion, info, "timm", num_classes))

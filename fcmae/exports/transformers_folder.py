@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checkpoints import names
 from ..convert import Conversion
 from .model_card import render_card
 from .source_info import SourceInfo
@@ -106,7 +107,7 @@ def write_transformers_folder(conversion: Conversion, info: SourceInfo, folder: 
     model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
     model.save_pretrained(folder, safe_serialization=True)
     if not num_labels:
-        _without_label_map(folder / "config.json")
+        _without_label_map(folder / names.EXPORT_CONFIG)
 
     height, width = info.img_size
     data = info.preprocessing
@@ -121,7 +122,7 @@ def write_transformers_folder(conversion: Conversion, info: SourceInfo, folder: 
         do_resize=True, size={"shortest_edge": max(height, width)}, crop_pct=data["crop_pct"], resample=3,  # bicubic
         do_rescale=True, do_normalize=True, image_mean=list(data["mean"]), image_std=list(data["std"]))
     processor.save_pretrained(folder)
-    (folder / "README.md").write_text(render_card(conversion, info, "transformers", num_labels))
+    (folder / names.MODEL_CARD).write_text(render_card(conversion, info, "transformers", num_labels))
 
 
 def _without_label_map(config_file: Path) -> None:
