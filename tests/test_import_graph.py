@@ -178,7 +178,8 @@ def test_library_modules_load_no_command_layer():
 
 @pytest.mark.parametrize("command", [["pretrain.py"], ["finetune.py"], ["-m", "fcmae.convert"], ["-m", "fcmae.visualize"],
                                      ["-c", "import sys; from fcmae.cli.stats import main; sys.exit(main())"],  # fcmae-stats
-                                     ["-c", "import sys; from fcmae.cli.shards import main; sys.exit(main())"]])  # fcmae-shards
+                                     ["-c", "import sys; from fcmae.cli.shards import main; sys.exit(main())"],  # fcmae-shards
+                                     ["-m", "fcmae.data.stats"], ["-m", "fcmae.data.shard_writer"]])
 def test_help_imports_neither_torch_nor_timm(command):
     """`--help` is answered from the config classes: torch and timm are not imported (issue 24 item 20). `-X
     importtime` lists every module the process imported."""

@@ -25,10 +25,7 @@ from typing import Any, NoReturn, Sequence
 
 from ..errors import ConfigError
 from ..fields import check_names, field_docs
-from .training_configs import (
-    MODEL_SET_BY_RUN, Config, FinetuneConfig, PretrainConfig, TrainConfig, canonical, from_canonical, merge,
-    model_class,
-)
+from .training_configs import MODEL_SET_BY_RUN, Config, TrainConfig, canonical, from_canonical, merge, model_class
 from .yaml_files import load_yaml
 
 __all__ = ["parse_config", "build_parser", "OneLineArgumentParser", "Option", "options", "flag_table"]

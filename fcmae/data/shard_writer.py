@@ -11,9 +11,15 @@ folder, if any, is kept in the key.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # python -m fcmae.data.shard_writer: the command (fcmae.cli.shards), before torch imports
+    from fcmae.cli.shards import main
+
+    sys.exit(main())
+
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +61,3 @@ def write_shards(source: str | Path, output: str | Path, prefix: str = "train", 
               for name, count in zip(names, counts)]
     (output / DESCRIPTOR).write_text(json.dumps({"wids_version": 1, "name": prefix, "shardlist": shards}, indent=1))
     return shards
-
-
-if __name__ == "__main__":  # python -m fcmae.data.shard_writer: the command (fcmae.cli.shards)
-    from fcmae.cli.shards import main
-
-    sys.exit(main())

@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
 from .datasets import Samples, open_member

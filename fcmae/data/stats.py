@@ -11,6 +11,12 @@ float arrays as stored. The output is the `mean` / `std` to put in the data conf
 from __future__ import annotations
 
 import sys
+
+if __name__ == "__main__":  # python -m fcmae.data.stats: the command (fcmae.cli.stats), before torch imports
+    from fcmae.cli.stats import main
+
+    sys.exit(main())
+
 from typing import NamedTuple
 
 import numpy as np
@@ -34,7 +40,7 @@ def channel_stats(data_path: str, in_chans: int = 3, samples: int = 1000, seed: 
     An unreadable image is skipped as in training: a line on stderr names it, the next image of the draw takes its
     place, and `unreadable` lists it. An image with another channel count than `in_chans` stops it.
     """
-    from . import pretrain_dataset
+    from .pretraining import pretrain_dataset
 
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
@@ -68,9 +74,3 @@ def channel_stats(data_path: str, in_chans: int = 3, samples: int = 1000, seed: 
     mean = total / pixels
     std = np.sqrt(np.maximum(squares / pixels - mean**2, 0))
     return ChannelStats(mean.tolist(), std.tolist(), images, unreadable)
-
-
-if __name__ == "__main__":  # python -m fcmae.data.stats: the command (fcmae.cli.stats)
-    from fcmae.cli.stats import main
-
-    sys.exit(main())
