@@ -10,8 +10,9 @@ torch and timm, and `python -m fcmae.convert` finds its package not yet loaded.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy_exports import lazy_exports
 
 if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and readers
     from .checkpoints import load, load_model, save_model
@@ -28,26 +29,9 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _ATTRIBUTES = {
-    "FCMAE": "model", "create_model": "model", "FCMAEConfig": "config.model", "list_models": "config.model",
-    "SparseConvNeXtV2": "encoder", "random_mask": "masking", "load": "checkpoints", "load_model": "checkpoints",
-    "save_model": "checkpoints",
+    "FCMAE": ".model", "create_model": ".model", "FCMAEConfig": ".config.model", "list_models": ".config.model",
+    "SparseConvNeXtV2": ".encoder", "random_mask": ".masking", "load": ".checkpoints", "load_model": ".checkpoints",
+    "save_model": ".checkpoints",
 }
-
-
-def __getattr__(name: str) -> Any:
-    """`fcmae.FCMAE`, `from fcmae import load_model`, `fcmae.convert`, `fcmae.sparse`, ...: imported on first use."""
-    if name in _ATTRIBUTES:
-        value = getattr(importlib.import_module(f".{_ATTRIBUTES[name]}", __name__), name)
-        globals()[name] = value  # once
-        return value
-    if not name.startswith("_"):
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":  # the module exists but a dependency of it is missing: say so
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+# `fcmae.FCMAE`, `from fcmae import load_model`, `fcmae.convert`, `fcmae.sparse`, ...: imported on first use
+__getattr__, __dir__ = lazy_exports(__name__, _ATTRIBUTES, submodules=True)

@@ -19,8 +19,9 @@ configs and the command line.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy_exports import lazy_exports
 
 if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and readers
     from ..errors import ConfigError
@@ -39,14 +40,4 @@ _ATTRIBUTES = {
 }
 __all__ = list(_ATTRIBUTES)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _ATTRIBUTES:
-        value = getattr(importlib.import_module(_ATTRIBUTES[name], __name__), name)
-        globals()[name] = value  # once
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _ATTRIBUTES)

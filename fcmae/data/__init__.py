@@ -17,8 +17,9 @@ Imported on first use (PEP 562): `python -m fcmae.data.stats --help` answers wit
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy_exports import lazy_exports
 
 if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and readers
     from .datasets import CollateUnreadable, ImageFiles, Samples
@@ -27,7 +28,12 @@ if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and readers
     from .errors import DataError
     from .file_index import FileIndex
     from .folders import (
-        IMAGE_EXTENSIONS, demo_image_files, find_images, find_labeled_images, resolve_data_path, walk_images,
+        IMAGE_EXTENSIONS,
+        demo_image_files,
+        find_images,
+        find_labeled_images,
+        resolve_data_path,
+        walk_images,
         write_digits,
     )
     from .gpu_augment import DeviceAugment, EncodedCrop, augment_batch, collate_encoded
@@ -52,14 +58,4 @@ _ATTRIBUTES = {
 }
 __all__ = list(_ATTRIBUTES)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _ATTRIBUTES:
-        value = getattr(importlib.import_module(_ATTRIBUTES[name], __name__), name)
-        globals()[name] = value  # once
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _ATTRIBUTES)
