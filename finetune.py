@@ -259,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     config.check_data_channels(train_set[0]["image"].shape[0])
     rgb_only = [f"--{name.replace('_', '-')}" for name in ("aa", "color_jitter", "reprob") if getattr(config, name)]
     if isinstance(train_set.transform, PretrainTransform) and rgb_only:
-        run.print(f"note: {', '.join(rgb_only)} apply to 8-bit RGB photos only: off for this {config.model.in_chans}-channel "
-                  "array data (random resized crop, flip, mixup and cutmix stay)")
+        run.print(f"note: {', '.join(rgb_only)} apply to 8-bit RGB photos only: off for this "
+                  f"{config.model.in_chans}-channel array data (random resized crop, flip, mixup and cutmix stay)")
     model = build_model(config, len(classes), run.print).to(run.accelerator.device)
 
     def trial_step(batch_size: int) -> None:  # --batch-size auto: one forward and backward at this size

@@ -340,7 +340,8 @@ def training_kind(saved_config: dict[str, Any]) -> str | None:
     """"pretraining" or "fine-tuning" for a checkpoint's config.yaml (pretrain.py's or finetune.py's), None if it
     tells neither. Each script's config has fields the other's lacks."""
     model = saved_config.get("model")
-    if "num_classes" in saved_config or "finetune" in saved_config or (isinstance(model, dict) and "num_classes" in model):
+    classifier = isinstance(model, dict) and "num_classes" in model  # a nested ClassifierConfig
+    if "num_classes" in saved_config or "finetune" in saved_config or classifier:
         return "fine-tuning"
     if "vis_every" in saved_config or "init_from" in saved_config or isinstance(model, dict):
         return "pretraining"

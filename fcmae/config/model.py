@@ -28,8 +28,8 @@ from ..errors import ConfigError
 from ..fields import check_names, coerce
 from ..patch_grid import grid_size, kept_per_sample
 
-__all__ = ["FCMAEConfig", "ClassifierConfig", "MODEL_SIZES", "MODEL_FORMAT", "BACKENDS", "INIT_SCHEMES", "STEM_STRIDE", "CUSTOM",
-           "list_models", "resolve_name"]
+__all__ = ["FCMAEConfig", "ClassifierConfig", "MODEL_SIZES", "MODEL_FORMAT", "BACKENDS", "INIT_SCHEMES",
+           "STEM_STRIDE", "CUSTOM", "list_models", "resolve_name"]
 
 # name: (depths, dims), from the ConvNeXt V2 paper; the names are timm's.
 MODEL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
