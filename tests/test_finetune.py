@@ -195,8 +195,12 @@ def test_no_weight_decay_on_grn_norms_and_biases(argv):
         no_decay = "grn" in name or name.endswith(".bias") or p.ndim == 1  # GRN, biases, norm weights
         assert (decay[id(p)] == 0) == no_decay, name
     assert sum("grn" in name for name in dict(model.named_parameters())) == 2 * 12
-    # The official head init: timm's std 0.02 scaled by head_init_scale 0.001.
-    assert model.head.fc.weight.std().item() == pytest.approx(2e-5, rel=0.1)
+    # The official head init: timm's std 0.02 scaled by head_init_scale 0.001. Its scale is read from the median
+    # (|w| / 0.6745 for a normal): timm truncates at +-2 absolute, 100 std, and an RNG state left by an earlier test
+    # can draw one weight at that bound, which alone doubles the std of 3200 weights.
+    weight = model.head.fc.weight.detach()
+    assert (weight.abs().median() / 0.6745).item() == pytest.approx(2e-5, rel=0.1)
+    assert weight.abs().max().item() <= 2 * 0.001 + 1e-9
 
 
 def test_pretraining_optimizer_leaves_grn_norms_biases_undecayed():
