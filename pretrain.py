@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return {**batch, "image": images_of(batch["image"])}
 
     # Fixed images for the reconstruction grids: drawn at random with the run's seed, epoch-0 augmentation.
-    vis_images = images_of(collate([dataset[i] for i in sample_indices(VIS_IMAGES, len(dataset), config.seed)])["image"])
+    vis_batch = collate([dataset[i] for i in sample_indices(VIS_IMAGES, len(dataset), config.seed)])
+    vis_images = images_of(vis_batch["image"])
     config.check_data_channels(vis_images.shape[1])
     model = build_model(config, run.print)
     for module in model.modules():  # conv weights in the activations' channels-last format, as their grads are

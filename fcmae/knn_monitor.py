@@ -97,8 +97,8 @@ class KNNMonitor:
 
     Raises DataError (one line) for a missing folder, a missing split or class folders, fewer than 2 classes or
     splits whose class folders differ. Files of this share that cannot be read are listed in `unreadable`
-    ("PATH: REASON"); `start` refuses them, since the kNN of a subset would not be probe.py's number. Photos are kept as 8-bit crops (3 bytes a
-    pixel), arrays as float32. Loading draws nothing from the global RNGs, so a run's initialization and its
+    ("PATH: REASON"); `start` refuses them, since the kNN of a subset would not be probe.py's number. Photos are
+    kept as 8-bit crops (3 bytes a pixel), arrays as float32. Loading draws nothing from the global RNGs, so a run's initialization and its
     training are the same with the monitor as without.
     """
 

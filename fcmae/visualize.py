@@ -18,6 +18,7 @@ if __name__ == "__main__":  # python -m fcmae.visualize: the command (fcmae.cli.
     from fcmae.cli.visualize import main
 
     sys.exit(main())
+
 from pathlib import Path
 from typing import Sequence
 

@@ -416,7 +416,7 @@ def test_gpu_augment_makes_the_crops_and_flips_of_the_cpu_path(tmp_path, device)
     from torch.utils.data import DataLoader
 
     from fcmae.data import PretrainTransform
-    from fcmae.data.gpu_augment import EncodedCrop, augment_batch, collate_encoded
+    from fcmae.data.gpu_augment import DeviceAugment, EncodedCrop, collate_encoded
 
     files = write_photos(tmp_path, 6, size=128)  # JPEGs and PNGs
     exif = Image.Exif()
@@ -427,7 +427,7 @@ def test_gpu_augment_makes_the_crops_and_flips_of_the_cpu_path(tmp_path, device)
     encoded = ImageFiles(files, EncodedCrop(), seed=4)
     batch = next(iter(DataLoader(encoded, batch_size=len(files), collate_fn=collate_encoded)))
     assert [d.dim() for d in batch["image"]["data"]] == [3, 1, 3, 1, 3, 1, 3, 3]  # JPEG bytes travel encoded
-    out = augment_batch(batch["image"], (64, 64), device)
+    out = DeviceAugment(device, (64, 64))(batch["image"])
     assert out.shape == (8, 3, 64, 64) and out.device.type == device
     reference = torch.stack([ImageFiles(files, PretrainTransform((64, 64), draft=False), seed=4)[i]["image"]
                              for i in range(len(files))])

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and readers
         walk_images,
         write_digits,
     )
-    from .gpu_augment import DeviceAugment, EncodedCrop, augment_batch, collate_encoded
+    from .gpu_augment import DeviceAugment, EncodedCrop, collate_encoded
     from .pretraining import pretrain_dataset, pretrain_sampler
     from .seeding import preserved_rng, seeded
     from .shards import ShardImages, ShardOrder, is_shards
@@ -50,7 +50,7 @@ _ATTRIBUTES = {
     "DataError": ".errors", "FileIndex": ".file_index",
     **dict.fromkeys(["IMAGE_EXTENSIONS", "demo_image_files", "find_images", "find_labeled_images",
                      "resolve_data_path", "walk_images", "write_digits"], ".folders"),
-    **dict.fromkeys(["DeviceAugment", "EncodedCrop", "augment_batch", "collate_encoded"], ".gpu_augment"),
+    **dict.fromkeys(["DeviceAugment", "EncodedCrop", "collate_encoded"], ".gpu_augment"),
     **dict.fromkeys(["pretrain_dataset", "pretrain_sampler"], ".pretraining"),
     **dict.fromkeys(["preserved_rng", "seeded"], ".seeding"),
     **dict.fromkeys(["ShardImages", "ShardOrder", "is_shards"], ".shards"),

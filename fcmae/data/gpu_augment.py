@@ -35,7 +35,7 @@ from .transforms import crop_params, match_channels, sample_generator
 
 class EncodedCrop:
     """The worker's half: an opened image -> {"data": JPEG bytes (1-D uint8) or RGB pixels (3, H, W) uint8,
-    "crop": (top, left, h, w), "flip": bool}. Use with `collate_encoded` and `augment_batch`."""
+    "crop": (top, left, h, w), "flip": bool}. Use with `collate_encoded` and `DeviceAugment`."""
 
     decodes = True
     in_chans = 3
@@ -104,10 +104,3 @@ class DeviceAugment:
         flip = encoded["flip"].to(self.device, non_blocking=True)  # pinned by the loader on a GPU machine
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
         return out.sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
-
-
-def augment_batch(encoded: dict, size: tuple[int, int], device: torch.device | str,
-                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
-                  ) -> torch.Tensor:
-    """One batch through a new `DeviceAugment` (a training loop keeps one instead)."""
-    return DeviceAugment(device, size, mean, std)(encoded)

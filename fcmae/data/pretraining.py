@@ -30,7 +30,7 @@ def pretrain_dataset(data_path: str, size: tuple[int, int], seed: int, mean: Seq
 
     mean / std: per-channel normalization (their length is the channel count; ImageNet's 3 by default).
     encoded: items are `gpu_augment.EncodedCrop`'s (bytes + crop + flip, collated by
-    `CollateUnreadable(collate_encoded)`, finished on the device by `augment_batch`, which normalizes) instead of
+    `CollateUnreadable(collate_encoded)`, finished on the device by `DeviceAugment`, which normalizes) instead of
     `PretrainTransform`'s tensors. normalize=False: pixels for `DevicePixels` (uint8 photos, batched by
     `collate_pixels`), normalized on the training device.
     """
