@@ -41,7 +41,7 @@ from step_variants import Variant, build  # noqa: E402
 
 from fcmae.errors import ConfigError  # noqa: E402
 from fcmae.masking import kept_per_sample, random_mask  # noqa: E402
-from fcmae.model_config import MODEL_SIZES, resolve_name  # noqa: E402
+from fcmae.config.model import MODEL_SIZES, resolve_name  # noqa: E402
 from fcmae.sparse import VisiblePatches, depthwise_impl, set_depthwise_impl  # noqa: E402
 
 IMPLS = ("canvas", "gather", "tiles")

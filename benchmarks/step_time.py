@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     print(title + "\n" + header(args.backends), flush=True)
     lines = [title, "", header(args.backends)]
     for name, batch_size in zip(models, batch_sizes):
-        name = fcmae.model_config.resolve_name(name)
+        name = fcmae.config.model.resolve_name(name)
         if not (args.profile and args.warmup_only):  # both: the profile alone, which warms up itself
             lines += [format_row(row, args.backends) for row in measure(args, name, batch_size)]
         if args.output:

@@ -202,3 +202,55 @@ def test_a_bad_flag_is_answered_before_torch_imports(script, flag):
     assert "did you mean" in errors[0]
     imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert not imported & {"torch", "timm"}
+
+
+
+def _fcmae_paths(tree: ast.AST) -> set[str]:
+    """Every dotted path into the package a file names: `from fcmae.x import y` (fcmae.x.y), `import fcmae.x`, and
+    attribute chains read from the name fcmae (`fcmae.config.model.resolve_name`)."""
+    paths = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "fcmae":
+            paths.update(f"{node.module}.{a.name}" for a in node.names if a.name != "*")
+        elif isinstance(node, ast.Import):
+            paths.update(a.name for a in node.names if a.name.split(".")[0] == "fcmae")
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            parts = []
+            while isinstance(node, ast.Attribute):
+                parts.append(node.attr)
+                node = node.value
+            if isinstance(node, ast.Name) and node.id == "fcmae":
+                paths.add(".".join(["fcmae", *reversed(parts)]))
+    return paths
+
+
+def test_code_outside_the_package_names_only_what_exists():
+    """The scripts, benchmarks and tests reach the package by dotted paths (`from fcmae.config.model import ...`,
+    `fcmae.config.model.resolve_name`). A module renamed without them (fcmae.model_config -> fcmae.config.model)
+    is found here, not when a benchmark next runs. Each path is resolved in one fresh interpreter: imported where
+    it is a module, read as an attribute (the packages' lazy exports included) where it is not."""
+    users = [*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "scripts").rglob("*.py"),
+             *(ROOT / "tests").glob("*.py")]
+    paths = sorted(set().union(*(_fcmae_paths(ast.parse(f.read_text(), str(f))) for f in users)))
+    code = ("import importlib, json, sys\n"
+            "missing = []\n"
+            "for path in json.loads(sys.argv[1]):\n"
+            "    parts = path.split('.')\n"
+            "    obj, i = importlib.import_module('fcmae'), 1\n"
+            "    while i < len(parts):\n"
+            "        try:\n"
+            "            obj = importlib.import_module('.'.join(parts[:i + 1]))\n"
+            "        except ModuleNotFoundError as e:\n"
+            "            if e.name != '.'.join(parts[:i + 1]):\n"
+            "                break  # an optional dependency (MinkowskiEngine) of a module that exists\n"
+            "            if not hasattr(obj, parts[i]):\n"
+            "                missing.append(path)\n"
+            "                break\n"
+            "            obj = getattr(obj, parts[i])\n"
+            "            if not isinstance(obj, type(importlib)):\n"
+            "                break  # a class or function: what follows are its own attributes\n"
+            "        i += 1\n"
+            "print(json.dumps(missing))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(paths)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(paths) > 50 and json.loads(out.stdout.splitlines()[-1]) == []
